@@ -1,0 +1,795 @@
+//! The [`Agent`] facade: one object owning the state store, the image
+//! store, the engine and every sandbox and container, with one method per
+//! CRI verb.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+
+use crate::container::{
+    ContainerFilter, ContainerRecord, ContainerSpec, ContainerState, ExitStatus, Mount,
+};
+use crate::engine::{GuestConfig, Preopen, Prepared, WasmEngine};
+use crate::error::{Error, Result};
+use crate::ids::{ContainerId, SandboxId};
+use crate::image::{FsUsage, ImageRecord, ImageStore};
+use crate::logs::{ContainerLog, Stream};
+use crate::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
+use crate::store::{Change, StateStore};
+use crate::time::Timestamp;
+
+/// How long past the kubelet's timeout a stop may take before it is
+/// reported as failed. Guests yield every epoch tick, so this is generous.
+const STOP_MARGIN: Duration = Duration::from_secs(2);
+
+/// Where and how the agent keeps its state.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The state root: database, image store, per-container files.
+    pub root: PathBuf,
+}
+
+/// What the runtime reports about itself.
+#[derive(Clone, Debug)]
+pub struct RuntimeInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub wasmtime_version: &'static str,
+}
+
+/// One container: its record, and while it runs, the way to stop it.
+struct ContainerEntry {
+    record: Mutex<ContainerRecord>,
+    /// Taken by whoever stops the guest; present from start until stop.
+    kill: Mutex<Option<oneshot::Sender<&'static str>>>,
+    /// Set once, when the container reaches EXITED.
+    exited: watch::Sender<bool>,
+    /// The image compiled at creation, or why it could not be.
+    prepared: Mutex<Option<std::result::Result<Prepared, String>>>,
+}
+
+impl ContainerEntry {
+    fn new(record: ContainerRecord) -> Arc<Self> {
+        let exited = record.state == ContainerState::Exited;
+        Arc::new(Self {
+            record: Mutex::new(record),
+            kill: Mutex::new(None),
+            exited: watch::Sender::new(exited),
+            prepared: Mutex::new(None),
+        })
+    }
+
+    fn snapshot(&self) -> ContainerRecord {
+        lock(&self.record).clone()
+    }
+}
+
+/// The runtime guests run on, apart from the one serving requests: the OS
+/// schedules the server's threads fairly against busy guests, so a node full
+/// of spinning guests still answers the kubelet promptly.
+struct GuestRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl GuestRuntime {
+    fn new() -> Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("wasmlet-guest")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Internal(format!("starting the guest runtime: {e}")))?;
+        Ok(Self {
+            handle: rt.handle().clone(),
+            runtime: Some(rt),
+        })
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for GuestRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime may not block inside another runtime.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+struct Inner {
+    root: PathBuf,
+    guests: GuestRuntime,
+    state: Arc<StateStore>,
+    images: ImageStore,
+    engine: Arc<WasmEngine>,
+    sandboxes: RwLock<HashMap<SandboxId, Arc<Mutex<SandboxRecord>>>>,
+    containers: RwLock<HashMap<ContainerId, Arc<ContainerEntry>>>,
+    /// Serialises the uniqueness check and insert of new objects.
+    creating: tokio::sync::Mutex<()>,
+}
+
+/// WASI preview1 has no current directory: wasi-libc resolves relative
+/// paths against a preopen named `.`. So the directory backing the
+/// container's working directory (inside one of its mounts) is preopened
+/// again as `.`; WASI 0.2 guests also get it as their initial cwd.
+fn working_dir_preopen(working_dir: &str, preopens: &[Preopen]) -> Option<Preopen> {
+    let wd = Path::new(working_dir);
+    if !wd.is_absolute() || wd == Path::new("/") {
+        return None;
+    }
+    let (mount, rest) = preopens
+        .iter()
+        .filter_map(|p| Some((p, wd.strip_prefix(&p.guest_path).ok()?)))
+        .max_by_key(|(p, _)| p.guest_path.len())?;
+    if rest
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return None;
+    }
+    let host_path = mount.host_path.join(rest);
+    host_path.is_dir().then(|| Preopen {
+        host_path,
+        guest_path: ".".to_owned(),
+        readonly: mount.readonly,
+    })
+}
+
+/// The agent. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Agent {
+    /// Opens the state under `config.root` (creating it), recovers from a
+    /// previous run, and builds the engine.
+    ///
+    /// Containers that were running when the previous agent died are
+    /// recorded as exited (code 255, reason `Error`), so the kubelet
+    /// restarts them by their pod's policy.
+    pub fn open(config: AgentConfig) -> Result<Self> {
+        let root = config.root;
+        std::fs::create_dir_all(&root).map_err(Error::io("creating state root", &root))?;
+        let state = Arc::new(StateStore::open(&root.join("state.redb"))?);
+        let snapshot = state.load()?;
+        let images = ImageStore::open(&root.join("images"), state.clone(), snapshot.images)?;
+        let engine = WasmEngine::new().map_err(Error::Internal)?;
+
+        let now = Timestamp::now();
+        let mut recovered = Vec::new();
+        let mut containers = HashMap::new();
+        for mut record in snapshot.containers {
+            if record.state.is_running() {
+                record.exit(
+                    now,
+                    ExitStatus::lost(
+                        "wasmlet restarted while the container was running; its guest was lost"
+                            .to_owned(),
+                    ),
+                )?;
+                recovered.push(record.clone());
+            }
+            containers.insert(record.id.clone(), ContainerEntry::new(record));
+        }
+        if !recovered.is_empty() {
+            tracing::warn!(
+                count = recovered.len(),
+                "containers that were running when the agent stopped are now exited"
+            );
+            let changes: Vec<Change<'_>> = recovered.iter().map(Change::PutContainer).collect();
+            state.apply(&changes)?;
+        }
+        let sandboxes = snapshot
+            .sandboxes
+            .into_iter()
+            .map(|r| (r.id.clone(), Arc::new(Mutex::new(r))))
+            .collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root,
+                guests: GuestRuntime::new()?,
+                state,
+                images,
+                engine,
+                sandboxes: RwLock::new(sandboxes),
+                containers: RwLock::new(containers),
+                creating: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    pub fn runtime_info(&self) -> RuntimeInfo {
+        RuntimeInfo {
+            name: "wasmlet",
+            version: env!("CARGO_PKG_VERSION"),
+            wasmtime_version: "48",
+        }
+    }
+
+    // ----- sandboxes -----
+
+    /// Creates a ready sandbox. Fails with `AlreadyExists` while a sandbox
+    /// with the same metadata (name, namespace, uid, attempt) exists.
+    pub async fn run_pod_sandbox(&self, spec: SandboxSpec) -> Result<SandboxId> {
+        let Some(meta) = spec.metadata.clone() else {
+            return Err(Error::InvalidArgument(
+                "pod sandbox config has no metadata".into(),
+            ));
+        };
+        if meta.name.is_empty() || meta.namespace.is_empty() || meta.uid.is_empty() {
+            return Err(Error::InvalidArgument(
+                "pod sandbox metadata needs a name, a namespace and a uid".into(),
+            ));
+        }
+        let _guard = self.inner.creating.lock().await;
+        if let Some(existing) = read(&self.inner.sandboxes)
+            .values()
+            .map(|s| lock(s).clone())
+            .find(|s| s.spec.metadata.as_ref() == Some(&meta))
+        {
+            return Err(Error::AlreadyExists {
+                kind: SandboxId::KIND,
+                id: format!(
+                    "{}/{} (uid {}, attempt {})",
+                    meta.namespace, meta.name, meta.uid, meta.attempt
+                ),
+                detail: format!("it is sandbox {}; remove it first", existing.id),
+            });
+        }
+        let record = SandboxRecord::new(spec);
+        self.inner.state.apply(&[Change::PutSandbox(&record)])?;
+        let id = record.id.clone();
+        tracing::info!(sandbox_id = %id, pod = %meta.name, namespace = %meta.namespace, "pod sandbox ready");
+        write(&self.inner.sandboxes).insert(id.clone(), Arc::new(Mutex::new(record)));
+        Ok(id)
+    }
+
+    fn sandbox(&self, id: &SandboxId) -> Result<Arc<Mutex<SandboxRecord>>> {
+        read(&self.inner.sandboxes)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                kind: SandboxId::KIND,
+                id: id.to_string(),
+            })
+    }
+
+    fn containers_of(&self, sandbox: &SandboxId) -> Vec<Arc<ContainerEntry>> {
+        read(&self.inner.containers)
+            .values()
+            .filter(|c| lock(&c.record).sandbox_id == *sandbox)
+            .cloned()
+            .collect()
+    }
+
+    /// Stops every container of the sandbox and marks it not ready.
+    /// Stopping a stopped sandbox succeeds.
+    pub async fn stop_pod_sandbox(&self, id: &SandboxId) -> Result<()> {
+        let sandbox = self.sandbox(id)?;
+        for entry in self.containers_of(id) {
+            self.kill_and_wait(&entry, "its pod sandbox was stopped", Duration::ZERO)
+                .await?;
+        }
+        let mut record = lock(&sandbox);
+        let before = record.clone();
+        if record.stop() {
+            if let Err(e) = self.inner.state.apply(&[Change::PutSandbox(&record)]) {
+                *record = before;
+                return Err(e);
+            }
+            tracing::info!(sandbox_id = %id, "pod sandbox stopped");
+        }
+        Ok(())
+    }
+
+    /// Stops the sandbox if needed and removes it with its containers.
+    /// Removing a sandbox that no longer exists succeeds.
+    pub async fn remove_pod_sandbox(&self, id: &SandboxId) -> Result<()> {
+        if self.sandbox(id).is_err() {
+            return Ok(());
+        }
+        self.stop_pod_sandbox(id).await?;
+        let entries = self.containers_of(id);
+        let ids: Vec<ContainerId> = entries.iter().map(|e| lock(&e.record).id.clone()).collect();
+        let mut changes: Vec<Change<'_>> = ids
+            .iter()
+            .map(|c| Change::DeleteContainer(c.as_str()))
+            .collect();
+        changes.push(Change::DeleteSandbox(id.as_str()));
+        self.inner.state.apply(&changes)?;
+        {
+            let mut containers = write(&self.inner.containers);
+            for c in &ids {
+                containers.remove(c);
+            }
+        }
+        for c in &ids {
+            self.remove_container_files(c);
+        }
+        write(&self.inner.sandboxes).remove(id);
+        tracing::info!(sandbox_id = %id, containers = ids.len(), "pod sandbox removed");
+        Ok(())
+    }
+
+    pub fn pod_sandbox_status(&self, id: &SandboxId) -> Result<SandboxRecord> {
+        let sandbox = self.sandbox(id)?;
+        let record = lock(&sandbox).clone();
+        Ok(record)
+    }
+
+    /// Sandboxes matching `filter`, oldest first.
+    pub fn list_pod_sandboxes(&self, filter: &SandboxFilter) -> Vec<SandboxRecord> {
+        let mut out: Vec<SandboxRecord> = read(&self.inner.sandboxes)
+            .values()
+            .map(|s| lock(s).clone())
+            .filter(|s| filter.matches(s))
+            .collect();
+        out.sort_by_key(|s| s.created_at);
+        out
+    }
+
+    // ----- containers -----
+
+    fn container(&self, id: &ContainerId) -> Result<Arc<ContainerEntry>> {
+        read(&self.inner.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound {
+                kind: ContainerId::KIND,
+                id: id.to_string(),
+            })
+    }
+
+    /// Creates a container in a ready sandbox and compiles its image, so
+    /// that starting it is only an instantiation. A compile failure does not
+    /// fail creation: it is reported when the container is started, in its
+    /// status and its log, where the user looks.
+    pub async fn create_container(
+        &self,
+        sandbox_id: &SandboxId,
+        spec: ContainerSpec,
+    ) -> Result<ContainerId> {
+        let Some(meta) = spec.metadata.clone() else {
+            return Err(Error::InvalidArgument(
+                "container config has no metadata".into(),
+            ));
+        };
+        if meta.name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "container metadata has no name".into(),
+            ));
+        }
+        if spec.log_path.split('/').any(|c| c == "..") {
+            return Err(Error::InvalidArgument(format!(
+                "container log path {:?} must stay inside the pod's log directory",
+                spec.log_path
+            )));
+        }
+        let sandbox = self.pod_sandbox_status(sandbox_id)?;
+        sandbox.check_accepts_containers()?;
+        let image = self
+            .inner
+            .images
+            .resolve(&spec.image)
+            .ok_or_else(|| Error::NotFound {
+                kind: "image",
+                id: spec.image.clone(),
+            })?;
+        let log_file = (!sandbox.spec.log_directory.is_empty() && !spec.log_path.is_empty())
+            .then(|| Path::new(&sandbox.spec.log_directory).join(&spec.log_path));
+
+        let _guard = self.inner.creating.lock().await;
+        if let Some(existing) = self
+            .containers_of(sandbox_id)
+            .iter()
+            .map(|c| c.snapshot())
+            .find(|c| c.spec.metadata.as_ref() == Some(&meta))
+        {
+            return Err(Error::AlreadyExists {
+                kind: ContainerId::KIND,
+                id: format!(
+                    "{} (attempt {}) in pod sandbox {sandbox_id}",
+                    meta.name, meta.attempt
+                ),
+                detail: format!("it is container {}; remove it first", existing.id),
+            });
+        }
+        let record = ContainerRecord {
+            id: ContainerId::generate(),
+            sandbox_id: sandbox_id.clone(),
+            spec,
+            image_id: image.id.clone(),
+            log_file,
+            state: ContainerState::Created,
+            created_at: Timestamp::now(),
+            started_at: None,
+            finished_at: None,
+            exit: None,
+        };
+        self.inner.state.apply(&[Change::PutContainer(&record)])?;
+        let id = record.id.clone();
+        let entry = ContainerEntry::new(record);
+        write(&self.inner.containers).insert(id.clone(), entry.clone());
+        drop(_guard);
+
+        let prepared = self.prepare(&image).await;
+        *lock(&entry.prepared) = Some(prepared);
+        tracing::info!(container_id = %id, sandbox_id = %sandbox_id, image = %image.id, "container created");
+        Ok(id)
+    }
+
+    /// Compiles (or finds compiled) the Wasm of `image`, off the async
+    /// workers.
+    async fn prepare(&self, image: &ImageRecord) -> std::result::Result<Prepared, String> {
+        let inner = self.inner.clone();
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || {
+            let bytes = inner
+                .images
+                .read_blob(&image.wasm_digest)
+                .map_err(|e| format!("reading the image's Wasm: {e}"))?;
+            inner
+                .engine
+                .prepare(&image.wasm_digest, image.wasm_kind, &bytes)
+        })
+        .await
+        .map_err(|e| format!("compiling the image: {e}"))?
+    }
+
+    /// Starts a created container. If the guest cannot start (its image
+    /// does not compile or link, a mount is missing), the container becomes
+    /// EXITED with reason `StartError`, the reason is written to its log,
+    /// and `StartFailed` is returned.
+    pub async fn start_container(&self, id: &ContainerId) -> Result<()> {
+        let entry = self.container(id)?;
+        let sandbox = self.pod_sandbox_status(&entry.snapshot().sandbox_id)?;
+        sandbox.check_accepts_containers()?;
+        let (kill_tx, kill_rx) = oneshot::channel();
+        let record = {
+            let mut record = lock(&entry.record);
+            let before = record.clone();
+            record.start(Timestamp::now())?;
+            if let Err(e) = self.inner.state.apply(&[Change::PutContainer(&record)]) {
+                *record = before;
+                return Err(e);
+            }
+            *lock(&entry.kill) = Some(kill_tx);
+            record.clone()
+        };
+        let log = match ContainerLog::open(record.log_file.as_deref()) {
+            Ok(log) => log,
+            Err(e) => {
+                let reason = e.to_string();
+                self.finish(&entry, ExitStatus::start_error(reason.clone()));
+                return Err(Error::StartFailed {
+                    id: id.to_string(),
+                    reason,
+                });
+            }
+        };
+        match self.instantiate(&entry, &record, log.clone()).await {
+            Ok(guest) => {
+                let agent = self.clone();
+                let entry = entry.clone();
+                self.inner.guests.handle().spawn(async move {
+                    let status = tokio::select! {
+                        exit = guest.run() => {
+                            if !exit.message.is_empty() {
+                                log.write_line(Stream::Stderr, &exit.message);
+                            }
+                            ExitStatus::guest(exit.code, exit.message)
+                        }
+                        why = kill_rx => ExitStatus::killed(why.unwrap_or("the runtime stopped it")),
+                    };
+                    log.close();
+                    agent.finish(&entry, status);
+                });
+                tracing::info!(container_id = %id, "container started");
+                Ok(())
+            }
+            Err(reason) => {
+                log.write_line(Stream::Stderr, &format!("wasmlet: {reason}"));
+                log.close();
+                self.finish(&entry, ExitStatus::start_error(reason.clone()));
+                Err(Error::StartFailed {
+                    id: id.to_string(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    async fn instantiate(
+        &self,
+        entry: &ContainerEntry,
+        record: &ContainerRecord,
+        log: ContainerLog,
+    ) -> std::result::Result<crate::engine::Guest, String> {
+        let cached = lock(&entry.prepared).clone();
+        let prepared = match cached {
+            Some(p) => p?,
+            None => {
+                let image = self
+                    .inner
+                    .images
+                    .list()
+                    .into_iter()
+                    .find(|i| i.id == record.image_id)
+                    .ok_or_else(|| format!("image {} was removed", record.image_id))?;
+                self.prepare(&image).await?
+            }
+        };
+        let image_name = self
+            .inner
+            .images
+            .resolve(record.image_id.as_str())
+            .and_then(|i| i.first_name());
+        let spec = &record.spec;
+        let argv = match spec.command.first() {
+            Some(_) => spec.command.iter().chain(&spec.args).cloned().collect(),
+            None => {
+                let argv0 = image_name
+                    .as_ref()
+                    .map_or_else(|| "main.wasm".to_owned(), |n| n.basename().to_owned());
+                std::iter::once(argv0)
+                    .chain(spec.args.iter().cloned())
+                    .collect()
+            }
+        };
+        let mut preopens = self.preopens(&record.id, &spec.mounts)?;
+        if let Some(dir) = working_dir_preopen(&spec.working_dir, &preopens) {
+            preopens.push(dir);
+        }
+        let config = GuestConfig {
+            argv,
+            env: spec.envs.clone(),
+            preopens,
+            working_dir: (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone()),
+            log,
+        };
+        self.inner.engine.instantiate(&prepared, config).await
+    }
+
+    /// Turns mounts into preopened directories. WASI preopens only
+    /// directories, so file mounts (`/etc/hosts`, `/dev/termination-log`)
+    /// are gathered by parent directory into a per-container directory of
+    /// hard links (copies across filesystems) that is preopened instead.
+    fn preopens(
+        &self,
+        id: &ContainerId,
+        mounts: &[Mount],
+    ) -> std::result::Result<Vec<Preopen>, String> {
+        let mut preopens = Vec::new();
+        let mut file_groups: BTreeMap<String, Vec<&Mount>> = BTreeMap::new();
+        for m in mounts {
+            let meta = std::fs::metadata(&m.host_path).map_err(|e| {
+                format!(
+                    "mount source {:?} for {:?}: {e}",
+                    m.host_path, m.container_path
+                )
+            })?;
+            if meta.is_dir() {
+                preopens.push(Preopen {
+                    host_path: PathBuf::from(&m.host_path),
+                    guest_path: m.container_path.clone(),
+                    readonly: m.readonly,
+                });
+            } else {
+                let parent = Path::new(&m.container_path)
+                    .parent()
+                    .map_or_else(|| "/".to_owned(), |p| p.to_string_lossy().into_owned());
+                file_groups.entry(parent).or_default().push(m);
+            }
+        }
+        for (n, (parent, files)) in file_groups.into_iter().enumerate() {
+            if preopens.iter().any(|p| p.guest_path == parent) {
+                tracing::warn!(container_id = %id, %parent, "file mounts under a directory that is itself mounted are not visible");
+                continue;
+            }
+            let dir = self
+                .container_dir(id)
+                .join("file-mounts")
+                .join(n.to_string());
+            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
+            for m in &files {
+                let name = Path::new(&m.container_path).file_name().ok_or_else(|| {
+                    format!("mount target {:?} has no file name", m.container_path)
+                })?;
+                let target = dir.join(name);
+                let _ = std::fs::remove_file(&target);
+                if std::fs::hard_link(&m.host_path, &target).is_err() {
+                    std::fs::copy(&m.host_path, &target).map_err(|e| {
+                        format!(
+                            "mounting file {:?} at {:?}: {e}",
+                            m.host_path, m.container_path
+                        )
+                    })?;
+                    if !m.readonly {
+                        tracing::warn!(container_id = %id, host_path = %m.host_path, "file mount copied across filesystems: the guest's writes will not reach the host");
+                    }
+                }
+            }
+            preopens.push(Preopen {
+                host_path: dir,
+                guest_path: parent,
+                readonly: files.iter().all(|m| m.readonly),
+            });
+        }
+        Ok(preopens)
+    }
+
+    fn container_dir(&self, id: &ContainerId) -> PathBuf {
+        self.inner.root.join("containers").join(id.as_str())
+    }
+
+    fn remove_container_files(&self, id: &ContainerId) {
+        let dir = self.container_dir(id);
+        if dir.exists()
+            && let Err(error) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(container_id = %id, ?dir, %error, "could not remove container files");
+        }
+    }
+
+    /// Records the container's exit (once) and wakes everyone waiting.
+    fn finish(&self, entry: &ContainerEntry, status: ExitStatus) {
+        lock(&entry.kill).take();
+        let mut record = lock(&entry.record);
+        if record.exit(Timestamp::now(), status).is_err() {
+            return;
+        }
+        if let Err(error) = self.inner.state.apply(&[Change::PutContainer(&record)]) {
+            tracing::error!(container_id = %record.id, %error, "could not persist container exit");
+        }
+        let exit = record.exit.as_ref();
+        tracing::info!(container_id = %record.id, exit_code = exit.map(|e| e.code), reason = exit.map(|e| e.reason.as_str()), "container exited");
+        drop(record);
+        entry.exited.send_replace(true);
+    }
+
+    /// Ends the guest if it runs and waits until its exit is recorded.
+    /// Wasm guests cannot handle SIGTERM, so the end is immediate.
+    async fn kill_and_wait(
+        &self,
+        entry: &ContainerEntry,
+        why: &'static str,
+        timeout: Duration,
+    ) -> Result<()> {
+        if let Some(kill) = lock(&entry.kill).take() {
+            let _ = kill.send(why);
+        }
+        if !lock(&entry.record).state.is_running() {
+            return Ok(());
+        }
+        let mut exited = entry.exited.subscribe();
+        match tokio::time::timeout(timeout + STOP_MARGIN, exited.wait_for(|e| *e)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::Internal(format!(
+                "container {} did not stop within {:?}",
+                lock(&entry.record).id,
+                timeout + STOP_MARGIN
+            ))),
+        }
+    }
+
+    /// Stops a running container within `timeout`; stopping a container
+    /// that is not running succeeds.
+    pub async fn stop_container(&self, id: &ContainerId, timeout: Duration) -> Result<()> {
+        let entry = self.container(id)?;
+        self.kill_and_wait(
+            &entry,
+            "stopped by StopContainer (a Wasm guest cannot handle SIGTERM, so it is ended at once)",
+            timeout,
+        )
+        .await
+    }
+
+    /// Removes a container in any state (a running one is stopped first).
+    /// Removing a container that does not exist succeeds.
+    pub async fn remove_container(&self, id: &ContainerId) -> Result<()> {
+        let Ok(entry) = self.container(id) else {
+            return Ok(());
+        };
+        self.kill_and_wait(&entry, "the container was removed", Duration::ZERO)
+            .await?;
+        self.inner
+            .state
+            .apply(&[Change::DeleteContainer(id.as_str())])?;
+        write(&self.inner.containers).remove(id);
+        self.remove_container_files(id);
+        tracing::info!(container_id = %id, "container removed");
+        Ok(())
+    }
+
+    pub fn container_status(&self, id: &ContainerId) -> Result<ContainerRecord> {
+        Ok(self.container(id)?.snapshot())
+    }
+
+    /// Containers matching `filter`, oldest first.
+    pub fn list_containers(&self, filter: &ContainerFilter) -> Vec<ContainerRecord> {
+        let mut out: Vec<ContainerRecord> = read(&self.inner.containers)
+            .values()
+            .map(|c| c.snapshot())
+            .filter(|c| filter.matches(c))
+            .collect();
+        out.sort_by_key(|c| c.created_at);
+        out
+    }
+
+    // ----- images -----
+
+    /// Packages the Wasm file at `path` as an OCI Wasm artifact named
+    /// `reference` in the image store.
+    pub fn import_image(&self, path: &Path, reference: &str) -> Result<ImageRecord> {
+        let bytes = std::fs::read(path).map_err(Error::io("reading", path))?;
+        let record = self.inner.images.import_wasm(&bytes, reference)?;
+        tracing::info!(image = %record.id, reference, "image imported");
+        Ok(record)
+    }
+
+    /// Makes sure `reference` is in the store. Registries are not reached
+    /// yet: only images already stored (imported) succeed.
+    pub async fn pull_image(&self, reference: &str) -> Result<ImageRecord> {
+        crate::image::ImageName::parse(reference)?;
+        self.inner.images.resolve(reference).ok_or_else(|| {
+            Error::NotFound {
+                kind: "image",
+                id: format!(
+                    "{reference} (it is not in the local store, and this wasmlet cannot pull from registries yet: import it with `wasmlet image import`)"
+                ),
+            }
+        })
+    }
+
+    pub fn image_status(&self, reference: &str) -> Option<ImageRecord> {
+        self.inner.images.resolve(reference)
+    }
+
+    /// The stored manifest of an image, for verbose status.
+    pub fn image_manifest(&self, image: &ImageRecord) -> Result<Vec<u8>> {
+        self.inner.images.read_blob(&image.manifest_digest)
+    }
+
+    pub fn list_images(&self) -> Vec<ImageRecord> {
+        self.inner.images.list()
+    }
+
+    /// Removes an image; removing one that does not exist succeeds.
+    pub fn remove_image(&self, reference: &str) -> Result<()> {
+        if let Some(image) = self.inner.images.resolve(reference) {
+            self.inner.images.remove(image.id.as_str())?;
+            self.inner.engine.forget(&image.wasm_digest);
+            tracing::info!(image = %image.id, reference, "image removed");
+        }
+        Ok(())
+    }
+
+    pub fn image_fs_usage(&self) -> Result<FsUsage> {
+        self.inner.images.usage()
+    }
+}

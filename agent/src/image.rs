@@ -1,0 +1,603 @@
+//! The content-addressed image store: an OCI image layout under the state
+//! root (`blobs/sha256/<hex>`), with image metadata in the state database.
+//!
+//! Blobs are verified and written atomically (temporary file, fsync,
+//! rename) before any record refers to them; records are removed before the
+//! blobs they alone referenced are collected. A crash at any point therefore
+//! leaves at worst an unreferenced blob, collected at the next start.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ids::Digest;
+use crate::store::{Change, StateStore};
+use crate::time::Timestamp;
+
+/// Media types of the CNCF Wasm OCI artifact.
+pub const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
+pub const WASM_LAYER_MEDIA_TYPE: &str = "application/wasm";
+pub const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+
+const WASM_MAGIC: [u8; 4] = *b"\0asm";
+const CORE_MODULE_VERSION: [u8; 4] = [0x01, 0x00, 0x00, 0x00];
+const COMPONENT_VERSION: [u8; 4] = [0x0d, 0x00, 0x01, 0x00];
+
+/// What kind of Wasm binary an image carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WasmKind {
+    /// A core module (WASI preview1).
+    Module,
+    /// A component (WASI 0.2, `wasi:cli/run`).
+    Component,
+}
+
+impl WasmKind {
+    /// Reads the kind from a binary's preamble; `None` if it is not Wasm.
+    pub fn detect(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < 8 || bytes[..4] != WASM_MAGIC {
+            return None;
+        }
+        match bytes[4..8].try_into().ok()? {
+            CORE_MODULE_VERSION => Some(WasmKind::Module),
+            COMPONENT_VERSION => Some(WasmKind::Component),
+            _ => None,
+        }
+    }
+
+    /// The `os` an OCI config gives for this kind, as the ecosystem uses it.
+    pub fn os(self) -> &'static str {
+        match self {
+            WasmKind::Module => "wasip1",
+            WasmKind::Component => "wasip2",
+        }
+    }
+}
+
+/// A normalised image reference: `registry/repository` plus a tag and/or
+/// digest, as containerd and the kubelet spell them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageName {
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: Option<Digest>,
+}
+
+impl ImageName {
+    /// Parses a reference the way Docker normalises it: a first component
+    /// without `.` or `:` (and not `localhost`) is not a registry, so
+    /// `busybox` is `docker.io/library/busybox:latest`.
+    pub fn parse(reference: &str) -> Result<Self> {
+        let invalid =
+            |why: &str| Error::InvalidArgument(format!("image reference {reference:?}: {why}"));
+        if reference.is_empty() {
+            return Err(invalid("empty"));
+        }
+        let (rest, digest) = match reference.split_once('@') {
+            Some((rest, d)) => (rest, Some(Digest::parse(d)?)),
+            None => (reference, None),
+        };
+        let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+        let (name, tag) = match rest[last_slash..].rfind(':') {
+            Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+            None => (rest, None),
+        };
+        if let Some(tag) = tag {
+            let ok = !tag.is_empty()
+                && tag.len() <= 128
+                && tag
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && !tag.starts_with(['.', '-']);
+            if !ok {
+                return Err(invalid("invalid tag"));
+            }
+        }
+        let (domain, path) = match name.split_once('/') {
+            Some((first, path)) if first.contains(['.', ':']) || first == "localhost" => {
+                (first.to_owned(), path.to_owned())
+            }
+            _ => ("docker.io".to_owned(), name.to_owned()),
+        };
+        let (host, port) = domain.split_once(':').unwrap_or((&domain, "0"));
+        let domain_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-".contains(&b))
+            && !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit());
+        if !domain_ok {
+            return Err(invalid("invalid registry host"));
+        }
+        let path = if domain == "docker.io" && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path
+        };
+        let path_ok = !path.is_empty()
+            && path.split('/').all(|c| {
+                !c.is_empty()
+                    && c.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)
+                    })
+                    && c.as_bytes()[0].is_ascii_alphanumeric()
+            });
+        if !path_ok {
+            return Err(invalid(
+                "repository must be lowercase letters, digits and . _ - separated by /",
+            ));
+        }
+        let tag = match (tag, &digest) {
+            (Some(t), _) => Some(t.to_owned()),
+            (None, None) => Some("latest".to_owned()),
+            (None, Some(_)) => None,
+        };
+        Ok(Self {
+            repository: format!("{domain}/{path}"),
+            tag,
+            digest,
+        })
+    }
+
+    /// `repository:tag`, if a tag was given or implied.
+    pub fn tagged(&self) -> Option<String> {
+        self.tag
+            .as_ref()
+            .map(|t| format!("{}:{t}", self.repository))
+    }
+
+    /// The last path component, used as argv\[0\] when no command is given.
+    pub fn basename(&self) -> &str {
+        self.repository
+            .rsplit('/')
+            .next()
+            .unwrap_or(&self.repository)
+    }
+}
+
+/// An image as stored and reported.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// The config digest, which is the image id.
+    pub id: Digest,
+    pub manifest_digest: Digest,
+    pub repo_tags: Vec<String>,
+    pub repo_digests: Vec<String>,
+    /// Total bytes of manifest, config and layers.
+    pub size: u64,
+    /// The layer holding the Wasm binary.
+    pub wasm_digest: Digest,
+    pub wasm_kind: WasmKind,
+    /// Every blob the image references, for garbage collection.
+    pub blobs: Vec<Digest>,
+    pub created_at: Timestamp,
+}
+
+impl ImageRecord {
+    /// The repository part of the first tag, if any.
+    pub fn first_name(&self) -> Option<ImageName> {
+        self.repo_tags
+            .iter()
+            .chain(&self.repo_digests)
+            .find_map(|r| ImageName::parse(r).ok())
+    }
+}
+
+/// Usage of the filesystem the store lives on, for `ImageFsInfo`.
+#[derive(Clone, Debug)]
+pub struct FsUsage {
+    pub mountpoint: PathBuf,
+    pub used_bytes: u64,
+    pub inodes_used: u64,
+    pub timestamp: Timestamp,
+}
+
+#[derive(Serialize)]
+struct Descriptor<'a> {
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    digest: &'a str,
+    size: u64,
+}
+
+/// The image store. Cheap to share behind an `Arc`.
+pub struct ImageStore {
+    dir: PathBuf,
+    state: Arc<StateStore>,
+    images: RwLock<BTreeMap<Digest, ImageRecord>>,
+}
+
+impl ImageStore {
+    /// Opens the store under `dir` with the records loaded from the state
+    /// database, clears half-written ingests and collects unreferenced blobs.
+    pub fn open(dir: &Path, state: Arc<StateStore>, records: Vec<ImageRecord>) -> Result<Self> {
+        let store = Self {
+            dir: dir.to_owned(),
+            state,
+            images: RwLock::new(records.into_iter().map(|r| (r.id.clone(), r)).collect()),
+        };
+        fs::create_dir_all(store.blobs_dir()).map_err(Error::io("creating", store.blobs_dir()))?;
+        let layout = dir.join("oci-layout");
+        if !layout.exists() {
+            atomic_write(
+                &layout,
+                br#"{"imageLayoutVersion":"1.0.0"}"#,
+                &store.ingest_dir(),
+            )?;
+        }
+        let ingest = store.ingest_dir();
+        if ingest.exists() {
+            fs::remove_dir_all(&ingest).map_err(Error::io("clearing", &ingest))?;
+        }
+        fs::create_dir_all(&ingest).map_err(Error::io("creating", &ingest))?;
+        store.collect_garbage()?;
+        Ok(store)
+    }
+
+    fn blobs_dir(&self) -> PathBuf {
+        self.dir.join("blobs").join("sha256")
+    }
+
+    fn ingest_dir(&self) -> PathBuf {
+        self.dir.join("ingest")
+    }
+
+    /// Where the blob with `digest` lives.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs_dir().join(digest.hex())
+    }
+
+    /// Writes `bytes` as a blob (verified, atomically) and returns its digest.
+    pub fn write_blob(&self, bytes: &[u8]) -> Result<Digest> {
+        let digest = Digest::of(bytes);
+        let path = self.blob_path(&digest);
+        if !path.exists() {
+            atomic_write(&path, bytes, &self.ingest_dir())?;
+        }
+        Ok(digest)
+    }
+
+    /// Reads a blob and checks it still has its digest.
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let path = self.blob_path(digest);
+        let bytes = fs::read(&path).map_err(Error::io("reading blob", &path))?;
+        if Digest::of(&bytes) != *digest {
+            return Err(Error::InvalidImage {
+                reference: digest.to_string(),
+                reason: format!(
+                    "blob {path:?} is corrupt: its content no longer matches its digest"
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Packages a Wasm binary as a CNCF Wasm OCI artifact named `reference`.
+    /// A tag held by another image moves to the new one.
+    pub fn import_wasm(&self, bytes: &[u8], reference: &str) -> Result<ImageRecord> {
+        let name = ImageName::parse(reference)?;
+        let Some(tagged) = name.tagged() else {
+            return Err(Error::InvalidArgument(format!(
+                "image reference {reference:?}: importing needs a tag, not a digest"
+            )));
+        };
+        let kind = WasmKind::detect(bytes).ok_or_else(|| Error::InvalidImage {
+            reference: reference.to_owned(),
+            reason:
+                "not a WebAssembly binary (no \\0asm preamble with a module or component version)"
+                    .to_owned(),
+        })?;
+        let wasm_digest = self.write_blob(bytes)?;
+        let config = serde_json::json!({
+            "architecture": "wasm",
+            "os": kind.os(),
+            "layerDigests": [wasm_digest.as_str()],
+        });
+        let config = serde_json::to_vec(&config).map_err(|e| Error::Internal(e.to_string()))?;
+        let config_digest = self.write_blob(&config)?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST_MEDIA_TYPE,
+            "artifactType": WASM_CONFIG_MEDIA_TYPE,
+            "config": Descriptor { media_type: WASM_CONFIG_MEDIA_TYPE, digest: config_digest.as_str(), size: config.len() as u64 },
+            "layers": [Descriptor { media_type: WASM_LAYER_MEDIA_TYPE, digest: wasm_digest.as_str(), size: bytes.len() as u64 }],
+        });
+        let manifest = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+        let manifest_digest = self.write_blob(&manifest)?;
+
+        let mut images = self.images.write().map_err(poisoned)?;
+        let mut record = images
+            .get(&config_digest)
+            .cloned()
+            .unwrap_or_else(|| ImageRecord {
+                id: config_digest.clone(),
+                manifest_digest: manifest_digest.clone(),
+                repo_tags: Vec::new(),
+                repo_digests: Vec::new(),
+                size: (bytes.len() + config.len() + manifest.len()) as u64,
+                wasm_digest: wasm_digest.clone(),
+                wasm_kind: kind,
+                blobs: vec![
+                    manifest_digest.clone(),
+                    config_digest.clone(),
+                    wasm_digest.clone(),
+                ],
+                created_at: crate::time::Timestamp::now(),
+            });
+        if !record.repo_tags.contains(&tagged) {
+            record.repo_tags.push(tagged.clone());
+        }
+        let digested = format!("{}@{}", name.repository, manifest_digest);
+        if !record.repo_digests.contains(&digested) {
+            record.repo_digests.push(digested);
+        }
+        // The tag moves: take it from whichever other image held it.
+        let mut others: Vec<ImageRecord> = images
+            .values()
+            .filter(|r| r.id != record.id && r.repo_tags.contains(&tagged))
+            .cloned()
+            .collect();
+        for other in &mut others {
+            other.repo_tags.retain(|t| *t != tagged);
+        }
+        let mut changes = vec![Change::PutImage(&record)];
+        changes.extend(others.iter().map(Change::PutImage));
+        self.state.apply(&changes)?;
+        for other in others {
+            images.insert(other.id.clone(), other);
+        }
+        images.insert(record.id.clone(), record.clone());
+        Ok(record)
+    }
+
+    /// Finds an image by tag (normalised), by `name@digest`, by manifest
+    /// digest, or by id (with or without `sha256:`).
+    pub fn resolve(&self, reference: &str) -> Option<ImageRecord> {
+        let images = self.images.read().ok()?;
+        let by_id = Digest::parse(reference)
+            .ok()
+            .or_else(|| Digest::parse(&format!("sha256:{reference}")).ok());
+        if let Some(id) = by_id {
+            if let Some(r) = images.get(&id) {
+                return Some(r.clone());
+            }
+            if let Some(r) = images.values().find(|r| r.manifest_digest == id) {
+                return Some(r.clone());
+            }
+        }
+        let name = ImageName::parse(reference).ok()?;
+        let found = match (&name.digest, name.tagged()) {
+            (Some(d), _) => {
+                let digested = format!("{}@{d}", name.repository);
+                images.values().find(|r| r.repo_digests.contains(&digested))
+            }
+            (None, Some(tagged)) => images.values().find(|r| r.repo_tags.contains(&tagged)),
+            (None, None) => None,
+        };
+        found.cloned()
+    }
+
+    /// Every image, oldest first.
+    pub fn list(&self) -> Vec<ImageRecord> {
+        let mut all: Vec<ImageRecord> = self
+            .images
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        all.sort_by_key(|r| r.created_at);
+        all
+    }
+
+    /// Removes the image `reference` names, with all its tags, and collects
+    /// the blobs no other image references. Returns whether one was found.
+    pub fn remove(&self, reference: &str) -> Result<bool> {
+        let Some(record) = self.resolve(reference) else {
+            return Ok(false);
+        };
+        {
+            let mut images = self.images.write().map_err(poisoned)?;
+            self.state
+                .apply(&[Change::DeleteImage(record.id.as_str())])?;
+            images.remove(&record.id);
+        }
+        self.collect_garbage()?;
+        Ok(true)
+    }
+
+    /// Deletes every blob no image references.
+    fn collect_garbage(&self) -> Result<()> {
+        let images = self.images.read().map_err(poisoned)?;
+        let live: BTreeSet<&str> = images
+            .values()
+            .flat_map(|r| r.blobs.iter().map(Digest::hex))
+            .collect();
+        let dir = self.blobs_dir();
+        for entry in fs::read_dir(&dir).map_err(Error::io("listing", &dir))? {
+            let entry = entry.map_err(Error::io("listing", &dir))?;
+            let name = entry.file_name();
+            if !live.contains(name.to_string_lossy().as_ref()) {
+                let path = entry.path();
+                tracing::debug!(?path, "collecting unreferenced blob");
+                fs::remove_file(&path).map_err(Error::io("removing blob", &path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes and inodes used under the store.
+    pub fn usage(&self) -> Result<FsUsage> {
+        let (mut bytes, mut inodes) = (0u64, 0u64);
+        let mut stack = vec![self.dir.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in fs::read_dir(&dir).map_err(Error::io("listing", &dir))? {
+                let entry = entry.map_err(Error::io("listing", &dir))?;
+                let meta = entry
+                    .metadata()
+                    .map_err(Error::io("reading", entry.path()))?;
+                inodes += 1;
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                } else {
+                    bytes += meta.len();
+                }
+            }
+        }
+        Ok(FsUsage {
+            mountpoint: self.dir.clone(),
+            used_bytes: bytes,
+            inodes_used: inodes + 1,
+            timestamp: Timestamp::now(),
+        })
+    }
+}
+
+fn poisoned<T>(_: T) -> Error {
+    Error::Internal("image store lock poisoned".to_owned())
+}
+
+/// Writes `bytes` to `path` so that `path` either does not exist or holds
+/// all of them: a temporary file in `tmp_dir`, fsync, rename.
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8], tmp_dir: &Path) -> Result<()> {
+    fs::create_dir_all(tmp_dir).map_err(Error::io("creating", tmp_dir))?;
+    let tmp = tmp_dir.join(format!("{}.tmp", hex::encode(rand::random::<[u8; 8]>())));
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::Io {
+            what: "writing",
+            path: path.to_owned(),
+            source: e,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> (String, Option<String>) {
+        let n = ImageName::parse(s).unwrap();
+        (n.repository, n.tag)
+    }
+
+    #[test]
+    fn references_normalise_like_docker() {
+        assert_eq!(
+            name("busybox"),
+            ("docker.io/library/busybox".into(), Some("latest".into()))
+        );
+        assert_eq!(
+            name("me/app:v1"),
+            ("docker.io/me/app".into(), Some("v1".into()))
+        );
+        assert_eq!(
+            name("localhost:5000/app"),
+            ("localhost:5000/app".into(), Some("latest".into()))
+        );
+        assert_eq!(
+            name("wasmlet.local/samples/echo:p1"),
+            ("wasmlet.local/samples/echo".into(), Some("p1".into()))
+        );
+        let d = format!("ghcr.io/a/b@sha256:{}", "a".repeat(64));
+        let n = ImageName::parse(&d).unwrap();
+        assert_eq!(n.tag, None);
+        assert!(n.digest.is_some());
+        for bad in ["", "UPPER/case", "a:", "a:b:c/d", "a//b", "a:-x"] {
+            assert!(ImageName::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn detects_modules_and_components() {
+        assert_eq!(WasmKind::detect(b"\0asm\x01\0\0\0"), Some(WasmKind::Module));
+        assert_eq!(
+            WasmKind::detect(b"\0asm\x0d\0\x01\0"),
+            Some(WasmKind::Component)
+        );
+        assert_eq!(WasmKind::detect(b"#!/bin/sh\n"), None);
+        assert_eq!(WasmKind::detect(b"\0asm"), None);
+    }
+
+    fn store(dir: &Path) -> ImageStore {
+        let state = Arc::new(StateStore::open(&dir.join("state.redb")).unwrap());
+        let records = state.load().unwrap().images;
+        ImageStore::open(&dir.join("images"), state, records).unwrap()
+    }
+
+    #[test]
+    fn import_resolve_retag_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = store(dir.path());
+        let module = b"\0asm\x01\0\0\0";
+        let a = images.import_wasm(module, "example.com/a:v1").unwrap();
+        assert_eq!(a.repo_tags, vec!["example.com/a:v1"]);
+        assert!(images.resolve("example.com/a:v1").is_some());
+        assert!(images.resolve(a.id.as_str()).is_some());
+        assert!(images.resolve(a.id.hex()).is_some());
+        assert!(images.resolve(&a.repo_digests[0]).is_some());
+        assert!(images.resolve("example.com/a:v2").is_none());
+
+        // Same content under a second tag stores nothing twice.
+        let blobs_before = fs::read_dir(images.blobs_dir()).unwrap().count();
+        let again = images.import_wasm(module, "example.com/a:v2").unwrap();
+        assert_eq!(again.id, a.id);
+        assert_eq!(
+            fs::read_dir(images.blobs_dir()).unwrap().count(),
+            blobs_before
+        );
+        assert_eq!(images.list().len(), 1);
+
+        // The tag moves to new content.
+        let other = images
+            .import_wasm(b"\0asm\x0d\0\x01\0", "example.com/a:v1")
+            .unwrap();
+        assert_eq!(other.wasm_kind, WasmKind::Component);
+        assert_eq!(images.resolve("example.com/a:v1").unwrap().id, other.id);
+        assert_eq!(
+            images.resolve("example.com/a:v2").unwrap().repo_tags,
+            vec!["example.com/a:v2"]
+        );
+
+        // Records survive a reopen; removal collects blobs.
+        drop(images);
+        let images = store(dir.path());
+        assert_eq!(images.list().len(), 2);
+        assert!(images.remove("example.com/a:v2").unwrap());
+        assert!(!images.remove("example.com/a:v2").unwrap());
+        assert!(images.read_blob(&a.wasm_digest).is_err());
+        assert!(images.read_blob(&other.wasm_digest).is_ok());
+        assert!(images.usage().unwrap().used_bytes > 0);
+    }
+
+    #[test]
+    fn rejects_non_wasm_and_keeps_store_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = store(dir.path());
+        images.import_wasm(b"\0asm\x01\0\0\0", "x.io/ok:1").unwrap();
+        let err = images.import_wasm(b"#!/bin/sh", "x.io/bad:1").unwrap_err();
+        assert!(
+            err.to_string().contains("not a WebAssembly binary"),
+            "{err}"
+        );
+        assert_eq!(images.list().len(), 1);
+    }
+
+    #[test]
+    fn corrupt_blob_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = store(dir.path());
+        let r = images.import_wasm(b"\0asm\x01\0\0\0", "x.io/ok:1").unwrap();
+        fs::write(images.blob_path(&r.wasm_digest), b"tampered").unwrap();
+        assert!(images.read_blob(&r.wasm_digest).is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! wasmlet's domain core.
+//!
+//! This crate owns the node's state: the image store, pod sandboxes and
+//! containers (as explicit state machines), the wasmtime engine, container
+//! logs and the persistent state database. Its one entry point is the
+//! [`Agent`] facade, whose async methods mirror the CRI verbs in domain
+//! terms.
+//!
+//! It must not know about gRPC, protobuf or tonic: the `wasmlet-cri` crate
+//! converts wire requests into the types here and errors into statuses.
+
+mod agent;
+pub mod container;
+pub mod engine;
+pub mod error;
+pub mod ids;
+pub mod image;
+pub mod logs;
+pub mod sandbox;
+pub mod store;
+pub mod time;
+
+pub use agent::{Agent, AgentConfig, RuntimeInfo};
+pub use error::{Error, Result};

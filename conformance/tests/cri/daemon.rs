@@ -1,0 +1,309 @@
+//! `Wasmlet`: one `wasmlet` daemon on a private root and socket, owned by one test.
+//!
+//! The fixture imports every sample guest into a fresh root before the daemon
+//! first starts (`image import` needs the root unlocked), runs `serve` with the
+//! daemon's stdout and stderr appended to a file in the temp dir, and kills the
+//! daemon when dropped. When the test is panicking, the daemon's log is printed
+//! so the failure can be read next to the daemon's side of the story.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use wasmlet_conformance::{CriClient, PodSandboxConfigBuilder};
+
+/// How long the daemon may take to answer `Version` after being spawned.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the daemon may take to exit after a signal.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one `wasmlet image import` may take.
+const IMPORT_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Wasmlet {
+    dir: TempDir,
+    daemon: Option<Child>,
+    /// Image reference → image id printed by `image import`.
+    images: BTreeMap<String, String>,
+    cri: Option<CriClient>,
+}
+
+impl Wasmlet {
+    /// The binary under test: `$WASMLET_BIN`, else `wasmlet` next to the
+    /// directory holding this test executable (`target/<profile>/deps/..`).
+    pub fn bin() -> PathBuf {
+        let bin = match std::env::var_os("WASMLET_BIN") {
+            Some(bin) => PathBuf::from(bin),
+            None => {
+                let exe = std::env::current_exe().expect("locating the test executable");
+                let deps = exe.parent().expect("the test executable has a directory");
+                deps.join("../wasmlet")
+            }
+        };
+        assert!(
+            bin.is_file(),
+            "wasmlet binary not found at {}: build it (cargo build -p wasmlet-cri) or set WASMLET_BIN",
+            bin.display()
+        );
+        bin
+    }
+
+    /// A fresh root with every sample imported; no daemon running yet.
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("wasmlet-conformance-")
+            .tempdir()
+            .expect("creating the fixture's temp dir");
+        let mut wasmlet = Wasmlet {
+            dir,
+            daemon: None,
+            images: BTreeMap::new(),
+            cri: None,
+        };
+        std::fs::create_dir(wasmlet.log_root()).expect("creating the pod log root");
+        for &(reference, path) in wasm_samples::ALL {
+            wasmlet.import(Path::new(path), reference);
+        }
+        wasmlet
+    }
+
+    /// A fresh root with every sample imported, served by a running daemon.
+    pub async fn start() -> Self {
+        let mut wasmlet = Self::new();
+        wasmlet.serve().await;
+        wasmlet
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("wasmlet.sock")
+    }
+
+    /// Where pod log directories go (the kubelet's `/var/log/pods`).
+    pub fn log_root(&self) -> PathBuf {
+        self.dir.path().join("pods")
+    }
+
+    /// A scratch directory for the test's own files (mount sources...).
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join("scratch").join(name);
+        std::fs::create_dir_all(&path).expect("creating a scratch directory");
+        path
+    }
+
+    fn daemon_log_path(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    /// Everything the daemon has written to stdout and stderr so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.daemon_log_path()).unwrap_or_default()
+    }
+
+    /// The id `image import` printed for `reference`.
+    pub fn image_id(&self, reference: &str) -> &str {
+        self.images
+            .get(reference)
+            .unwrap_or_else(|| panic!("{reference} was not imported by the fixture"))
+    }
+
+    /// A pod config whose log directory is under this fixture's log root.
+    pub fn pod(&self) -> PodSandboxConfigBuilder {
+        PodSandboxConfigBuilder::new(self.log_root())
+    }
+
+    /// A client of the running daemon.
+    pub fn cri(&self) -> CriClient {
+        self.cri.clone().expect("the daemon is not serving")
+    }
+
+    /// Runs `wasmlet image import` and returns its output, whatever it is.
+    pub fn import_output(&self, file: &Path, reference: &str) -> Output {
+        assert!(
+            self.daemon.is_none(),
+            "image import must run while no daemon holds the root"
+        );
+        let mut command = Command::new(Self::bin());
+        command
+            .arg("image")
+            .arg("import")
+            .arg("--root")
+            .arg(self.root())
+            .arg(file)
+            .arg(reference);
+        run_bounded(command, IMPORT_TIMEOUT)
+    }
+
+    /// Imports `file` as `reference`, asserting success and the printed id's form.
+    pub fn import(&mut self, file: &Path, reference: &str) -> String {
+        let output = self.import_output(file, reference);
+        assert!(
+            output.status.success(),
+            "wasmlet image import {} {reference} failed ({}): {}",
+            file.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let id = String::from_utf8(output.stdout)
+            .expect("image import printed UTF-8")
+            .trim()
+            .to_owned();
+        assert!(
+            is_image_id(&id),
+            "image import printed {id:?}, not sha256:<64 hex>"
+        );
+        self.images.insert(reference.to_owned(), id.clone());
+        id
+    }
+
+    /// Spawns `wasmlet serve --root ROOT --socket SOCK` and waits until it answers.
+    pub async fn serve(&mut self) -> CriClient {
+        self.spawn(&["serve"]);
+        self.wait_ready().await
+    }
+
+    /// Spawns `wasmlet --root ROOT --socket SOCK` (serve being the default
+    /// subcommand) and waits until it answers.
+    pub async fn serve_without_subcommand(&mut self) -> CriClient {
+        self.spawn(&[]);
+        self.wait_ready().await
+    }
+
+    /// Serves the same root again after the daemon was killed or terminated.
+    pub async fn restart(&mut self) -> CriClient {
+        self.serve().await
+    }
+
+    fn spawn(&mut self, subcommand: &[&str]) {
+        assert!(self.daemon.is_none(), "a daemon is already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.daemon_log_path())
+            .expect("opening the daemon log");
+        let stdout = log.try_clone().expect("duplicating the daemon log handle");
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+        let child = Command::new(Self::bin())
+            .args(subcommand)
+            .arg("--root")
+            .arg(self.root())
+            .arg("--socket")
+            .arg(self.socket())
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(log)
+            .spawn()
+            .expect("spawning wasmlet");
+        self.daemon = Some(child);
+    }
+
+    async fn wait_ready(&mut self) -> CriClient {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.daemon_mut().try_wait().expect("polling the daemon") {
+                self.daemon = None;
+                panic!("wasmlet exited ({status}) before serving");
+            }
+            match CriClient::connect(self.socket(), Duration::from_millis(250)).await {
+                Ok(client) => {
+                    self.cri = Some(client.clone());
+                    return client;
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    panic!("wasmlet did not serve within {READY_TIMEOUT:?}: {e}")
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn daemon_mut(&mut self) -> &mut Child {
+        self.daemon.as_mut().expect("no daemon is running")
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> Pid {
+        let child = self.daemon.as_ref().expect("no daemon is running");
+        Pid::from_raw(i32::try_from(child.id()).expect("pid fits in i32"))
+    }
+
+    /// Sends `signal` to the daemon and waits (bounded) for it to exit.
+    pub async fn stop_with(&mut self, signal: Signal) -> ExitStatus {
+        kill(self.pid(), signal).expect("signalling the daemon");
+        self.cri = None;
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Some(status) = self.daemon_mut().try_wait().expect("polling the daemon") {
+                self.daemon = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("wasmlet did not exit within {EXIT_TIMEOUT:?} of {signal}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILLs the daemon, as a crash or an OOM kill would.
+    pub async fn kill_9(&mut self) {
+        self.stop_with(Signal::SIGKILL).await;
+    }
+
+    /// SIGTERMs the daemon, as systemd does; returns how it exited.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.stop_with(Signal::SIGTERM).await
+    }
+}
+
+impl Drop for Wasmlet {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() && self.daemon_log_path().exists() {
+            eprintln!(
+                "---- wasmlet daemon log ({}) ----\n{}---- end of daemon log ----",
+                self.daemon_log_path().display(),
+                self.daemon_log()
+            );
+        }
+    }
+}
+
+/// `sha256:` followed by 64 lowercase hex digits.
+pub fn is_image_id(id: &str) -> bool {
+    id.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// Runs `command` to completion, killing it if it takes longer than `timeout`.
+fn run_bounded(mut command: Command, timeout: Duration) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
+    let deadline = Instant::now() + timeout;
+    while child.try_wait().expect("polling a child").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+        .wait_with_output()
+        .expect("collecting a child's output")
+}

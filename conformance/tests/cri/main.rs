@@ -1,0 +1,42 @@
+//! Black-box CRI v1 conformance tests against the real `wasmlet` binary.
+//!
+//! Each test starts its own daemon on a private root and socket (see
+//! [`daemon::Wasmlet`]) and drives it only through the CRI, as the kubelet
+//! would, with the harness in `wasmlet_conformance`. Areas follow the ones a
+//! CRI validation suite uses; guest execution has its own area.
+
+use std::time::Duration;
+
+mod daemon;
+
+mod container;
+mod daemon_lifecycle;
+mod exec_wasm;
+mod image;
+mod play;
+mod restart;
+mod runtime_info;
+mod sandbox;
+
+/// The sample guests, as imported by the fixture (see `wasm_samples::ALL`).
+const ECHO_P1: &str = "wasmlet.local/samples/echo:p1";
+const ECHO_P2: &str = "wasmlet.local/samples/echo:p2";
+const TICKER_P1: &str = "wasmlet.local/samples/ticker:p1";
+const TRAP_P1: &str = "wasmlet.local/samples/trap:p1";
+const SPIN_P1: &str = "wasmlet.local/samples/spin:p1";
+const SLEEPER_P1: &str = "wasmlet.local/samples/sleeper:p1";
+
+/// An id in the shape runtimes use that no runtime has handed out.
+const UNKNOWN_ID: &str = "0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de";
+
+/// How long a guest may take to be compiled, run and reported exited.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a started guest may take to be seen running or to log something.
+const RUNNING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Nanoseconds in a second, for CRI timestamps.
+const SECOND_NS: i64 = 1_000_000_000;
+
+/// CRI timestamps are nanoseconds since the epoch: anything after 2020-09-13.
+const EPOCH_NS_FLOOR: i64 = 1_600_000_000 * SECOND_NS;

@@ -1,0 +1,346 @@
+//! Every mapping between CRI wire messages and the agent's domain types.
+//! Timestamps become nanoseconds here and nowhere else.
+
+use std::collections::{BTreeMap, HashMap};
+
+use wasmlet_agent::container::{
+    ContainerFilter, ContainerMetadata, ContainerRecord, ContainerSpec, ContainerState, Mount,
+};
+use wasmlet_agent::ids::{ContainerId, SandboxId};
+use wasmlet_agent::image::ImageRecord;
+use wasmlet_agent::sandbox::{
+    PodMetadata, SandboxFilter, SandboxRecord, SandboxSpec, SandboxState,
+};
+use wasmlet_agent::{Error, Result};
+use wasmlet_proto::cri;
+
+fn btree(m: HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+fn hash(m: &BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+pub fn sandbox_id(s: &str) -> Result<SandboxId> {
+    SandboxId::parse(s)
+}
+
+pub fn container_id(s: &str) -> Result<ContainerId> {
+    ContainerId::parse(s)
+}
+
+pub fn sandbox_spec(
+    config: Option<cri::PodSandboxConfig>,
+    runtime_handler: String,
+) -> Result<SandboxSpec> {
+    let config =
+        config.ok_or_else(|| Error::InvalidArgument("RunPodSandbox needs a config".into()))?;
+    Ok(SandboxSpec {
+        metadata: config.metadata.map(|m| PodMetadata {
+            name: m.name,
+            uid: m.uid,
+            namespace: m.namespace,
+            attempt: m.attempt,
+        }),
+        hostname: config.hostname,
+        log_directory: config.log_directory,
+        labels: btree(config.labels),
+        annotations: btree(config.annotations),
+        runtime_handler,
+    })
+}
+
+pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerSpec> {
+    let config =
+        config.ok_or_else(|| Error::InvalidArgument("CreateContainer needs a config".into()))?;
+    let image = config
+        .image
+        .map(|i| i.image)
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| Error::InvalidArgument("container config names no image".into()))?;
+    let mounts = config
+        .mounts
+        .into_iter()
+        .map(|m| {
+            if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
+                return Err(Error::InvalidArgument(format!(
+                    "mount {:?}: image volumes are not supported by wasmlet",
+                    m.container_path
+                )));
+            }
+            if !m.container_path.starts_with('/') {
+                return Err(Error::InvalidArgument(format!(
+                    "mount {:?}: the container path must be absolute",
+                    m.container_path
+                )));
+            }
+            Ok(Mount {
+                container_path: m.container_path,
+                host_path: m.host_path,
+                readonly: m.readonly || m.recursive_read_only,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ContainerSpec {
+        metadata: config.metadata.map(|m| ContainerMetadata {
+            name: m.name,
+            attempt: m.attempt,
+        }),
+        image,
+        command: config.command,
+        args: config.args,
+        working_dir: config.working_dir,
+        envs: config
+            .envs
+            .into_iter()
+            .map(|kv| (kv.key, kv.value))
+            .collect(),
+        mounts,
+        labels: btree(config.labels),
+        annotations: btree(config.annotations),
+        log_path: config.log_path,
+    })
+}
+
+fn sandbox_state(s: SandboxState) -> cri::PodSandboxState {
+    match s {
+        SandboxState::Ready => cri::PodSandboxState::SandboxReady,
+        SandboxState::NotReady => cri::PodSandboxState::SandboxNotready,
+    }
+}
+
+fn pod_metadata(r: &SandboxRecord) -> Option<cri::PodSandboxMetadata> {
+    r.spec.metadata.as_ref().map(|m| cri::PodSandboxMetadata {
+        name: m.name.clone(),
+        uid: m.uid.clone(),
+        namespace: m.namespace.clone(),
+        attempt: m.attempt,
+    })
+}
+
+pub fn pod_sandbox(r: &SandboxRecord) -> cri::PodSandbox {
+    cri::PodSandbox {
+        id: r.id.to_string(),
+        metadata: pod_metadata(r),
+        state: sandbox_state(r.state) as i32,
+        created_at: r.created_at.as_nanos(),
+        labels: hash(&r.spec.labels),
+        annotations: hash(&r.spec.annotations),
+        runtime_handler: r.spec.runtime_handler.clone(),
+    }
+}
+
+pub fn pod_sandbox_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
+    cri::PodSandboxStatus {
+        id: r.id.to_string(),
+        metadata: pod_metadata(r),
+        state: sandbox_state(r.state) as i32,
+        created_at: r.created_at.as_nanos(),
+        // Wasm pods have no network of their own yet: no IP to report.
+        network: Some(cri::PodSandboxNetworkStatus::default()),
+        linux: None,
+        labels: hash(&r.spec.labels),
+        annotations: hash(&r.spec.annotations),
+        runtime_handler: r.spec.runtime_handler.clone(),
+    }
+}
+
+pub fn sandbox_filter(f: Option<cri::PodSandboxFilter>) -> SandboxFilter {
+    let Some(f) = f else {
+        return SandboxFilter::default();
+    };
+    SandboxFilter {
+        id: (!f.id.is_empty()).then_some(f.id),
+        state: f.state.map(|s| {
+            if s.state == cri::PodSandboxState::SandboxReady as i32 {
+                SandboxState::Ready
+            } else {
+                SandboxState::NotReady
+            }
+        }),
+        labels: btree(f.label_selector),
+    }
+}
+
+fn container_state(s: ContainerState) -> cri::ContainerState {
+    match s {
+        ContainerState::Created => cri::ContainerState::ContainerCreated,
+        ContainerState::Running => cri::ContainerState::ContainerRunning,
+        ContainerState::Exited => cri::ContainerState::ContainerExited,
+    }
+}
+
+pub fn container_filter(f: Option<cri::ContainerFilter>) -> ContainerFilter {
+    let Some(f) = f else {
+        return ContainerFilter::default();
+    };
+    ContainerFilter {
+        id: (!f.id.is_empty()).then_some(f.id),
+        state: f
+            .state
+            .and_then(|s| match cri::ContainerState::try_from(s.state) {
+                Ok(cri::ContainerState::ContainerCreated) => Some(ContainerState::Created),
+                Ok(cri::ContainerState::ContainerRunning) => Some(ContainerState::Running),
+                Ok(cri::ContainerState::ContainerExited) => Some(ContainerState::Exited),
+                // No container is ever in UNKNOWN: match an impossible state.
+                _ => None,
+            }),
+        sandbox_id: (!f.pod_sandbox_id.is_empty()).then_some(f.pod_sandbox_id),
+        labels: btree(f.label_selector),
+    }
+}
+
+/// Whether a filter asks for a state no container can be in (UNKNOWN).
+pub fn container_filter_is_unsatisfiable(f: &Option<cri::ContainerFilter>) -> bool {
+    f.as_ref().and_then(|f| f.state.as_ref()).is_some_and(|s| {
+        s.state == cri::ContainerState::ContainerUnknown as i32
+            || cri::ContainerState::try_from(s.state).is_err()
+    })
+}
+
+fn container_metadata(r: &ContainerRecord) -> Option<cri::ContainerMetadata> {
+    r.spec.metadata.as_ref().map(|m| cri::ContainerMetadata {
+        name: m.name.clone(),
+        attempt: m.attempt,
+    })
+}
+
+fn image_spec(r: &ContainerRecord) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: r.spec.image.clone(),
+        ..Default::default()
+    }
+}
+
+pub fn container(r: &ContainerRecord) -> cri::Container {
+    cri::Container {
+        id: r.id.to_string(),
+        pod_sandbox_id: r.sandbox_id.to_string(),
+        metadata: container_metadata(r),
+        image: Some(image_spec(r)),
+        image_ref: r.image_id.to_string(),
+        state: container_state(r.state) as i32,
+        created_at: r.created_at.as_nanos(),
+        labels: hash(&r.spec.labels),
+        annotations: hash(&r.spec.annotations),
+        image_id: r.image_id.to_string(),
+    }
+}
+
+pub fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
+    let exit = r
+        .exit
+        .clone()
+        .unwrap_or_else(|| wasmlet_agent::container::ExitStatus {
+            code: 0,
+            reason: String::new(),
+            message: String::new(),
+        });
+    cri::ContainerStatus {
+        id: r.id.to_string(),
+        metadata: container_metadata(r),
+        state: container_state(r.state) as i32,
+        created_at: r.created_at.as_nanos(),
+        started_at: r.started_at.map_or(0, |t| t.as_nanos()),
+        finished_at: r.finished_at.map_or(0, |t| t.as_nanos()),
+        exit_code: exit.code,
+        image: Some(image_spec(r)),
+        image_ref: r.image_id.to_string(),
+        reason: exit.reason,
+        message: exit.message,
+        labels: hash(&r.spec.labels),
+        annotations: hash(&r.spec.annotations),
+        mounts: r
+            .spec
+            .mounts
+            .iter()
+            .map(|m| cri::Mount {
+                container_path: m.container_path.clone(),
+                host_path: m.host_path.clone(),
+                readonly: m.readonly,
+                ..Default::default()
+            })
+            .collect(),
+        log_path: r
+            .log_file
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        resources: None,
+        image_id: r.image_id.to_string(),
+        user: None,
+    }
+}
+
+pub fn image(r: &ImageRecord) -> cri::Image {
+    cri::Image {
+        id: r.id.to_string(),
+        repo_tags: r.repo_tags.clone(),
+        repo_digests: r.repo_digests.clone(),
+        size: r.size,
+        uid: None,
+        username: String::new(),
+        spec: Some(cri::ImageSpec {
+            image: r.id.to_string(),
+            ..Default::default()
+        }),
+        pinned: false,
+    }
+}
+
+pub fn image_reference(spec: Option<cri::ImageSpec>) -> Result<String> {
+    spec.map(|s| s.image)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| Error::InvalidArgument("no image given".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_state_filter_is_unsatisfiable() {
+        let f = Some(cri::ContainerFilter {
+            state: Some(cri::ContainerStateValue {
+                state: cri::ContainerState::ContainerUnknown as i32,
+            }),
+            ..Default::default()
+        });
+        assert!(container_filter_is_unsatisfiable(&f));
+        assert!(!container_filter_is_unsatisfiable(&None));
+    }
+
+    #[test]
+    fn container_config_requires_an_image_and_absolute_mounts() {
+        assert!(container_spec(Some(cri::ContainerConfig::default())).is_err());
+        let mut c = cri::ContainerConfig {
+            image: Some(cri::ImageSpec {
+                image: "x.io/a:1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(container_spec(Some(c.clone())).is_ok());
+        c.mounts.push(cri::Mount {
+            container_path: "relative".into(),
+            host_path: "/tmp".into(),
+            ..Default::default()
+        });
+        assert!(matches!(
+            container_spec(Some(c)),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn sandbox_filter_maps_state() {
+        let f = sandbox_filter(Some(cri::PodSandboxFilter {
+            state: Some(cri::PodSandboxStateValue {
+                state: cri::PodSandboxState::SandboxNotready as i32,
+            }),
+            ..Default::default()
+        }));
+        assert_eq!(f.state, Some(SandboxState::NotReady));
+    }
+}

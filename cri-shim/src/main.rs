@@ -1,0 +1,113 @@
+//! `wasmlet`: the node agent binary. It parses flags and config, installs
+//! logging and signal handling, and hands over to the CRI layer; no
+//! business logic lives here.
+
+mod config;
+mod convert;
+mod play;
+mod server;
+mod service;
+mod status;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::Settings;
+
+/// A Kubernetes CRI runtime that runs WebAssembly pods in wasmtime.
+#[derive(Debug, Parser)]
+#[command(name = "wasmlet", version, about)]
+struct Cli {
+    /// TOML config file; flags override what it sets.
+    #[arg(long, global = true, env = "WASMLET_CONFIG")]
+    config: Option<PathBuf>,
+    /// CRI socket path [default: /run/wasmlet/wasmlet.sock as root].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// State root [default: /var/lib/wasmlet as root].
+    #[arg(long, global = true)]
+    root: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve CRI v1 on the socket (the default).
+    Serve,
+    /// Manage the local image store.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Run a Kubernetes Pod manifest through the CRI socket, as the kubelet
+    /// would; starts an agent in-process when none is listening.
+    Play(play::PlayArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Package a Wasm module or component as an OCI Wasm artifact in the
+    /// store. Run it while no agent uses the same root.
+    Import {
+        /// The `.wasm` file.
+        file: PathBuf,
+        /// The image reference to give it, e.g. `example.com/app:v1`.
+        name: String,
+    },
+}
+
+/// Logs to stderr; `RUST_LOG` wins over `default_level`.
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let agent = server::open_agent(&settings)?;
+    let listener = server::bind(&settings.socket)?;
+    server::serve(agent, &settings, listener, shutdown_signal()).await
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // `play` shows the pod's output; its in-process agent only warns.
+    init_logging(if matches!(cli.command, Some(Command::Play(_))) {
+        "warn"
+    } else {
+        "info"
+    });
+    let settings = Settings::resolve(cli.config.as_deref(), cli.socket, cli.root)?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(settings).await,
+        Command::Image(ImageCommand::Import { file, name }) => {
+            let agent = server::open_agent(&settings)?;
+            let image = agent
+                .import_image(&file, &name)
+                .with_context(|| format!("importing {file:?} as {name}"))?;
+            println!("{}", image.id);
+            Ok(())
+        }
+        Command::Play(args) => play::run(settings, args).await,
+    }
+}

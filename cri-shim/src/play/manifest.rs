@@ -1,0 +1,695 @@
+//! The part of a Kubernetes Pod manifest that `play` runs, read with the
+//! API server's defaults and checked before anything is started.
+//!
+//! Fields this module does not name are ignored, as `kubectl` ignores
+//! fields a server does not know. What `play` cannot honour and would
+//! silently get wrong (`valueFrom`, volume sources other than `hostPath` and
+//! `emptyDir`) is an error naming the field.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+/// The namespace of a pod whose manifest names none, as `kubectl` does.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The API server's default `terminationGracePeriodSeconds`.
+pub const DEFAULT_GRACE_PERIOD_SECONDS: i64 = 30;
+
+/// A checked Pod manifest.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub spec: PodSpec,
+}
+
+/// Read first, so that another kind is reported as such rather than as
+/// whatever in it does not fit a pod.
+#[derive(Debug, Deserialize)]
+struct Kind {
+    kind: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Document {
+    #[serde(default, deserialize_with = "null_is_default")]
+    metadata: Metadata,
+    spec: Option<PodSpec>,
+}
+
+/// A key written with no value (`labels:`) is YAML null: read it as empty,
+/// as the API server does.
+fn null_is_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Metadata {
+    #[serde(default)]
+    name: String,
+    namespace: Option<String>,
+    #[serde(default, deserialize_with = "null_is_default")]
+    labels: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "null_is_default")]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub containers: Vec<Container>,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub volumes: Vec<Volume>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    pub runtime_class_name: Option<String>,
+    pub termination_grace_period_seconds: Option<i64>,
+}
+
+impl PodSpec {
+    /// The grace period given to StopContainer, in seconds.
+    pub fn grace_period_seconds(&self) -> i64 {
+        self.termination_grace_period_seconds
+            .unwrap_or(DEFAULT_GRACE_PERIOD_SECONDS)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub image: String,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub command: Vec<String>,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub args: Vec<String>,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub volume_mounts: Vec<VolumeMount>,
+    pub working_dir: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVar {
+    pub name: String,
+    pub value: Option<String>,
+    value_from: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeMount {
+    pub name: String,
+    pub mount_path: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Volume {
+    pub name: String,
+    pub host_path: Option<HostPath>,
+    pub empty_dir: Option<IgnoredAny>,
+    /// Every other source (`configMap`, `secret`...), to name it in errors.
+    #[serde(flatten)]
+    other: BTreeMap<String, IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HostPath {
+    pub path: String,
+    #[serde(rename = "type", default)]
+    pub kind: HostPathType,
+}
+
+/// `hostPath.type`: what must be at the path, and whether to create it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum HostPathType {
+    /// No check (`type` unset or `""`).
+    #[default]
+    #[serde(rename = "")]
+    Unchecked,
+    DirectoryOrCreate,
+    Directory,
+    FileOrCreate,
+    File,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+/// `spec.restartPolicy`, applied to every container of the pod.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum RestartPolicy {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    /// Whether a container that exited with `exit_code` is started again.
+    pub fn restarts(self, exit_code: i32) -> bool {
+        match self {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => exit_code != 0,
+            RestartPolicy::Never => false,
+        }
+    }
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl Pod {
+    /// Reads and checks the manifest at `path`.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {path:?}"))?;
+        Self::parse(&text).with_context(|| format!("manifest {path:?}"))
+    }
+
+    /// Parses and checks a manifest.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let kind: Kind = serde_yaml_ng::from_str(text)?;
+        match kind.kind.as_deref() {
+            Some("Pod") => {}
+            Some(kind) => bail!("kind is {kind:?}: play runs only `kind: Pod`"),
+            None => bail!("no `kind`: play runs only `kind: Pod`"),
+        }
+        let doc: Document = serde_yaml_ng::from_str(text)?;
+        let Some(spec) = doc.spec else {
+            bail!("the pod has no `spec`");
+        };
+        let Metadata {
+            name,
+            namespace,
+            labels,
+            annotations,
+        } = doc.metadata;
+        if name.is_empty() {
+            bail!("metadata.name is missing (play does not support generateName)");
+        }
+        let pod = Pod {
+            name,
+            namespace: namespace
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned()),
+            labels,
+            annotations,
+            spec,
+        };
+        pod.check()?;
+        Ok(pod)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.spec.containers.is_empty() {
+            bail!("spec.containers is empty");
+        }
+        let volumes: BTreeMap<&str, &Volume> = self
+            .spec
+            .volumes
+            .iter()
+            .map(|v| (v.name.as_str(), v))
+            .collect();
+        let mut names = BTreeSet::new();
+        for c in &self.spec.containers {
+            if c.name.is_empty() {
+                bail!("a container has no name");
+            }
+            if !names.insert(c.name.as_str()) {
+                bail!("two containers are named {:?}", c.name);
+            }
+            if c.image.is_empty() {
+                bail!("container {:?} has no image", c.name);
+            }
+            for var in &c.env {
+                if var.value_from.is_some() {
+                    bail!(
+                        "container {:?}: env {}: valueFrom is not supported by play (there is no API server to read it from); give a literal value",
+                        c.name,
+                        var.name
+                    );
+                }
+            }
+            for m in &c.volume_mounts {
+                if !m.mount_path.starts_with('/') {
+                    bail!(
+                        "container {:?}: mountPath {:?} is not absolute",
+                        c.name,
+                        m.mount_path
+                    );
+                }
+                let Some(volume) = volumes.get(m.name.as_str()) else {
+                    bail!(
+                        "container {:?} mounts volume {:?}, which spec.volumes does not declare",
+                        c.name,
+                        m.name
+                    );
+                };
+                volume.check()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The host directory or file behind every volume a container mounts:
+    /// `hostPath` volumes are their path (checked, or created, as their
+    /// `type` says); `emptyDir` volumes are new directories under
+    /// `empty_dirs`, which lives as long as the pod.
+    pub fn resolve_volumes(&self, empty_dirs: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+        let mounted: BTreeSet<&str> = self
+            .spec
+            .containers
+            .iter()
+            .flat_map(|c| c.volume_mounts.iter().map(|m| m.name.as_str()))
+            .collect();
+        let mut out = BTreeMap::new();
+        for volume in self
+            .spec
+            .volumes
+            .iter()
+            .filter(|v| mounted.contains(v.name.as_str()))
+        {
+            volume.check()?;
+            let path = match &volume.host_path {
+                Some(host) => {
+                    let path = PathBuf::from(&host.path);
+                    host.kind
+                        .prepare(&path)
+                        .with_context(|| format!("volume {:?}: hostPath {path:?}", volume.name))?;
+                    path
+                }
+                None => {
+                    let path = empty_dirs.join(&volume.name);
+                    std::fs::create_dir_all(&path).with_context(|| {
+                        format!("volume {:?}: creating the emptyDir {path:?}", volume.name)
+                    })?;
+                    path
+                }
+            };
+            out.insert(volume.name.clone(), path);
+        }
+        Ok(out)
+    }
+}
+
+impl Container {
+    /// The environment as the kubelet passes it: in manifest order, each
+    /// value with `$(VAR)` references to the variables before it expanded.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::with_capacity(self.env.len());
+        for var in &self.env {
+            let value = expand(var.value.as_deref().unwrap_or(""), &out);
+            out.push((var.name.clone(), value));
+        }
+        out
+    }
+
+    /// `command` and `args` with `$(VAR)` references to the container's
+    /// environment expanded, as the kubelet does.
+    pub fn command_and_args(&self) -> (Vec<String>, Vec<String>) {
+        let env = self.env();
+        let expand_all = |words: &[String]| words.iter().map(|w| expand(w, &env)).collect();
+        (expand_all(&self.command), expand_all(&self.args))
+    }
+}
+
+impl Volume {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.host_path.is_some() || self.empty_dir.is_some() {
+            if let Some(host) = &self.host_path
+                && !host.path.starts_with('/')
+            {
+                bail!(
+                    "volume {:?}: hostPath path {:?} is not absolute",
+                    self.name,
+                    host.path
+                );
+            }
+            return Ok(());
+        }
+        match self.other.keys().next() {
+            Some(source) => bail!(
+                "volume {:?} is a {source} volume: play supports only hostPath and emptyDir volumes",
+                self.name
+            ),
+            None => bail!(
+                "volume {:?} has no source (hostPath or emptyDir)",
+                self.name
+            ),
+        }
+    }
+}
+
+impl HostPathType {
+    /// Checks what is at `path` and creates it for the `...OrCreate` types,
+    /// as the kubelet does before starting the pod.
+    fn prepare(self, path: &Path) -> anyhow::Result<()> {
+        match self {
+            HostPathType::Unchecked => return Ok(()),
+            HostPathType::DirectoryOrCreate => {
+                return std::fs::create_dir_all(path)
+                    .context("creating it (type DirectoryOrCreate)");
+            }
+            HostPathType::FileOrCreate if !path.exists() => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {parent:?}"))?;
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .context("creating it (type FileOrCreate)")?;
+                return Ok(());
+            }
+            _ => {}
+        }
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("type {self:?}: nothing usable there"))?;
+        let t = meta.file_type();
+        let ok = match self {
+            HostPathType::Directory => t.is_dir(),
+            HostPathType::File | HostPathType::FileOrCreate => t.is_file(),
+            HostPathType::Socket => t.is_socket(),
+            HostPathType::CharDevice => t.is_char_device(),
+            HostPathType::BlockDevice => t.is_block_device(),
+            HostPathType::Unchecked | HostPathType::DirectoryOrCreate => true,
+        };
+        if !ok {
+            bail!("type {self:?}: something else is there");
+        }
+        Ok(())
+    }
+}
+
+/// Expands `$(NAME)` references to variables of `env` (the last definition
+/// wins) the way the kubelet does: `$$` is a literal `$`, and a reference
+/// to an undefined variable or an unclosed `$(` is kept as written.
+fn expand(input: &str, env: &[(String, String)]) -> String {
+    let lookup = |name: &str| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(reference) = after.strip_prefix('(')
+            && let Some(close) = reference.find(')')
+        {
+            let name = &reference[..close];
+            match lookup(name) {
+                Some(value) => out.push_str(value),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &reference[close + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+kind: Pod
+metadata:
+  name: p
+spec:
+  containers:
+    - name: c
+      image: example.com/c:v1
+";
+
+    fn parse_err(text: &str) -> String {
+        format!("{:#}", Pod::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn defaults_are_the_api_servers() {
+        let pod = Pod::parse(MINIMAL).unwrap();
+        assert_eq!(pod.namespace, "default");
+        assert_eq!(pod.spec.restart_policy, RestartPolicy::Always);
+        assert_eq!(pod.spec.grace_period_seconds(), 30);
+        assert_eq!(pod.spec.runtime_class_name, None);
+        assert!(pod.labels.is_empty());
+    }
+
+    #[test]
+    fn keys_without_a_value_are_empty() {
+        let text = "kind: Pod\nmetadata:\n  name: p\n  labels:\nspec:\n  volumes:\n  containers:\n    - name: c\n      image: i\n      args:\n      env:\n";
+        let pod = Pod::parse(text).unwrap();
+        assert!(pod.labels.is_empty());
+        assert!(pod.spec.volumes.is_empty());
+        assert!(pod.spec.containers[0].args.is_empty());
+    }
+
+    #[test]
+    fn reads_the_fields_play_uses_and_ignores_the_rest() {
+        let pod = Pod::parse(
+            "
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: team
+  labels: {app: web}
+  annotations: {note: hi}
+  uid: ignored
+spec:
+  restartPolicy: OnFailure
+  runtimeClassName: wasm
+  terminationGracePeriodSeconds: 5
+  nodeSelector: {x: y}
+  containers:
+    - name: main
+      image: example.com/web:v1
+      imagePullPolicy: IfNotPresent
+      command: [/app.wasm]
+      args: [--port, '8080']
+      workingDir: /srv
+      env:
+        - {name: A, value: '1'}
+        - {name: EMPTY}
+      volumeMounts:
+        - {name: data, mountPath: /data, readOnly: true}
+  volumes:
+    - name: data
+      emptyDir: {}
+",
+        )
+        .unwrap();
+        assert_eq!((pod.name.as_str(), pod.namespace.as_str()), ("web", "team"));
+        assert_eq!(pod.labels["app"], "web");
+        assert_eq!(pod.annotations["note"], "hi");
+        assert_eq!(pod.spec.restart_policy, RestartPolicy::OnFailure);
+        assert_eq!(pod.spec.runtime_class_name.as_deref(), Some("wasm"));
+        assert_eq!(pod.spec.grace_period_seconds(), 5);
+        let c = &pod.spec.containers[0];
+        assert_eq!(c.command, ["/app.wasm"]);
+        assert_eq!(c.args, ["--port", "8080"]);
+        assert_eq!(c.working_dir.as_deref(), Some("/srv"));
+        assert_eq!(
+            c.env(),
+            [("A".into(), "1".into()), ("EMPTY".into(), String::new())]
+        );
+        assert!(c.volume_mounts[0].read_only);
+    }
+
+    #[test]
+    fn restart_policies() {
+        for (text, policy) in [
+            ("Always", RestartPolicy::Always),
+            ("OnFailure", RestartPolicy::OnFailure),
+            ("Never", RestartPolicy::Never),
+        ] {
+            let pod = Pod::parse(&format!("{MINIMAL}  restartPolicy: {text}\n")).unwrap();
+            assert_eq!(pod.spec.restart_policy, policy);
+        }
+        assert!(RestartPolicy::Always.restarts(0));
+        assert!(RestartPolicy::OnFailure.restarts(1));
+        assert!(!RestartPolicy::OnFailure.restarts(0));
+        assert!(!RestartPolicy::Never.restarts(1));
+        assert!(Pod::parse(&format!("{MINIMAL}  restartPolicy: Sometimes\n")).is_err());
+    }
+
+    #[test]
+    fn only_pods_are_played() {
+        let err = parse_err(&MINIMAL.replace("kind: Pod", "kind: Deployment"));
+        assert!(
+            err.contains("\"Deployment\"") && err.contains("only `kind: Pod`"),
+            "{err}"
+        );
+        let err = parse_err(&MINIMAL.replace("kind: Pod", ""));
+        assert!(err.contains("no `kind`"), "{err}");
+        let deployment =
+            "kind: Deployment\nspec: {replicas: 2, template: {spec: {containers: x}}}\n";
+        assert!(parse_err(deployment).contains("\"Deployment\""));
+    }
+
+    #[test]
+    fn value_from_is_rejected_by_name() {
+        let err = parse_err(&format!(
+            "{MINIMAL}      env:\n        - name: POD_IP\n          valueFrom:\n            fieldRef: {{fieldPath: status.podIP}}\n"
+        ));
+        assert!(
+            err.contains("POD_IP") && err.contains("valueFrom is not supported by play"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn mounts_must_name_a_supported_volume() {
+        let mount = "      volumeMounts:\n        - {name: cfg, mountPath: /etc/cfg}\n";
+        let err = parse_err(&format!("{MINIMAL}{mount}"));
+        assert!(err.contains("does not declare"), "{err}");
+        let err = parse_err(&format!(
+            "{MINIMAL}{mount}  volumes:\n    - name: cfg\n      configMap: {{name: cfg}}\n"
+        ));
+        assert!(
+            err.contains("configMap volume") && err.contains("hostPath and emptyDir"),
+            "{err}"
+        );
+        let err = parse_err(&format!(
+            "{MINIMAL}{mount}  volumes:\n    - name: cfg\n      hostPath: {{path: relative}}\n"
+        ));
+        assert!(err.contains("not absolute"), "{err}");
+        // A volume nobody mounts is not looked at.
+        Pod::parse(&format!(
+            "{MINIMAL}  volumes:\n    - name: cfg\n      secret: {{}}\n"
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn containers_need_unique_names_and_an_image() {
+        let twice = format!("{MINIMAL}    - name: c\n      image: x\n");
+        assert!(parse_err(&twice).contains("two containers"));
+        let no_image = MINIMAL.replace("      image: example.com/c:v1\n", "");
+        assert!(parse_err(&no_image).contains("has no image"));
+        let none = "kind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n";
+        assert!(parse_err(none).contains("empty"));
+    }
+
+    #[test]
+    fn volumes_resolve_to_host_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("made/by/play");
+        let file = dir.path().join("file.txt");
+        let missing = dir.path().join("missing");
+        let pod = |volumes: String| {
+            let text = format!(
+                "{MINIMAL}      volumeMounts:\n        - {{name: v, mountPath: /v}}\n  volumes:\n{volumes}"
+            );
+            Pod::parse(&text).unwrap()
+        };
+        let host_path = |path: &Path, kind: &str| {
+            format!(
+                "    - name: v\n      hostPath: {{path: {}, type: {kind}}}\n",
+                path.display()
+            )
+        };
+        let empty_dirs = dir.path().join("empty");
+
+        let resolved = pod(host_path(&host, "DirectoryOrCreate"))
+            .resolve_volumes(&empty_dirs)
+            .unwrap();
+        assert_eq!(resolved["v"], host);
+        assert!(host.is_dir());
+
+        let resolved = pod(host_path(&file, "FileOrCreate"))
+            .resolve_volumes(&empty_dirs)
+            .unwrap();
+        assert_eq!(resolved["v"], file);
+        assert!(file.is_file());
+
+        pod(host_path(&host, "Directory"))
+            .resolve_volumes(&empty_dirs)
+            .unwrap();
+        pod(host_path(&file, "File"))
+            .resolve_volumes(&empty_dirs)
+            .unwrap();
+        pod(host_path(&missing, "\"\""))
+            .resolve_volumes(&empty_dirs)
+            .unwrap();
+        for (path, kind) in [
+            (&missing, "Directory"),
+            (&file, "Directory"),
+            (&host, "File"),
+            (&file, "Socket"),
+        ] {
+            let err = pod(host_path(path, kind))
+                .resolve_volumes(&empty_dirs)
+                .unwrap_err();
+            assert!(
+                format!("{err:#}").contains(&format!("type {kind}")),
+                "{kind} {path:?}: {err:#}"
+            );
+        }
+        assert!(!missing.exists());
+
+        let resolved = pod("    - name: v\n      emptyDir: {}\n".into())
+            .resolve_volumes(&empty_dirs)
+            .unwrap();
+        assert_eq!(resolved["v"], empty_dirs.join("v"));
+        assert!(empty_dirs.join("v").is_dir());
+    }
+
+    #[test]
+    fn references_expand_like_the_kubelets() {
+        let env = [
+            ("A".to_owned(), "1".to_owned()),
+            ("B".to_owned(), "x$(A)".to_owned()),
+        ];
+        assert_eq!(expand("$(A)-$(B)", &env), "1-x$(A)");
+        assert_eq!(expand("$$(A) $$ $", &env), "$(A) $ $");
+        assert_eq!(expand("$(NOPE) $(A", &env), "$(NOPE) $(A");
+        assert_eq!(expand("a$b", &env), "a$b");
+        let pod = Pod::parse(&format!(
+            "{MINIMAL}      args: ['$(GREETING), $(WHO)']\n      env:\n        - {{name: WHO, value: world}}\n        - {{name: GREETING, value: 'hello $(WHO)'}}\n"
+        ))
+        .unwrap();
+        let (_, args) = pod.spec.containers[0].command_and_args();
+        assert_eq!(args, ["hello world, world"]);
+    }
+}

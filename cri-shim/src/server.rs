@@ -1,0 +1,131 @@
+//! Serving the CRI services on a unix socket.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use wasmlet_agent::{Agent, AgentConfig};
+use wasmlet_proto::cri::image_service_server::ImageServiceServer;
+use wasmlet_proto::cri::runtime_service_server::RuntimeServiceServer;
+
+use crate::config::Settings;
+use crate::service::{Cri, CriSettings};
+
+/// The kubelet's default maximum gRPC message size.
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// Binds `socket` (mode 0660), replacing a stale socket left by a crashed
+/// run but refusing to steal one another agent still answers on.
+pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {parent:?}"))?;
+    }
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            bail!("{socket:?} is in use: another runtime is listening on it");
+        }
+        tracing::warn!(?socket, "replacing a stale socket");
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale socket {socket:?}"))?;
+    }
+    let listener = UnixListener::bind(socket).with_context(|| format!("binding {socket:?}"))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting the mode of {socket:?}"))?;
+    Ok(listener)
+}
+
+/// Opens the agent for `settings`.
+pub fn open_agent(settings: &Settings) -> anyhow::Result<Agent> {
+    Agent::open(AgentConfig {
+        root: settings.root.clone(),
+    })
+    .with_context(|| format!("opening the state under {:?}", settings.root))
+}
+
+/// Serves CRI for `agent` on `listener` until `shutdown` resolves, then
+/// removes the socket file.
+pub async fn serve(
+    agent: Agent,
+    settings: &Settings,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let cri = Cri::new(
+        agent,
+        CriSettings {
+            runtime_handlers: settings.runtime_handlers.clone(),
+            cgroup_driver: settings.cgroup_driver,
+        },
+    );
+    let runtime = RuntimeServiceServer::new(cri.clone())
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let images = ImageServiceServer::new(cri)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    tracing::info!(socket = ?settings.socket, root = ?settings.root, "serving CRI v1");
+    let result = tonic::transport::Server::builder()
+        .add_service(runtime)
+        .add_service(images)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = std::fs::remove_file(&settings.socket);
+    result.context("serving CRI")
+}
+
+/// An agent served on a private socket inside this process, for `play`.
+pub struct InProcess {
+    pub socket: PathBuf,
+    pub agent: Agent,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    /// Starts an agent on a temporary root and socket.
+    pub async fn start(runtime_handlers: Vec<String>) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("wasmlet-play-")
+            .tempdir()
+            .context("creating a temporary root")?;
+        let settings = Settings {
+            socket: dir.path().join("wasmlet.sock"),
+            root: dir.path().join("root"),
+            runtime_handlers,
+            cgroup_driver: wasmlet_proto::cri::CgroupDriver::Systemd,
+        };
+        let agent = open_agent(&settings)?;
+        let listener = bind(&settings.socket)?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = agent.clone();
+        let task_settings = settings.clone();
+        let task = tokio::spawn(async move {
+            serve(served, &task_settings, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Ok(Self {
+            socket: settings.socket,
+            agent,
+            stop: Some(stop),
+            task: Some(task),
+            _dir: dir,
+        })
+    }
+
+    /// Stops serving and waits for the server to end.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.context("joining the in-process agent")??;
+        }
+        Ok(())
+    }
+}

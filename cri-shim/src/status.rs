@@ -1,0 +1,98 @@
+//! The one mapping from agent errors to gRPC statuses.
+
+use tonic::{Code, Status};
+use wasmlet_agent::Error;
+
+/// The gRPC code the kubelet should see for `e`.
+pub fn code(e: &Error) -> Code {
+    match e {
+        Error::NotFound { .. } => Code::NotFound,
+        Error::AlreadyExists { .. } => Code::AlreadyExists,
+        Error::InvalidArgument(_) | Error::InvalidImage { .. } => Code::InvalidArgument,
+        Error::InvalidTransition { .. }
+        | Error::FailedPrecondition(_)
+        | Error::StartFailed { .. } => Code::FailedPrecondition,
+        Error::Io { .. } | Error::Store(_) | Error::Internal(_) => Code::Internal,
+    }
+}
+
+/// `e` as a status carrying its message.
+pub fn to_status(e: Error) -> Status {
+    let code = code(&e);
+    if code == Code::Internal {
+        tracing::error!(error = %e, "request failed");
+    } else {
+        tracing::debug!(error = %e, "request rejected");
+    }
+    Status::new(code, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io() -> Error {
+        Error::Io {
+            what: "reading",
+            path: "/x".into(),
+            source: std::io::Error::other("boom"),
+        }
+    }
+
+    #[test]
+    fn every_variant_has_its_code() {
+        let cases = [
+            (
+                Error::NotFound {
+                    kind: "container",
+                    id: "x".into(),
+                },
+                Code::NotFound,
+            ),
+            (
+                Error::AlreadyExists {
+                    kind: "pod sandbox",
+                    id: "x".into(),
+                    detail: String::new(),
+                },
+                Code::AlreadyExists,
+            ),
+            (Error::InvalidArgument("x".into()), Code::InvalidArgument),
+            (
+                Error::InvalidImage {
+                    reference: "x".into(),
+                    reason: "y".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                Error::InvalidTransition {
+                    kind: "container",
+                    id: "x".into(),
+                    from: "A",
+                    to: "B",
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::FailedPrecondition("x".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::StartFailed {
+                    id: "x".into(),
+                    reason: "y".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (io(), Code::Internal),
+            (Error::Store("x".into()), Code::Internal),
+            (Error::Internal("x".into()), Code::Internal),
+        ];
+        for (e, want) in cases {
+            let s = to_status(e);
+            assert_eq!(s.code(), want, "{}", s.message());
+            assert!(!s.message().is_empty());
+        }
+    }
+}

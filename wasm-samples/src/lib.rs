@@ -1,0 +1,86 @@
+//! Sample WebAssembly guests for testing and demonstrating wasmlet.
+//!
+//! The build script compiles the small std-only programs in
+//! `wasm-samples/guests/` (a Cargo workspace of its own) once, with a nested
+//! `cargo build --release`, into the shared directory
+//! `<workspace root>/target/wasm-samples`, and this crate exposes the
+//! absolute paths of the resulting `.wasm` files. Tests of the other crates
+//! load them from there instead of compiling guests themselves; the Pod
+//! manifests in `wasm-samples/pods/` refer to them through the image
+//! references listed in [`ALL`].
+//!
+//! `*_P1` constants are core modules built for `wasm32-wasip1` (WASI preview
+//! 1); [`ECHO_P2`] is a component built for `wasm32-wasip2` (WASI 0.2,
+//! exporting `wasi:cli/run`).
+//!
+//! The samples:
+//! - `echo` prints `argc=N`, `arg[i]=VALUE` per argument (argv\[0\]
+//!   included) and `env KEY=VALUE` per variable (sorted by key) to stdout,
+//!   then acts on these environment variables, in this order:
+//!   `READ_FILE=<path>` prints `file <path>: <contents trimmed>` (exit 2 on
+//!   error); `WRITE_FILE=<path>` writes `written` there and prints
+//!   `wrote <path>` (exit 3 on error); `LONG_LINE=N` prints N `x`;
+//!   `CWD_PROBE=<relative path>` prints `cwd=<current dir>` (or
+//!   `cwd=error: <err>`) and `relative <path>: <contents trimmed>` (or
+//!   `relative error: <err>`); `NO_NEWLINE` prints `tail-without-newline`
+//!   without a newline. It then prints `echo done` to stderr and exits with
+//!   `EXIT_CODE` (default 0).
+//! - `ticker` prints `tick N` (N from 1) every `TICK_MS` milliseconds
+//!   (default 1000), forever, or until `TICKS` ticks were printed (exit 0).
+//! - `trap` prints `about to trap` and executes `unreachable` (a wasm trap).
+//! - `spin` prints `spinning` and then loops forever without host calls.
+//! - `sleeper` prints `sleeping` and then sleeps forever.
+//!
+//! ```
+//! let module = std::fs::read(wasm_samples::ECHO_P1).unwrap();
+//! assert_eq!(&module[..4], b"\0asm");
+//! ```
+
+include!(concat!(env!("OUT_DIR"), "/samples.rs"));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::path::Path;
+
+    const CORE_MODULE: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
+    const COMPONENT: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x0d, 0x00, 0x01, 0x00];
+
+    fn magic(path: &str) -> [u8; 8] {
+        let mut header = [0; 8];
+        std::fs::File::open(path)
+            .and_then(|mut file| file.read_exact(&mut header))
+            .unwrap_or_else(|err| panic!("reading {path}: {err}"));
+        header
+    }
+
+    #[test]
+    fn samples_exist_with_the_right_magic() {
+        for &(image, path) in ALL {
+            assert!(Path::new(path).is_absolute(), "{image}: {path}");
+            let expected = if image.ends_with(":p2") {
+                COMPONENT
+            } else {
+                CORE_MODULE
+            };
+            assert_eq!(magic(path), expected, "{image}: {path}");
+        }
+        assert_eq!(magic(ECHO_P2), COMPONENT);
+        for path in [ECHO_P1, TICKER_P1, TRAP_P1, SPIN_P1, SLEEPER_P1] {
+            assert_eq!(magic(path), CORE_MODULE, "{path}");
+        }
+    }
+
+    #[test]
+    fn image_references_and_paths_are_unique() {
+        for (i, (image, path)) in ALL.iter().enumerate() {
+            assert!(image.starts_with("wasmlet.local/samples/"), "{image}");
+            for (other_image, other_path) in &ALL[i + 1..] {
+                assert_ne!(image, other_image);
+                assert_ne!(path, other_path);
+            }
+        }
+        assert_eq!(ALL.len(), 6);
+    }
+}
