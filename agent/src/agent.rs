@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::ids::{ContainerId, SandboxId};
 use crate::image::{FsUsage, ImageRecord, ImageStore};
 use crate::logs::{ContainerLog, Stream};
+use crate::registry::{Credentials, Registry, RegistryConfig};
 use crate::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
 use crate::store::{Change, StateStore};
 use crate::time::Timestamp;
@@ -30,7 +31,13 @@ const STOP_MARGIN: Duration = Duration::from_secs(2);
 pub struct AgentConfig {
     /// The state root: database, image store, per-container files.
     pub root: PathBuf,
+    /// How registries are reached.
+    pub registry: RegistryConfig,
+    /// How many pulled images may compile at once in the background.
+    pub compile_parallelism: usize,
 }
+
+type PullResult = std::result::Result<ImageRecord, Arc<Error>>;
 
 /// What the runtime reports about itself.
 #[derive(Clone, Debug)]
@@ -110,10 +117,18 @@ struct Inner {
     state: Arc<StateStore>,
     images: ImageStore,
     engine: Arc<WasmEngine>,
+    registry: Registry,
+    /// Pulls in flight, by reference and credentials: a second pull of the
+    /// same reference waits for the first instead of downloading again.
+    pulls: Mutex<
+        HashMap<String, futures::future::Shared<futures::future::BoxFuture<'static, PullResult>>>,
+    >,
     sandboxes: RwLock<HashMap<SandboxId, Arc<Mutex<SandboxRecord>>>>,
     containers: RwLock<HashMap<ContainerId, Arc<ContainerEntry>>>,
     /// Serialises the uniqueness check and insert of new objects.
     creating: tokio::sync::Mutex<()>,
+    /// Bounds background compiles of pulled images.
+    compile_slots: tokio::sync::Semaphore,
 }
 
 /// WASI preview1 has no current directory: wasi-libc resolves relative
@@ -174,7 +189,7 @@ impl Agent {
         let state = Arc::new(StateStore::open(&root.join("state.redb"))?);
         let snapshot = state.load()?;
         let images = ImageStore::open(&root.join("images"), state.clone(), snapshot.images)?;
-        let engine = WasmEngine::new().map_err(Error::Internal)?;
+        let engine = WasmEngine::new(Some(root.join("compiled"))).map_err(Error::Internal)?;
 
         let now = Timestamp::now();
         let mut recovered = Vec::new();
@@ -212,6 +227,9 @@ impl Agent {
                 state,
                 images,
                 engine,
+                registry: Registry::new(config.registry)?,
+                pulls: Mutex::new(HashMap::new()),
+                compile_slots: tokio::sync::Semaphore::new(config.compile_parallelism.max(1)),
                 sandboxes: RwLock::new(sandboxes),
                 containers: RwLock::new(containers),
                 creating: tokio::sync::Mutex::new(()),
@@ -752,18 +770,90 @@ impl Agent {
         Ok(record)
     }
 
-    /// Makes sure `reference` is in the store. Registries are not reached
-    /// yet: only images already stored (imported) succeed.
-    pub async fn pull_image(&self, reference: &str) -> Result<ImageRecord> {
+    /// Pulls `reference` from its registry into the store. An image that
+    /// was imported (not pulled) has no registry and is served as stored.
+    /// Concurrent pulls of one reference share one download.
+    pub async fn pull_image(
+        &self,
+        reference: &str,
+        credentials: &Credentials,
+    ) -> Result<ImageRecord> {
         crate::image::ImageName::parse(reference)?;
-        self.inner.images.resolve(reference).ok_or_else(|| {
-            Error::NotFound {
-                kind: "image",
-                id: format!(
-                    "{reference} (it is not in the local store, and this wasmlet cannot pull from registries yet: import it with `wasmlet image import`)"
-                ),
+        if let Some(local) = self.inner.images.resolve(reference)
+            && local.imported
+        {
+            return Ok(local);
+        }
+        let key = format!(
+            "{reference}\0{}\0{}{}{}",
+            credentials.username,
+            credentials.auth,
+            credentials.identity_token,
+            credentials.registry_token
+        );
+        let shared = {
+            let mut pulls = lock(&self.inner.pulls);
+            pulls
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let agent = self.clone();
+                    let reference = reference.to_owned();
+                    let credentials = credentials.clone();
+                    let fut: futures::future::BoxFuture<'static, PullResult> =
+                        Box::pin(async move {
+                            let result = agent
+                                .inner
+                                .registry
+                                .pull(&agent.inner.images, &reference, &credentials)
+                                .await
+                                .map_err(Arc::new);
+                            lock(&agent.inner.pulls).remove(&key);
+                            if let Ok(image) = &result {
+                                agent.precompile_in_background(image.clone());
+                            }
+                            result
+                        });
+                    futures::FutureExt::shared(fut)
+                })
+                .clone()
+        };
+        // Run the download on its own task so a kubelet that gives up on
+        // the call does not cancel it for the others waiting.
+        let handle = tokio::spawn(shared);
+        match handle.await {
+            Ok(Ok(image)) => Ok(image),
+            Ok(Err(e)) => Err(e.duplicate()),
+            Err(e) => Err(Error::Internal(format!("pull task failed: {e}"))),
+        }
+    }
+
+    /// Compiles a freshly pulled image off the request path, so that its
+    /// first container starts from the compiled artifact.
+    fn precompile_in_background(&self, image: ImageRecord) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let _permit = inner.compile_slots.acquire().await;
+            let digest = image.wasm_digest.clone();
+            let worker = inner.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let inner = worker;
+                let bytes = inner
+                    .images
+                    .read_blob(&image.wasm_digest)
+                    .map_err(|e| e.to_string())?;
+                inner
+                    .engine
+                    .precompile(&image.wasm_digest, image.wasm_kind, &bytes)
+            })
+            .await;
+            match done {
+                Ok(Ok(())) => tracing::debug!(%digest, "precompiled"),
+                Ok(Err(reason)) => {
+                    tracing::warn!(%digest, %reason, "precompiling the pulled image failed; containers will report why when they start")
+                }
+                Err(e) => tracing::warn!(%digest, error = %e, "precompile task failed"),
             }
-        })
+        });
     }
 
     pub fn image_status(&self, reference: &str) -> Option<ImageRecord> {

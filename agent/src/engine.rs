@@ -1,5 +1,6 @@
 //! The node's one wasmtime [`Engine`]: compiles images into ready-to-link
-//! templates (cached by digest), and runs guests as async tasks.
+//! templates (cached in memory by digest, their compiled artifacts kept on
+//! disk by the `artifacts` module), and runs guests as async tasks.
 //!
 //! The engine sees bytes, argv, environment, preopened directories and log
 //! streams — never a CRI request. Guests yield to the executor on every
@@ -8,7 +9,9 @@
 //! ends it at its next yield.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
@@ -17,6 +20,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
+use crate::artifacts::{ArtifactStore, Compiled};
 use crate::ids::Digest;
 use crate::image::WasmKind;
 use crate::logs::{ContainerLog, Stream};
@@ -79,18 +83,50 @@ pub struct GuestExit {
     pub message: String,
 }
 
-/// The engine, its linkers and the cache of prepared images.
+/// How images were made ready since the engine was built; lets a caller
+/// (or a test) tell whether a container start compiled anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Cranelift compilations ([`WasmEngine::prepare`] and
+    /// [`WasmEngine::precompile`]).
+    pub compiled: u64,
+    /// Artifacts memory-mapped from the disk cache instead of compiling.
+    pub loaded_from_disk: u64,
+    /// [`WasmEngine::prepare`] calls answered from the in-memory cache.
+    pub memory_hits: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    compiled: AtomicU64,
+    loaded_from_disk: AtomicU64,
+    memory_hits: AtomicU64,
+}
+
+/// The engine, its linkers, the cache of prepared images and the on-disk
+/// store of precompiled artifacts.
 pub struct WasmEngine {
     engine: Engine,
     p1_linker: Linker<P1State>,
     p2_linker: ComponentLinker<P2State>,
     prepared: Mutex<HashMap<Digest, Prepared>>,
+    artifacts: Option<ArtifactStore>,
+    /// One lock per digest being made ready, so that an image is compiled
+    /// once even when a container start and the puller's precompilation
+    /// race.
+    building: Mutex<HashMap<Digest, Arc<Mutex<()>>>>,
+    counters: Counters,
 }
 
 impl WasmEngine {
     /// Builds the engine and starts the epoch ticker thread (which ends when
     /// the engine is dropped).
-    pub fn new() -> Result<Arc<Self>, String> {
+    ///
+    /// With a `cache_dir`, compiled images are kept there (as
+    /// `<cache_dir>/<engine fingerprint>/<wasm digest hex>.cwasm`) and later engines load them instead of
+    /// compiling; artifacts of other wasmtime versions or settings found
+    /// there are deleted. Without one, every engine compiles afresh.
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Arc<Self>, String> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
@@ -103,12 +139,19 @@ impl WasmEngine {
         let mut p2_linker = ComponentLinker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut p2_linker)
             .map_err(|e| format!("linking WASI 0.2: {e:#}"))?;
+        let artifacts = cache_dir
+            .map(|dir| ArtifactStore::open(&dir, &engine))
+            .transpose()
+            .map_err(|e| format!("opening the precompiled artifact cache: {e}"))?;
 
         let this = Arc::new(Self {
             engine,
             p1_linker,
             p2_linker,
             prepared: Mutex::new(HashMap::new()),
+            artifacts,
+            building: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
         });
         let weak = Arc::downgrade(&this);
         std::thread::Builder::new()
@@ -124,27 +167,162 @@ impl WasmEngine {
         Ok(this)
     }
 
-    /// Compiles `bytes` and links it against WASI, or returns the cached
-    /// result for `digest`. Errors are written for the user: they end up in
-    /// the container's status message and log.
+    /// Makes `bytes` (the Wasm whose digest is `digest`) ready to
+    /// instantiate and links it against WASI: from the in-memory cache, else
+    /// by memory-mapping its artifact from the disk cache, else by compiling
+    /// it (and writing the artifact). Errors are written for the user: they
+    /// end up in the container's status message and log.
     pub fn prepare(
         &self,
         digest: &Digest,
         kind: WasmKind,
         bytes: &[u8],
     ) -> Result<Prepared, String> {
-        if let Some(p) = self
+        if let Some(p) = self.cached(digest) {
+            return Ok(p);
+        }
+        let slot = self.building_slot(digest);
+        let _building = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = self.cached(digest) {
+            return Ok(p);
+        }
+        let loaded = self
+            .artifacts
+            .as_ref()
+            .and_then(|store| store.load(&self.engine, digest, kind));
+        let compiled = match loaded {
+            Some(compiled) => {
+                self.counters
+                    .loaded_from_disk
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%digest, "loaded precompiled artifact");
+                compiled
+            }
+            None => self.compile(digest, kind, bytes)?,
+        };
+        let prepared = self.link(compiled)?;
+        if let Ok(mut m) = self.prepared.lock() {
+            m.insert(digest.clone(), prepared.clone());
+        }
+        Ok(prepared)
+    }
+
+    /// Makes sure the disk cache holds a sound artifact of `bytes`,
+    /// compiling it if not, and keeps nothing in memory. The image puller
+    /// calls this in the background after a pull so that the first
+    /// container start does not compile. Without a cache directory this does
+    /// nothing. Errors (the bytes do not compile, the artifact cannot be
+    /// written) are written for the user.
+    pub fn precompile(&self, digest: &Digest, kind: WasmKind, bytes: &[u8]) -> Result<(), String> {
+        let Some(store) = &self.artifacts else {
+            return Ok(());
+        };
+        let slot = self.building_slot(digest);
+        let _building = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if store.verified(digest, kind).is_some() {
+            return Ok(());
+        }
+        let artifact = match kind {
+            WasmKind::Module => self
+                .engine
+                .precompile_module(bytes)
+                .map_err(|e| format!("invalid Wasm module: {e:#}"))?,
+            WasmKind::Component => self
+                .engine
+                .precompile_component(bytes)
+                .map_err(|e| format!("invalid Wasm component: {e:#}"))?,
+        };
+        self.counters.compiled.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%digest, "compiled Wasm");
+        store
+            .store(digest, kind, &artifact)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Forgets an image that was removed: its prepared template and its
+    /// artifact on disk.
+    pub fn forget(&self, digest: &Digest) {
+        let slot = self.building_slot(digest);
+        {
+            let _building = slot.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Ok(mut m) = self.prepared.lock() {
+                m.remove(digest);
+            }
+            if let Some(store) = &self.artifacts {
+                store.remove(digest);
+            }
+        }
+        if let Ok(mut b) = self.building.lock() {
+            b.remove(digest);
+        }
+    }
+
+    /// What the engine did to make images ready since it was built.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            compiled: self.counters.compiled.load(Ordering::Relaxed),
+            loaded_from_disk: self.counters.loaded_from_disk.load(Ordering::Relaxed),
+            memory_hits: self.counters.memory_hits.load(Ordering::Relaxed),
+        }
+    }
+
+    fn cached(&self, digest: &Digest) -> Option<Prepared> {
+        let hit = self
             .prepared
             .lock()
             .ok()
-            .and_then(|m| m.get(digest).cloned())
-        {
-            return Ok(p);
+            .and_then(|m| m.get(digest).cloned());
+        if hit.is_some() {
+            self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
         }
-        let prepared = match kind {
-            WasmKind::Module => {
-                let module = Module::new(&self.engine, bytes)
-                    .map_err(|e| format!("invalid Wasm module: {e:#}"))?;
+        hit
+    }
+
+    fn building_slot(&self, digest: &Digest) -> Arc<Mutex<()>> {
+        self.building
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(digest.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Compiles with Cranelift and writes the artifact to the disk cache (a
+    /// failure to write is logged: the compiled image is still used).
+    fn compile(&self, digest: &Digest, kind: WasmKind, bytes: &[u8]) -> Result<Compiled, String> {
+        let compiled = match kind {
+            WasmKind::Module => Compiled::Module(
+                Module::new(&self.engine, bytes)
+                    .map_err(|e| format!("invalid Wasm module: {e:#}"))?,
+            ),
+            WasmKind::Component => Compiled::Component(
+                Component::new(&self.engine, bytes)
+                    .map_err(|e| format!("invalid Wasm component: {e:#}"))?,
+            ),
+        };
+        self.counters.compiled.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%digest, "compiled Wasm");
+        if let Some(store) = &self.artifacts {
+            let written = compiled
+                .serialize()
+                .map_err(|e| format!("serializing: {e:#}"))
+                .and_then(|artifact| {
+                    store
+                        .store(digest, kind, &artifact)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(error) = written {
+                tracing::warn!(%digest, %error, "cannot keep the precompiled artifact");
+            }
+        }
+        Ok(compiled)
+    }
+
+    /// Links a compiled image against WASI.
+    fn link(&self, compiled: Compiled) -> Result<Prepared, String> {
+        match compiled {
+            Compiled::Module(module) => {
                 if module.get_export("_start").is_none() {
                     return Err(
                         "the module exports no `_start` function: it is not a WASI command \
@@ -155,11 +333,9 @@ impl WasmEngine {
                 let pre = self.p1_linker.instantiate_pre(&module).map_err(|e| {
                     format!("the module cannot be linked against WASI preview1: {e:#}")
                 })?;
-                Prepared::Module(pre)
+                Ok(Prepared::Module(pre))
             }
-            WasmKind::Component => {
-                let component = Component::new(&self.engine, bytes)
-                    .map_err(|e| format!("invalid Wasm component: {e:#}"))?;
+            Compiled::Component(component) => {
                 let pre = self.p2_linker.instantiate_pre(&component).map_err(|e| {
                     format!("the component cannot be linked against WASI 0.2: {e:#}")
                 })?;
@@ -169,19 +345,8 @@ impl WasmEngine {
                          ({e:#})"
                     )
                 })?;
-                Prepared::Component(pre)
+                Ok(Prepared::Component(pre))
             }
-        };
-        if let Ok(mut m) = self.prepared.lock() {
-            m.insert(digest.clone(), prepared.clone());
-        }
-        Ok(prepared)
-    }
-
-    /// Forgets the prepared template of an image that was removed.
-    pub fn forget(&self, digest: &Digest) {
-        if let Ok(mut m) = self.prepared.lock() {
-            m.remove(digest);
         }
     }
 
@@ -337,7 +502,7 @@ mod tests {
 
     #[tokio::test]
     async fn proc_exit_gives_its_code() {
-        let engine = WasmEngine::new().unwrap();
+        let engine = WasmEngine::new(None).unwrap();
         let bytes = wat::parse_str(EXIT_7).unwrap();
         let pre = engine
             .prepare(&Digest::of(&bytes), WasmKind::Module, &bytes)
@@ -355,7 +520,7 @@ mod tests {
 
     #[tokio::test]
     async fn trap_gives_134_with_the_trap_text() {
-        let engine = WasmEngine::new().unwrap();
+        let engine = WasmEngine::new(None).unwrap();
         let bytes = wat::parse_str(
             r#"(module (memory (export "memory") 1) (func (export "_start") unreachable))"#,
         )
@@ -376,7 +541,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_import_is_a_link_error() {
-        let engine = WasmEngine::new().unwrap();
+        let engine = WasmEngine::new(None).unwrap();
         let bytes =
             wat::parse_str(r#"(module (import "nope" "f" (func)) (func (export "_start")))"#)
                 .unwrap();
@@ -401,7 +566,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tight_loop_is_stopped_by_dropping_the_run() {
-        let engine = WasmEngine::new().unwrap();
+        let engine = WasmEngine::new(None).unwrap();
         let bytes = wat::parse_str(
             r#"(module (memory (export "memory") 1) (func (export "_start") (loop br 0)))"#,
         )
@@ -423,7 +588,7 @@ mod tests {
 
     #[tokio::test]
     async fn stdout_goes_to_the_log() {
-        let engine = WasmEngine::new().unwrap();
+        let engine = WasmEngine::new(None).unwrap();
         let bytes = wat::parse_str(r#"(module
             (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
             (memory (export "memory") 1)
@@ -446,5 +611,214 @@ mod tests {
         log.close();
         let text = std::fs::read_to_string(path).unwrap();
         assert!(text.ends_with(" stdout F hi\n"), "{text}");
+    }
+
+    /// Where `engine` keeps the artifact of `bytes`.
+    fn artifact(engine: &WasmEngine, bytes: &[u8]) -> std::path::PathBuf {
+        engine
+            .artifacts
+            .as_ref()
+            .unwrap()
+            .artifact_path(&Digest::of(bytes))
+    }
+
+    async fn exit_code(engine: &WasmEngine, pre: &Prepared) -> i32 {
+        let (_d, log, _) = log();
+        let guest = engine.instantiate(pre, config(&log)).await.unwrap();
+        guest.run().await.code
+    }
+
+    /// Prepares `EXIT_7` on a fresh engine over `cache` and runs it.
+    async fn prepare_exit_7(cache: &std::path::Path) -> (Arc<WasmEngine>, std::path::PathBuf) {
+        let engine = WasmEngine::new(Some(cache.to_owned())).unwrap();
+        let bytes = wat::parse_str(EXIT_7).unwrap();
+        let pre = engine
+            .prepare(&Digest::of(&bytes), WasmKind::Module, &bytes)
+            .unwrap();
+        assert_eq!(exit_code(&engine, &pre).await, 7);
+        let path = artifact(&engine, &bytes);
+        (engine, path)
+    }
+
+    #[tokio::test]
+    async fn a_second_engine_loads_the_artifact_instead_of_compiling() {
+        let cache = tempfile::tempdir().unwrap();
+        let (first, path) = prepare_exit_7(cache.path()).await;
+        assert!(path.exists(), "{path:?}");
+        assert_eq!(
+            first.stats(),
+            EngineStats {
+                compiled: 1,
+                loaded_from_disk: 0,
+                memory_hits: 0
+            }
+        );
+        drop(first);
+
+        let (second, _) = prepare_exit_7(cache.path()).await;
+        assert_eq!(
+            second.stats(),
+            EngineStats {
+                compiled: 0,
+                loaded_from_disk: 1,
+                memory_hits: 0
+            }
+        );
+        let bytes = wat::parse_str(EXIT_7).unwrap();
+        let pre = second
+            .prepare(&Digest::of(&bytes), WasmKind::Module, &bytes)
+            .unwrap();
+        assert_eq!(exit_code(&second, &pre).await, 7);
+        assert_eq!(second.stats().memory_hits, 1);
+        assert_eq!(second.stats().compiled, 0);
+    }
+
+    async fn damaged_artifact_is_rebuilt(damage: impl FnOnce(&std::path::Path)) {
+        let cache = tempfile::tempdir().unwrap();
+        let (first, path) = prepare_exit_7(cache.path()).await;
+        drop(first);
+        let sound = std::fs::read(&path).unwrap();
+        damage(&path);
+        assert_ne!(std::fs::read(&path).unwrap(), sound);
+
+        // Detected, discarded, recompiled (and the guest still runs)...
+        let (second, _) = prepare_exit_7(cache.path()).await;
+        assert_eq!(second.stats().compiled, 1);
+        assert_eq!(second.stats().loaded_from_disk, 0);
+        assert_eq!(std::fs::read(&path).unwrap().len(), sound.len());
+        drop(second);
+        // ...and rewritten, so the next engine loads it.
+        let (third, _) = prepare_exit_7(cache.path()).await;
+        assert_eq!(third.stats().compiled, 0);
+        assert_eq!(third.stats().loaded_from_disk, 1);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_artifact_is_discarded_and_rebuilt() {
+        damaged_artifact_is_rebuilt(|path| {
+            let mut bytes = std::fs::read(path).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x01;
+            std::fs::write(path, bytes).unwrap();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_truncated_artifact_is_discarded_and_rebuilt() {
+        damaged_artifact_is_rebuilt(|path| {
+            let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            let len = file.metadata().unwrap().len();
+            file.set_len(len / 2).unwrap();
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn artifacts_of_another_fingerprint_are_not_used() {
+        let cache = tempfile::tempdir().unwrap();
+        let bytes = wat::parse_str(EXIT_7).unwrap();
+        let other = cache.path().join("0".repeat(64));
+        std::fs::create_dir_all(&other).unwrap();
+        let planted = other.join(format!("{}.cwasm", Digest::of(&bytes).hex()));
+        std::fs::write(&planted, b"an artifact of another wasmtime").unwrap();
+
+        let (engine, path) = prepare_exit_7(cache.path()).await;
+        assert_eq!(engine.stats().compiled, 1);
+        assert_eq!(engine.stats().loaded_from_disk, 0);
+        assert!(!other.exists(), "{other:?} was not cleaned up");
+        assert_ne!(path.parent(), Some(other.as_path()));
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn precompile_writes_the_artifact_and_keeps_nothing_in_memory() {
+        let cache = tempfile::tempdir().unwrap();
+        let engine = WasmEngine::new(Some(cache.path().to_owned())).unwrap();
+        let bytes = wat::parse_str(EXIT_7).unwrap();
+        let digest = Digest::of(&bytes);
+        engine
+            .precompile(&digest, WasmKind::Module, &bytes)
+            .unwrap();
+        assert!(artifact(&engine, &bytes).exists());
+        assert!(engine.prepared.lock().unwrap().is_empty());
+        engine
+            .precompile(&digest, WasmKind::Module, &bytes)
+            .unwrap();
+        assert_eq!(engine.stats().compiled, 1);
+
+        let pre = engine.prepare(&digest, WasmKind::Module, &bytes).unwrap();
+        assert_eq!(exit_code(&engine, &pre).await, 7);
+        assert_eq!(
+            engine.stats(),
+            EngineStats {
+                compiled: 1,
+                loaded_from_disk: 1,
+                memory_hits: 0
+            }
+        );
+
+        let err = engine
+            .precompile(&Digest::of(b"junk"), WasmKind::Module, b"junk")
+            .unwrap_err();
+        assert!(err.contains("invalid Wasm module"), "{err}");
+        // Without a cache directory there is nothing to do.
+        let engine = WasmEngine::new(None).unwrap();
+        engine
+            .precompile(&digest, WasmKind::Module, &bytes)
+            .unwrap();
+        assert_eq!(engine.stats().compiled, 0);
+    }
+
+    #[tokio::test]
+    async fn forget_deletes_the_artifact() {
+        let cache = tempfile::tempdir().unwrap();
+        let (engine, path) = prepare_exit_7(cache.path()).await;
+        let bytes = wat::parse_str(EXIT_7).unwrap();
+        let digest = Digest::of(&bytes);
+        engine.forget(&digest);
+        assert!(!path.exists());
+        assert!(engine.prepared.lock().unwrap().is_empty());
+        engine.prepare(&digest, WasmKind::Module, &bytes).unwrap();
+        assert_eq!(engine.stats().compiled, 2);
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_component_is_compiled_once_then_loaded() {
+        let cache = tempfile::tempdir().unwrap();
+        let bytes = std::fs::read(wasm_samples::ECHO_P2).unwrap();
+        let digest = Digest::of(&bytes);
+        let first = WasmEngine::new(Some(cache.path().to_owned())).unwrap();
+        first
+            .precompile(&digest, WasmKind::Component, &bytes)
+            .unwrap();
+        assert_eq!(first.stats().compiled, 1);
+        drop(first);
+
+        let second = WasmEngine::new(Some(cache.path().to_owned())).unwrap();
+        let pre = second
+            .prepare(&digest, WasmKind::Component, &bytes)
+            .unwrap();
+        assert!(matches!(pre, Prepared::Component(_)));
+        assert_eq!(
+            second.stats(),
+            EngineStats {
+                compiled: 0,
+                loaded_from_disk: 1,
+                memory_hits: 0
+            }
+        );
+        let (_d, log, path) = log();
+        let exit = second
+            .instantiate(&pre, config(&log))
+            .await
+            .unwrap()
+            .run()
+            .await;
+        assert_eq!(exit.code, 0, "{}", exit.message);
+        log.close();
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.contains("argc=1"), "{text}");
     }
 }

@@ -37,6 +37,13 @@ pub enum Error {
     #[error("container {id} failed to start: {reason}")]
     StartFailed { id: String, reason: String },
 
+    #[error("pulling {reference:?}: {reason}")]
+    Registry {
+        reference: String,
+        kind: RegistryFailure,
+        reason: String,
+    },
+
     #[error("{what} {path:?}: {source}")]
     Io {
         what: &'static str,
@@ -59,6 +66,81 @@ impl Error {
     ) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { what, path, source }
+    }
+}
+
+/// What kind of registry failure happened, which decides whether to retry
+/// and what the kubelet is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegistryFailure {
+    /// The registry refused the credentials (401/403).
+    Unauthorized,
+    /// The reference does not exist (404).
+    NotFound,
+    /// 5xx, 429, connection refused or reset, timeouts.
+    Unavailable,
+    /// Content did not match its digest or size (e.g. truncated).
+    Corrupt,
+    /// Over a configured size limit.
+    TooLarge,
+    /// The image is not Wasm.
+    NotWasm,
+    /// Anything else the registry sent that makes no sense.
+    Invalid,
+}
+
+impl RegistryFailure {
+    /// Whether trying again may help.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            RegistryFailure::Unavailable | RegistryFailure::Corrupt
+        )
+    }
+}
+
+impl Error {
+    /// A copy for a second caller of a shared operation (a deduplicated
+    /// pull). I/O sources cannot be cloned, so they are kept as text.
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::NotFound { kind, id } => Error::NotFound {
+                kind,
+                id: id.clone(),
+            },
+            Error::AlreadyExists { kind, id, detail } => Error::AlreadyExists {
+                kind,
+                id: id.clone(),
+                detail: detail.clone(),
+            },
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::InvalidTransition { kind, id, from, to } => Error::InvalidTransition {
+                kind,
+                id: id.clone(),
+                from,
+                to,
+            },
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
+            Error::InvalidImage { reference, reason } => Error::InvalidImage {
+                reference: reference.clone(),
+                reason: reason.clone(),
+            },
+            Error::StartFailed { id, reason } => Error::StartFailed {
+                id: id.clone(),
+                reason: reason.clone(),
+            },
+            Error::Registry {
+                reference,
+                kind,
+                reason,
+            } => Error::Registry {
+                reference: reference.clone(),
+                kind: *kind,
+                reason: reason.clone(),
+            },
+            Error::Store(m) => Error::Store(m.clone()),
+            Error::Io { .. } | Error::Internal(_) => Error::Internal(self.to_string()),
+        }
     }
 }
 

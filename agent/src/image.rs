@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
 use crate::ids::Digest;
@@ -176,6 +177,10 @@ pub struct ImageRecord {
     /// Every blob the image references, for garbage collection.
     pub blobs: Vec<Digest>,
     pub created_at: Timestamp,
+    /// Imported from a file (`wasmlet image import`): no registry holds
+    /// it, so pulls are answered from the store.
+    #[serde(default)]
+    pub imported: bool,
 }
 
 impl ImageRecord {
@@ -195,6 +200,60 @@ pub struct FsUsage {
     pub used_bytes: u64,
     pub inodes_used: u64,
     pub timestamp: Timestamp,
+}
+
+/// An image about to be recorded: every blob already stored.
+pub struct NewImage<'a> {
+    pub name: &'a ImageName,
+    /// The digest the name resolved to (an index or a manifest).
+    pub repo_digest: &'a Digest,
+    pub manifest_digest: Digest,
+    pub id: Digest,
+    pub wasm_digest: Digest,
+    pub wasm_kind: WasmKind,
+    pub size: u64,
+    pub blobs: Vec<Digest>,
+    pub imported: bool,
+}
+
+/// The config and manifest of a CNCF Wasm OCI artifact around one binary.
+pub struct WasmArtifact {
+    pub kind: WasmKind,
+    pub config: Vec<u8>,
+    pub manifest: Vec<u8>,
+}
+
+impl WasmArtifact {
+    /// Builds the artifact for `bytes`; fails if they are not Wasm.
+    pub fn new(bytes: &[u8], reference: &str) -> Result<Self> {
+        let kind = WasmKind::detect(bytes).ok_or_else(|| Error::InvalidImage {
+            reference: reference.to_owned(),
+            reason:
+                "not a WebAssembly binary (no \\0asm preamble with a module or component version)"
+                    .to_owned(),
+        })?;
+        let wasm_digest = Digest::of(bytes);
+        let config = serde_json::json!({
+            "architecture": "wasm",
+            "os": kind.os(),
+            "layerDigests": [wasm_digest.as_str()],
+        });
+        let config = serde_json::to_vec(&config).map_err(|e| Error::Internal(e.to_string()))?;
+        let config_digest = Digest::of(&config);
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST_MEDIA_TYPE,
+            "artifactType": WASM_CONFIG_MEDIA_TYPE,
+            "config": Descriptor { media_type: WASM_CONFIG_MEDIA_TYPE, digest: config_digest.as_str(), size: config.len() as u64 },
+            "layers": [Descriptor { media_type: WASM_LAYER_MEDIA_TYPE, digest: wasm_digest.as_str(), size: bytes.len() as u64 }],
+        });
+        let manifest = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+        Ok(Self {
+            kind,
+            config,
+            manifest,
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -277,73 +336,91 @@ impl ImageStore {
         Ok(bytes)
     }
 
+    /// The first `n` bytes of a blob (for format detection).
+    pub fn read_blob_prefix(&self, digest: &Digest, n: usize) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let path = self.blob_path(digest);
+        let mut buf = Vec::with_capacity(n);
+        fs::File::open(&path)
+            .and_then(|f| f.take(n as u64).read_to_end(&mut buf))
+            .map_err(Error::io("reading blob", &path))?;
+        Ok(buf)
+    }
+
     /// Packages a Wasm binary as a CNCF Wasm OCI artifact named `reference`.
     /// A tag held by another image moves to the new one.
     pub fn import_wasm(&self, bytes: &[u8], reference: &str) -> Result<ImageRecord> {
         let name = ImageName::parse(reference)?;
-        let Some(tagged) = name.tagged() else {
+        if name.tagged().is_none() {
             return Err(Error::InvalidArgument(format!(
                 "image reference {reference:?}: importing needs a tag, not a digest"
             )));
-        };
-        let kind = WasmKind::detect(bytes).ok_or_else(|| Error::InvalidImage {
-            reference: reference.to_owned(),
-            reason:
-                "not a WebAssembly binary (no \\0asm preamble with a module or component version)"
-                    .to_owned(),
-        })?;
+        }
+        let artifact = WasmArtifact::new(bytes, reference)?;
         let wasm_digest = self.write_blob(bytes)?;
-        let config = serde_json::json!({
-            "architecture": "wasm",
-            "os": kind.os(),
-            "layerDigests": [wasm_digest.as_str()],
-        });
-        let config = serde_json::to_vec(&config).map_err(|e| Error::Internal(e.to_string()))?;
-        let config_digest = self.write_blob(&config)?;
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST_MEDIA_TYPE,
-            "artifactType": WASM_CONFIG_MEDIA_TYPE,
-            "config": Descriptor { media_type: WASM_CONFIG_MEDIA_TYPE, digest: config_digest.as_str(), size: config.len() as u64 },
-            "layers": [Descriptor { media_type: WASM_LAYER_MEDIA_TYPE, digest: wasm_digest.as_str(), size: bytes.len() as u64 }],
-        });
-        let manifest = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
-        let manifest_digest = self.write_blob(&manifest)?;
+        let config_digest = self.write_blob(&artifact.config)?;
+        let manifest_digest = self.write_blob(&artifact.manifest)?;
+        self.add_image(NewImage {
+            name: &name,
+            repo_digest: &manifest_digest,
+            manifest_digest: manifest_digest.clone(),
+            id: config_digest.clone(),
+            wasm_digest: wasm_digest.clone(),
+            wasm_kind: artifact.kind,
+            size: (bytes.len() + artifact.config.len() + artifact.manifest.len()) as u64,
+            blobs: vec![manifest_digest.clone(), config_digest, wasm_digest],
+            imported: true,
+        })
+    }
 
+    /// Records an image whose blobs are all stored, tagging it with `name`
+    /// (the tag moves from whichever image held it) and remembering the
+    /// digest it was reached by.
+    pub fn add_image(&self, new: NewImage<'_>) -> Result<ImageRecord> {
+        for blob in &new.blobs {
+            if !self.blob_path(blob).exists() {
+                return Err(Error::Internal(format!("image blob {blob} is not stored")));
+            }
+        }
         let mut images = self.images.write().map_err(poisoned)?;
-        let mut record = images
-            .get(&config_digest)
-            .cloned()
-            .unwrap_or_else(|| ImageRecord {
-                id: config_digest.clone(),
-                manifest_digest: manifest_digest.clone(),
-                repo_tags: Vec::new(),
-                repo_digests: Vec::new(),
-                size: (bytes.len() + config.len() + manifest.len()) as u64,
-                wasm_digest: wasm_digest.clone(),
-                wasm_kind: kind,
-                blobs: vec![
-                    manifest_digest.clone(),
-                    config_digest.clone(),
-                    wasm_digest.clone(),
-                ],
-                created_at: crate::time::Timestamp::now(),
-            });
-        if !record.repo_tags.contains(&tagged) {
+        let mut record = images.get(&new.id).cloned().unwrap_or_else(|| ImageRecord {
+            id: new.id.clone(),
+            manifest_digest: new.manifest_digest.clone(),
+            repo_tags: Vec::new(),
+            repo_digests: Vec::new(),
+            size: new.size,
+            wasm_digest: new.wasm_digest.clone(),
+            wasm_kind: new.wasm_kind,
+            blobs: Vec::new(),
+            created_at: Timestamp::now(),
+            imported: new.imported,
+        });
+        record.imported = new.imported;
+        for blob in new.blobs {
+            if !record.blobs.contains(&blob) {
+                record.blobs.push(blob);
+            }
+        }
+        let tagged = new.name.tagged();
+        if let Some(tagged) = &tagged
+            && !record.repo_tags.contains(tagged)
+        {
             record.repo_tags.push(tagged.clone());
         }
-        let digested = format!("{}@{}", name.repository, manifest_digest);
+        let digested = format!("{}@{}", new.name.repository, new.repo_digest);
         if !record.repo_digests.contains(&digested) {
             record.repo_digests.push(digested);
         }
         // The tag moves: take it from whichever other image held it.
         let mut others: Vec<ImageRecord> = images
             .values()
-            .filter(|r| r.id != record.id && r.repo_tags.contains(&tagged))
+            .filter(|r| {
+                r.id != record.id && tagged.as_ref().is_some_and(|t| r.repo_tags.contains(t))
+            })
             .cloned()
             .collect();
         for other in &mut others {
-            other.repo_tags.retain(|t| *t != tagged);
+            other.repo_tags.retain(|t| Some(t) != tagged.as_ref());
         }
         let mut changes = vec![Change::PutImage(&record)];
         changes.extend(others.iter().map(Change::PutImage));
@@ -353,6 +430,57 @@ impl ImageStore {
         }
         images.insert(record.id.clone(), record.clone());
         Ok(record)
+    }
+
+    /// A fresh path in the ingest directory for a download in progress.
+    pub fn ingest_path(&self) -> PathBuf {
+        self.ingest_dir().join(format!(
+            "{}.partial",
+            hex::encode(rand::random::<[u8; 8]>())
+        ))
+    }
+
+    /// Whether the blob is stored.
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).exists()
+    }
+
+    /// Moves a downloaded file into the store after checking its size and
+    /// digest. The file is removed whatever happens.
+    pub fn commit_blob(&self, tmp: &Path, expected: &Digest, expected_size: u64) -> Result<()> {
+        let check = || -> Result<()> {
+            let meta = fs::metadata(tmp).map_err(Error::io("reading download", tmp))?;
+            if meta.len() != expected_size {
+                return Err(Error::InvalidImage {
+                    reference: expected.to_string(),
+                    reason: format!(
+                        "blob is {} bytes, its descriptor says {expected_size}",
+                        meta.len()
+                    ),
+                });
+            }
+            let mut hasher = Sha256::new();
+            let mut file = fs::File::open(tmp).map_err(Error::io("reading download", tmp))?;
+            std::io::copy(&mut file, &mut hasher).map_err(Error::io("reading download", tmp))?;
+            let actual = Digest::from_hasher(hasher);
+            if actual != *expected {
+                return Err(Error::InvalidImage {
+                    reference: expected.to_string(),
+                    reason: format!(
+                        "blob content has digest {actual}, not the expected {expected}"
+                    ),
+                });
+            }
+            file.sync_all()
+                .map_err(Error::io("syncing download", tmp))?;
+            let path = self.blob_path(expected);
+            fs::rename(tmp, &path).map_err(Error::io("storing blob", &path))
+        };
+        let result = check();
+        if result.is_err() {
+            let _ = fs::remove_file(tmp);
+        }
+        result
     }
 
     /// Finds an image by tag (normalised), by `name@digest`, by manifest

@@ -10,12 +10,14 @@
 //! converts wire requests into the types here and errors into statuses.
 
 mod agent;
+mod artifacts;
 pub mod container;
 pub mod engine;
 pub mod error;
 pub mod ids;
 pub mod image;
 pub mod logs;
+pub mod registry;
 pub mod sandbox;
 pub mod store;
 pub mod time;

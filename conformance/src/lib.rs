@@ -14,7 +14,9 @@
 mod client;
 mod config;
 mod error;
+pub mod fault_proxy;
 mod log;
+pub mod registry;
 
 pub use client::{CriClient, DEFAULT_RPC_TIMEOUT, KUBELET_API_VERSION};
 pub use config::{

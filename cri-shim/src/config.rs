@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+use wasmlet_agent::registry::RegistryConfig;
 use wasmlet_proto::cri::CgroupDriver;
 
 /// The handlers served when the config names none: the names operators
@@ -23,6 +24,23 @@ pub struct FileConfig {
     pub runtime_handlers: Option<Vec<String>>,
     /// `systemd` or `cgroupfs`, reported to the kubelet by RuntimeConfig.
     pub cgroup_driver: Option<String>,
+    /// How many pulled images compile at once in the background.
+    pub compile_parallelism: Option<usize>,
+    #[serde(default)]
+    pub registry: RegistrySection,
+}
+
+/// `[registry]`: how registries are reached.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySection {
+    /// Registries (`host[:port]`) spoken to over plain HTTP.
+    #[serde(default)]
+    pub insecure: Vec<String>,
+    /// A PEM CA bundle trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    pub max_manifest_bytes: Option<u64>,
+    pub max_blob_bytes: Option<u64>,
 }
 
 impl FileConfig {
@@ -40,6 +58,8 @@ pub struct Settings {
     pub root: PathBuf,
     pub runtime_handlers: Vec<String>,
     pub cgroup_driver: CgroupDriver,
+    pub registry: RegistryConfig,
+    pub compile_parallelism: usize,
 }
 
 fn is_root() -> bool {
@@ -99,6 +119,20 @@ impl Settings {
                     .collect()
             }),
             cgroup_driver,
+            registry: {
+                let d = RegistryConfig::default();
+                RegistryConfig {
+                    insecure: file.registry.insecure,
+                    ca_file: file.registry.ca_file,
+                    max_manifest_bytes: file
+                        .registry
+                        .max_manifest_bytes
+                        .unwrap_or(d.max_manifest_bytes),
+                    max_blob_bytes: file.registry.max_blob_bytes.unwrap_or(d.max_blob_bytes),
+                    ..d
+                }
+            },
+            compile_parallelism: file.compile_parallelism.unwrap_or(2),
         })
     }
 }
@@ -111,12 +145,13 @@ mod tests {
     fn flags_override_file_override_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wasmlet.toml");
-        std::fs::write(&path, "socket = \"/a.sock\"\nroot = \"/a\"\nruntime_handlers = [\"spin\"]\ncgroup_driver = \"cgroupfs\"\n").unwrap();
+        std::fs::write(&path, "socket = \"/a.sock\"\nroot = \"/a\"\nruntime_handlers = [\"spin\"]\ncgroup_driver = \"cgroupfs\"\n[registry]\ninsecure = [\"127.0.0.1:5000\"]\n").unwrap();
         let s = Settings::resolve(Some(&path), Some("/b.sock".into()), None).unwrap();
         assert_eq!(s.socket, PathBuf::from("/b.sock"));
         assert_eq!(s.root, PathBuf::from("/a"));
         assert_eq!(s.runtime_handlers, vec!["spin"]);
         assert_eq!(s.cgroup_driver, CgroupDriver::Cgroupfs);
+        assert_eq!(s.registry.insecure, vec!["127.0.0.1:5000"]);
         let s = Settings::resolve(None, None, None).unwrap();
         assert_eq!(s.runtime_handlers, vec!["wasm", "wasmtime"]);
     }

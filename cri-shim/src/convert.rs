@@ -8,6 +8,7 @@ use wasmlet_agent::container::{
 };
 use wasmlet_agent::ids::{ContainerId, SandboxId};
 use wasmlet_agent::image::ImageRecord;
+use wasmlet_agent::registry::Credentials;
 use wasmlet_agent::sandbox::{
     PodMetadata, SandboxFilter, SandboxRecord, SandboxSpec, SandboxState,
 };
@@ -286,6 +287,19 @@ pub fn image(r: &ImageRecord) -> cri::Image {
             ..Default::default()
         }),
         pinned: false,
+    }
+}
+
+pub fn credentials(auth: Option<cri::AuthConfig>) -> Credentials {
+    let Some(a) = auth else {
+        return Credentials::default();
+    };
+    Credentials {
+        username: a.username,
+        password: a.password,
+        auth: a.auth,
+        identity_token: a.identity_token,
+        registry_token: a.registry_token,
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod config;
 mod convert;
+mod image_cli;
 mod play;
 mod server;
 mod service;
@@ -11,7 +12,6 @@ mod status;
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::Settings;
@@ -39,25 +39,12 @@ enum Command {
     Serve,
     /// Manage the local image store.
     #[command(subcommand)]
-    Image(ImageCommand),
+    Image(image_cli::ImageCommand),
     /// Run a Kubernetes Pod manifest through the CRI socket, as the kubelet
     /// would; starts an agent in-process when none is listening.
     Play(play::PlayArgs),
 }
 
-#[derive(Debug, Subcommand)]
-enum ImageCommand {
-    /// Package a Wasm module or component as an OCI Wasm artifact in the
-    /// store. Run it while no agent uses the same root.
-    Import {
-        /// The `.wasm` file.
-        file: PathBuf,
-        /// The image reference to give it, e.g. `example.com/app:v1`.
-        name: String,
-    },
-}
-
-/// Logs to stderr; `RUST_LOG` wins over `default_level`.
 fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -89,7 +76,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `play` shows the pod's output; its in-process agent only warns.
     init_logging(if matches!(cli.command, Some(Command::Play(_))) {
@@ -97,17 +84,21 @@ async fn main() -> anyhow::Result<()> {
     } else {
         "info"
     });
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The chain of causes is what an operator needs, not a backtrace.
+            eprintln!("wasmlet: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::resolve(cli.config.as_deref(), cli.socket, cli.root)?;
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings).await,
-        Command::Image(ImageCommand::Import { file, name }) => {
-            let agent = server::open_agent(&settings)?;
-            let image = agent
-                .import_image(&file, &name)
-                .with_context(|| format!("importing {file:?} as {name}"))?;
-            println!("{}", image.id);
-            Ok(())
-        }
+        Command::Image(command) => image_cli::run(settings, command).await,
         Command::Play(args) => play::run(settings, args).await,
     }
 }

@@ -116,7 +116,7 @@ impl Runtime {
                 settings.socket.display()
             ),
         }
-        let local = InProcess::start(settings.runtime_handlers.clone()).await?;
+        let local = InProcess::start(settings).await?;
         let prepared = async {
             for image in images {
                 let record = local

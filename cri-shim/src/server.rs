@@ -41,6 +41,8 @@ pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
 pub fn open_agent(settings: &Settings) -> anyhow::Result<Agent> {
     Agent::open(AgentConfig {
         root: settings.root.clone(),
+        registry: settings.registry.clone(),
+        compile_parallelism: settings.compile_parallelism,
     })
     .with_context(|| format!("opening the state under {:?}", settings.root))
 }
@@ -86,8 +88,9 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    /// Starts an agent on a temporary root and socket.
-    pub async fn start(runtime_handlers: Vec<String>) -> anyhow::Result<Self> {
+    /// Starts an agent with `base`'s settings but a temporary root and
+    /// socket.
+    pub async fn start(base: &Settings) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("wasmlet-play-")
             .tempdir()
@@ -95,8 +98,7 @@ impl InProcess {
         let settings = Settings {
             socket: dir.path().join("wasmlet.sock"),
             root: dir.path().join("root"),
-            runtime_handlers,
-            cgroup_driver: wasmlet_proto::cri::CgroupDriver::Systemd,
+            ..base.clone()
         };
         let agent = open_agent(&settings)?;
         let listener = bind(&settings.socket)?;

@@ -492,8 +492,14 @@ impl ImageService for Cri {
         &self,
         req: Request<cri::PullImageRequest>,
     ) -> Reply<cri::PullImageResponse> {
-        let reference = convert::image_reference(req.into_inner().image).map_err(to_status)?;
-        let record = self.agent.pull_image(&reference).await.map_err(to_status)?;
+        let req = req.into_inner();
+        let reference = convert::image_reference(req.image).map_err(to_status)?;
+        let credentials = convert::credentials(req.auth);
+        let record = self
+            .agent
+            .pull_image(&reference, &credentials)
+            .await
+            .map_err(to_status)?;
         ok(cri::PullImageResponse {
             image_ref: record.id.to_string(),
         })

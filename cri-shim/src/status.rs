@@ -2,6 +2,7 @@
 
 use tonic::{Code, Status};
 use wasmlet_agent::Error;
+use wasmlet_agent::error::RegistryFailure;
 
 /// The gRPC code the kubelet should see for `e`.
 pub fn code(e: &Error) -> Code {
@@ -12,6 +13,14 @@ pub fn code(e: &Error) -> Code {
         Error::InvalidTransition { .. }
         | Error::FailedPrecondition(_)
         | Error::StartFailed { .. } => Code::FailedPrecondition,
+        Error::Registry { kind, .. } => match kind {
+            RegistryFailure::Unauthorized => Code::PermissionDenied,
+            RegistryFailure::NotFound => Code::NotFound,
+            RegistryFailure::Unavailable => Code::Unavailable,
+            RegistryFailure::Corrupt => Code::DataLoss,
+            RegistryFailure::TooLarge => Code::ResourceExhausted,
+            RegistryFailure::NotWasm | RegistryFailure::Invalid => Code::InvalidArgument,
+        },
         Error::Io { .. } | Error::Store(_) | Error::Internal(_) => Code::Internal,
     }
 }
@@ -36,6 +45,14 @@ mod tests {
             what: "reading",
             path: "/x".into(),
             source: std::io::Error::other("boom"),
+        }
+    }
+
+    fn registry(kind: RegistryFailure) -> Error {
+        Error::Registry {
+            reference: "x.io/a:1".into(),
+            kind,
+            reason: "because".into(),
         }
     }
 
@@ -85,6 +102,16 @@ mod tests {
                 },
                 Code::FailedPrecondition,
             ),
+            (
+                registry(RegistryFailure::Unauthorized),
+                Code::PermissionDenied,
+            ),
+            (registry(RegistryFailure::NotFound), Code::NotFound),
+            (registry(RegistryFailure::Unavailable), Code::Unavailable),
+            (registry(RegistryFailure::Corrupt), Code::DataLoss),
+            (registry(RegistryFailure::TooLarge), Code::ResourceExhausted),
+            (registry(RegistryFailure::NotWasm), Code::InvalidArgument),
+            (registry(RegistryFailure::Invalid), Code::InvalidArgument),
             (io(), Code::Internal),
             (Error::Store("x".into()), Code::Internal),
             (Error::Internal("x".into()), Code::Internal),

@@ -14,6 +14,7 @@ mod daemon_lifecycle;
 mod exec_wasm;
 mod image;
 mod play;
+mod registry_fixture;
 mod restart;
 mod runtime_info;
 mod sandbox;

@@ -409,12 +409,15 @@ spec:
 #[test]
 fn cri_errors_show_the_grpc_code() {
     let scene = Scene::new();
-    let yaml = echo_pod("Never", "        - {name: EXIT_CODE, value: '0'}\n");
-    // No --image: the in-process agent's store is empty.
+    // A registry on loopback that refuses connections: nothing leaves the
+    // machine, and the pull fails as unavailable after its retries.
+    let missing = "127.0.0.1:1/samples/missing:v1";
+    let yaml =
+        echo_pod("Never", "        - {name: EXIT_CODE, value: '0'}\n").replace(ECHO_P1, missing);
     let played = scene.play(&yaml, &[]);
     assert!(!played.status.success(), "{played}");
-    played.assert_stderr("PullImage failed: NotFound");
-    played.assert_stderr(ECHO_P1);
+    played.assert_stderr("PullImage failed: Unavailable");
+    played.assert_stderr(missing);
 }
 
 #[test]

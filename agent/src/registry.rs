@@ -1,0 +1,694 @@
+//! Pulling images from, and pushing Wasm to, OCI registries.
+//!
+//! This is the one seam where something real varies (the network): it
+//! fetches manifests and blobs with `oci-client`, verifies every blob's
+//! digest and size before the image store sees it, retries transient
+//! failures with backoff, and classifies the rest into errors an operator
+//! can act on.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+
+use crate::error::{Error, RegistryFailure, Result};
+use crate::ids::Digest;
+use crate::image::{ImageName, ImageRecord, ImageStore, NewImage, WasmArtifact, WasmKind};
+
+/// Wasm layer media types in use today.
+pub const WASM_LAYER_MEDIA_TYPES: &[&str] = &[
+    crate::image::WASM_LAYER_MEDIA_TYPE,
+    "application/vnd.wasm.content.layer.v1+wasm",
+    "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
+];
+
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const ACCEPTED: &[&str] = &[
+    crate::image::OCI_MANIFEST_MEDIA_TYPE,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_LIST,
+];
+
+/// How wasmlet talks to registries.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Registries (`host[:port]`) spoken to over plain HTTP.
+    pub insecure: Vec<String>,
+    /// Extra CA certificate (PEM) trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Largest manifest or index accepted.
+    pub max_manifest_bytes: u64,
+    /// Largest config or layer accepted.
+    pub max_blob_bytes: u64,
+    /// Attempts for a transient failure (5xx, reset, truncation).
+    pub attempts: u32,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            insecure: Vec::new(),
+            ca_file: None,
+            max_manifest_bytes: 4 * 1024 * 1024,
+            max_blob_bytes: 512 * 1024 * 1024,
+            attempts: 4,
+        }
+    }
+}
+
+/// Credentials for one pull or push, as CRI's `AuthConfig` carries them.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+    /// base64 of `username:password`.
+    pub auth: String,
+    pub identity_token: String,
+    pub registry_token: String,
+}
+
+impl Credentials {
+    fn to_auth(&self) -> Result<RegistryAuth> {
+        if !self.registry_token.is_empty() {
+            return Ok(RegistryAuth::Bearer(self.registry_token.clone()));
+        }
+        if !self.identity_token.is_empty() {
+            return Ok(RegistryAuth::Bearer(self.identity_token.clone()));
+        }
+        if !self.username.is_empty() {
+            return Ok(RegistryAuth::Basic(
+                self.username.clone(),
+                self.password.clone(),
+            ));
+        }
+        if !self.auth.is_empty() {
+            let decoded = decode_base64(&self.auth)
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| {
+                    Error::InvalidArgument("auth is not base64 of username:password".into())
+                })?;
+            let (user, pass) = decoded.split_once(':').ok_or_else(|| {
+                Error::InvalidArgument("auth is not base64 of username:password".into())
+            })?;
+            return Ok(RegistryAuth::Basic(user.to_owned(), pass.to_owned()));
+        }
+        Ok(RegistryAuth::Anonymous)
+    }
+}
+
+fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.trim().bytes().filter(|c| *c != b'=') {
+        let v = ALPHABET.iter().position(|a| *a == c)? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+/// A registry client for the whole agent.
+pub struct Registry {
+    client: Client,
+    config: RegistryConfig,
+}
+
+fn failure(reference: &str, kind: RegistryFailure, reason: impl Into<String>) -> Error {
+    Error::Registry {
+        reference: reference.to_owned(),
+        kind,
+        reason: reason.into(),
+    }
+}
+
+/// Sorts an oci-client error into what the operator can do about it.
+fn classify(reference: &str, registry: &str, e: OciDistributionError) -> Error {
+    use OciDistributionError as E;
+    let (kind, reason) = match &e {
+        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => (
+            RegistryFailure::Unauthorized,
+            format!("registry {registry} refused the credentials ({e})"),
+        ),
+        E::ImageManifestNotFoundError(_) => (
+            RegistryFailure::NotFound,
+            format!("{reference} does not exist in {registry}"),
+        ),
+        E::ServerError { code, .. } if *code == 401 || *code == 403 => (
+            RegistryFailure::Unauthorized,
+            format!("registry {registry} refused the credentials ({e})"),
+        ),
+        E::ServerError { code, .. } if *code == 404 => (
+            RegistryFailure::NotFound,
+            format!("{reference} does not exist in {registry} ({e})"),
+        ),
+        E::ServerError { code, .. } if *code >= 500 || *code == 429 => {
+            (RegistryFailure::Unavailable, e.to_string())
+        }
+        E::RegistryError { envelope, .. } => {
+            use oci_client::errors::OciErrorCode as C;
+            let codes: Vec<&C> = envelope.errors.iter().map(|x| &x.code).collect();
+            if codes
+                .iter()
+                .any(|c| matches!(c, C::Unauthorized | C::Denied))
+            {
+                (
+                    RegistryFailure::Unauthorized,
+                    format!("registry {registry} refused the credentials ({e})"),
+                )
+            } else if codes.iter().any(|c| {
+                matches!(
+                    c,
+                    C::ManifestUnknown | C::NameUnknown | C::NotFound | C::BlobUnknown
+                )
+            }) {
+                (
+                    RegistryFailure::NotFound,
+                    format!("{reference} does not exist in {registry} ({e})"),
+                )
+            } else if codes.iter().any(|c| matches!(c, C::Toomanyrequests)) {
+                (RegistryFailure::Unavailable, e.to_string())
+            } else {
+                (RegistryFailure::Invalid, e.to_string())
+            }
+        }
+        E::RequestError(_) | E::IoError(_) => (
+            RegistryFailure::Unavailable,
+            format!("talking to {registry}: {e}"),
+        ),
+        E::DigestError(_) => (RegistryFailure::Corrupt, e.to_string()),
+        _ => (RegistryFailure::Invalid, e.to_string()),
+    };
+    failure(reference, kind, reason)
+}
+
+impl Registry {
+    pub fn new(config: RegistryConfig) -> Result<Self> {
+        let mut extra = Vec::new();
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path).map_err(Error::io("reading CA file", path))?;
+            extra.push(oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Pem,
+                data: pem,
+            });
+        }
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(config.insecure.clone()),
+            extra_root_certificates: extra,
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            user_agent: concat!("wasmlet/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        });
+        Ok(Self { client, config })
+    }
+
+    fn reference(name: &ImageName, original: &str) -> Result<Reference> {
+        let text = match (&name.digest, &name.tag) {
+            (Some(d), _) => format!("{}@{d}", name.repository),
+            (None, Some(t)) => format!("{}:{t}", name.repository),
+            (None, None) => name.repository.clone(),
+        };
+        text.parse::<Reference>()
+            .map_err(|e| Error::InvalidArgument(format!("image reference {original:?}: {e}")))
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or attempts run out.
+    async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Err(Error::Registry {
+                    kind,
+                    reason,
+                    reference,
+                }) if kind.is_transient() && attempt < self.config.attempts => {
+                    tracing::warn!(%reference, attempt, %reason, "{what} failed; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(Error::Registry {
+                    kind,
+                    reason,
+                    reference,
+                }) if kind.is_transient() => {
+                    return Err(Error::Registry {
+                        reference,
+                        kind,
+                        reason: format!("{reason} (gave up after {attempt} attempts)"),
+                    });
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn fetch_manifest(
+        &self,
+        reference: &Reference,
+        auth: &RegistryAuth,
+        shown: &str,
+    ) -> Result<(Vec<u8>, Digest)> {
+        let registry = reference.resolve_registry().to_owned();
+        self.retry("fetching the manifest", || async {
+            let (bytes, _) = self
+                .client
+                .pull_manifest_raw(reference, auth, ACCEPTED)
+                .await
+                .map_err(|e| classify(shown, &registry, e))?;
+            if bytes.len() as u64 > self.config.max_manifest_bytes {
+                return Err(failure(
+                    shown,
+                    RegistryFailure::TooLarge,
+                    format!(
+                        "manifest is {} bytes, over the {} byte limit",
+                        bytes.len(),
+                        self.config.max_manifest_bytes
+                    ),
+                ));
+            }
+            let digest = Digest::of(&bytes);
+            if let Some(expected) = reference.digest()
+                && expected != digest.as_str()
+            {
+                return Err(failure(
+                    shown,
+                    RegistryFailure::Corrupt,
+                    format!("manifest has digest {digest}, not the requested {expected}"),
+                ));
+            }
+            Ok((bytes.to_vec(), digest))
+        })
+        .await
+    }
+
+    /// Downloads a blob into the store (unless already there), verified.
+    async fn fetch_blob(
+        &self,
+        store: &ImageStore,
+        reference: &Reference,
+        d: &Descriptor,
+        shown: &str,
+    ) -> Result<Digest> {
+        let digest = Digest::parse(&d.digest).map_err(|_| {
+            failure(
+                shown,
+                RegistryFailure::Invalid,
+                format!("descriptor digest {:?} is not sha256", d.digest),
+            )
+        })?;
+        if d.size > self.config.max_blob_bytes {
+            return Err(failure(
+                shown,
+                RegistryFailure::TooLarge,
+                format!(
+                    "blob {digest} is {} bytes, over the {} byte limit",
+                    d.size, self.config.max_blob_bytes
+                ),
+            ));
+        }
+        if store.has_blob(&digest) {
+            return Ok(digest);
+        }
+        let registry = reference.resolve_registry().to_owned();
+        let layer = oci_client::manifest::OciDescriptor {
+            media_type: d.media_type.clone(),
+            digest: d.digest.clone(),
+            size: d.size as i64,
+            ..Default::default()
+        };
+        self.retry("fetching a blob", || async {
+            let tmp = store.ingest_path();
+            let result = async {
+                let file = tokio::fs::File::create(&tmp)
+                    .await
+                    .map_err(Error::io("creating download", &tmp))?;
+                let mut out = LimitedWriter {
+                    inner: file,
+                    left: d.size,
+                };
+                let pulled = self.client.pull_blob(reference, &layer, &mut out).await;
+                pulled.map_err(|e| classify(shown, &registry, e))?;
+                out.inner
+                    .flush()
+                    .await
+                    .map_err(Error::io("writing download", &tmp))?;
+                drop(out);
+                store
+                    .commit_blob(&tmp, &digest, d.size)
+                    .map_err(|e| match e {
+                        Error::InvalidImage { reason, .. } => {
+                            failure(shown, RegistryFailure::Corrupt, reason)
+                        }
+                        other => other,
+                    })
+            }
+            .await;
+            let _ = std::fs::remove_file(&tmp);
+            result?;
+            if d.size > 8 * 1024 * 1024 {
+                tracing::info!(reference = shown, %digest, bytes = d.size, "blob downloaded");
+            }
+            Ok(digest.clone())
+        })
+        .await
+    }
+
+    /// Pulls `reference` into `store` and records it. Nothing is recorded
+    /// unless every blob arrived whole.
+    pub async fn pull(
+        &self,
+        store: &ImageStore,
+        reference: &str,
+        credentials: &Credentials,
+    ) -> Result<ImageRecord> {
+        let name = ImageName::parse(reference)?;
+        let oci_ref = Self::reference(&name, reference)?;
+        let auth = credentials.to_auth()?;
+        tracing::info!(
+            reference,
+            registry = oci_ref.resolve_registry(),
+            "pulling image"
+        );
+        let (top_bytes, top_digest) = self.fetch_manifest(&oci_ref, &auth, reference).await?;
+        let top: Manifest = serde_json::from_slice(&top_bytes).map_err(|e| {
+            failure(
+                reference,
+                RegistryFailure::Invalid,
+                format!("manifest is not valid JSON: {e}"),
+            )
+        })?;
+        let mut blobs = Vec::new();
+        let (manifest_bytes, manifest_digest, manifest) = if top.media_type == OCI_INDEX
+            || top.media_type == DOCKER_LIST
+            || (!top.manifests.is_empty() && top.config.is_none())
+        {
+            let entry = choose_wasm_platform(&top.manifests).ok_or_else(|| {
+                let found: Vec<String> = top
+                    .manifests
+                    .iter()
+                    .map(|m| m.platform.as_ref().map_or("(no platform)".to_owned(), |p| format!("{}/{}", p.os, p.architecture)))
+                    .collect();
+                failure(
+                    reference,
+                    RegistryFailure::NotWasm,
+                    format!("the image index has no Wasm platform (os wasip1/wasip2/wasi or architecture wasm); it has {}", found.join(", ")),
+                )
+            })?;
+            let by_digest: Reference = format!("{}@{}", name.repository, entry.digest)
+                .parse()
+                .map_err(|e| {
+                    failure(
+                        reference,
+                        RegistryFailure::Invalid,
+                        format!("index entry digest: {e}"),
+                    )
+                })?;
+            let (bytes, digest) = self.fetch_manifest(&by_digest, &auth, reference).await?;
+            let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+                failure(
+                    reference,
+                    RegistryFailure::Invalid,
+                    format!("manifest is not valid JSON: {e}"),
+                )
+            })?;
+            blobs.push(store.write_blob(&top_bytes)?);
+            (bytes, digest, manifest)
+        } else {
+            (top_bytes, top_digest.clone(), top)
+        };
+
+        let config = manifest.config.as_ref().ok_or_else(|| {
+            failure(
+                reference,
+                RegistryFailure::Invalid,
+                "the manifest has no config",
+            )
+        })?;
+        let wasm_layers: Vec<&Descriptor> = manifest
+            .layers
+            .iter()
+            .filter(|l| WASM_LAYER_MEDIA_TYPES.contains(&l.media_type.as_str()))
+            .collect();
+        let wasm_layer = match wasm_layers.as_slice() {
+            [one] => *one,
+            [] => {
+                let mut seen = vec![format!("config {}", config.media_type)];
+                seen.extend(
+                    manifest
+                        .layers
+                        .iter()
+                        .map(|l| format!("layer {}", l.media_type)),
+                );
+                return Err(failure(
+                    reference,
+                    RegistryFailure::NotWasm,
+                    format!(
+                        "the image is not Wasm: media types seen: {}",
+                        seen.join(", ")
+                    ),
+                ));
+            }
+            _ => {
+                return Err(failure(
+                    reference,
+                    RegistryFailure::Invalid,
+                    format!(
+                        "the image has {} Wasm layers; exactly one is supported",
+                        wasm_layers.len()
+                    ),
+                ));
+            }
+        };
+        let config_digest = self.fetch_blob(store, &oci_ref, config, reference).await?;
+        let wasm_digest = self
+            .fetch_blob(store, &oci_ref, wasm_layer, reference)
+            .await?;
+        let header = store.read_blob_prefix(&wasm_digest, 8)?;
+        let wasm_kind = WasmKind::detect(&header).ok_or_else(|| {
+            failure(
+                reference,
+                RegistryFailure::NotWasm,
+                format!(
+                    "layer {wasm_digest} ({}) is not a WebAssembly binary",
+                    wasm_layer.media_type
+                ),
+            )
+        })?;
+        blobs.push(store.write_blob(&manifest_bytes)?);
+        blobs.push(config_digest.clone());
+        blobs.push(wasm_digest.clone());
+        let size = manifest_bytes.len() as u64 + config.size + wasm_layer.size;
+        let record = store.add_image(NewImage {
+            name: &name,
+            repo_digest: &top_digest,
+            manifest_digest,
+            id: config_digest,
+            wasm_digest,
+            wasm_kind,
+            size,
+            blobs,
+            imported: false,
+        })?;
+        tracing::info!(reference, image = %record.id, "image pulled");
+        Ok(record)
+    }
+
+    /// Pushes `bytes` (a module or component) to `reference` as a CNCF Wasm
+    /// OCI artifact. Returns the manifest digest.
+    pub async fn push_wasm(
+        &self,
+        bytes: &[u8],
+        reference: &str,
+        credentials: &Credentials,
+    ) -> Result<Digest> {
+        let name = ImageName::parse(reference)?;
+        let oci_ref = Self::reference(&name, reference)?;
+        let auth = credentials.to_auth()?;
+        let registry = oci_ref.resolve_registry().to_owned();
+        let artifact = WasmArtifact::new(bytes, reference)?;
+        self.client
+            .auth(&oci_ref, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(|e| classify(reference, &registry, e))?;
+        for blob in [bytes, &artifact.config[..]] {
+            let digest = Digest::of(blob);
+            self.client
+                .push_blob(&oci_ref, blob.to_vec(), digest.as_str())
+                .await
+                .map_err(|e| classify(reference, &registry, e))?;
+        }
+        let content_type = crate::image::OCI_MANIFEST_MEDIA_TYPE
+            .parse()
+            .map_err(|_| Error::Internal("manifest media type header".into()))?;
+        self.client
+            .push_manifest_raw(&oci_ref, artifact.manifest.clone(), content_type)
+            .await
+            .map_err(|e| classify(reference, &registry, e))?;
+        Ok(Digest::of(&artifact.manifest))
+    }
+}
+
+/// The index entry for Wasm, as the ecosystem labels it.
+fn choose_wasm_platform(entries: &[Descriptor]) -> Option<&Descriptor> {
+    let score = |d: &Descriptor| {
+        let p = d.platform.as_ref()?;
+        match (p.os.as_str(), p.architecture.as_str()) {
+            ("wasip2", _) => Some(0),
+            ("wasip1", _) => Some(1),
+            ("wasi", _) => Some(2),
+            (_, "wasm" | "wasm32") => Some(3),
+            _ => None,
+        }
+    };
+    entries
+        .iter()
+        .filter_map(|d| Some((score(d)?, d)))
+        .min_by_key(|(s, _)| *s)
+        .map(|(_, d)| d)
+}
+
+/// Fails the write once more than `left` bytes arrive.
+struct LimitedWriter {
+    inner: tokio::fs::File,
+    left: u64,
+}
+
+impl tokio::io::AsyncWrite for LimitedWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if buf.len() as u64 > self.left {
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "the blob is longer than its descriptor says",
+            )));
+        }
+        let this = &mut *self;
+        let n = std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        this.left -= n as u64;
+        std::task::Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_field_decodes_to_basic() {
+        let c = Credentials {
+            auth: "dXNlcjpwYXNz".into(),
+            ..Default::default()
+        };
+        match c.to_auth().unwrap() {
+            RegistryAuth::Basic(u, p) => assert_eq!((u.as_str(), p.as_str()), ("user", "pass")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            Credentials::default().to_auth().unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        let bad = Credentials {
+            auth: "!!!".into(),
+            ..Default::default()
+        };
+        assert!(bad.to_auth().is_err());
+    }
+
+    #[test]
+    fn index_resolution_prefers_wasm_platforms() {
+        let entry = |os: &str, arch: &str, d: char| Descriptor {
+            media_type: String::new(),
+            digest: format!("sha256:{}", d.to_string().repeat(64)),
+            size: 1,
+            platform: Some(Platform {
+                architecture: arch.into(),
+                os: os.into(),
+            }),
+        };
+        let entries = vec![
+            entry("linux", "amd64", 'a'),
+            entry("wasip1", "wasm", 'b'),
+            entry("wasip2", "wasm", 'c'),
+        ];
+        assert!(
+            choose_wasm_platform(&entries)
+                .unwrap()
+                .digest
+                .ends_with('c')
+        );
+        assert!(choose_wasm_platform(&entries[..1]).is_none());
+        let entries = vec![entry("linux", "amd64", 'a'), entry("unknown", "wasm", 'd')];
+        assert!(
+            choose_wasm_platform(&entries)
+                .unwrap()
+                .digest
+                .ends_with('d')
+        );
+    }
+}
