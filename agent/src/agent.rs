@@ -15,7 +15,7 @@ use crate::container::{
 use crate::engine::{GuestConfig, Preopen, Prepared, WasmEngine};
 use crate::error::{Error, Result};
 use crate::ids::{ContainerId, SandboxId};
-use crate::image::{FsUsage, ImageRecord, ImageStore};
+use crate::image::{FsUsage, ImageRecord, ImageStore, WasmKind};
 use crate::logs::{ContainerLog, Stream};
 use crate::registry::{Credentials, Registry, RegistryConfig};
 use crate::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
@@ -155,6 +155,67 @@ fn working_dir_preopen(working_dir: &str, preopens: &[Preopen]) -> Option<Preope
         host_path,
         guest_path: ".".to_owned(),
         readonly: mount.readonly,
+    })
+}
+
+/// What a container runs: its argv and, for compat images, the program's
+/// file inside the unpacked root.
+struct Program {
+    argv: Vec<String>,
+    /// `None` for a Wasm artifact (the program is the image's Wasm layer).
+    file: Option<PathBuf>,
+    rootfs: Option<PathBuf>,
+}
+
+/// Decides argv as Kubernetes does: `command` replaces the image's
+/// entrypoint and `args` its cmd. For a compat image `argv[0]` is then
+/// looked up inside the image root, so one image can carry several
+/// programs.
+fn program(
+    images: &ImageStore,
+    image: &ImageRecord,
+    spec: &ContainerSpec,
+) -> std::result::Result<Program, String> {
+    let Some(config) = &image.compat else {
+        let argv0 = match spec.command.first() {
+            Some(c) => c.clone(),
+            None => image
+                .first_name()
+                .map_or_else(|| "main.wasm".to_owned(), |n| n.basename().to_owned()),
+        };
+        let rest = spec.command.iter().skip(1).chain(&spec.args).cloned();
+        return Ok(Program {
+            argv: std::iter::once(argv0).chain(rest).collect(),
+            file: None,
+            rootfs: None,
+        });
+    };
+    let argv: Vec<String> = if !spec.command.is_empty() {
+        spec.command.iter().chain(&spec.args).cloned().collect()
+    } else if !spec.args.is_empty() {
+        config
+            .entrypoint
+            .iter()
+            .chain(&spec.args)
+            .cloned()
+            .collect()
+    } else {
+        config
+            .entrypoint
+            .iter()
+            .chain(&config.cmd)
+            .cloned()
+            .collect()
+    };
+    let argv0 = argv
+        .first()
+        .ok_or("neither the container nor the image names a program to run")?;
+    let rootfs = images.rootfs_path(&image.id);
+    let file = crate::rootfs::resolve_program(&rootfs, argv0, config.path_env())?;
+    Ok(Program {
+        argv,
+        file: Some(file),
+        rootfs: Some(rootfs),
     })
 }
 
@@ -455,25 +516,42 @@ impl Agent {
         write(&self.inner.containers).insert(id.clone(), entry.clone());
         drop(_guard);
 
-        let prepared = self.prepare(&image).await;
+        let spec = entry.snapshot().spec;
+        let prepared = self.prepare(&image, &spec).await;
         *lock(&entry.prepared) = Some(prepared);
         tracing::info!(container_id = %id, sandbox_id = %sandbox_id, image = %image.id, "container created");
         Ok(id)
     }
 
-    /// Compiles (or finds compiled) the Wasm of `image`, off the async
-    /// workers.
-    async fn prepare(&self, image: &ImageRecord) -> std::result::Result<Prepared, String> {
+    /// Compiles (or finds compiled) the program a container of `image`
+    /// runs, off the async workers.
+    async fn prepare(
+        &self,
+        image: &ImageRecord,
+        spec: &ContainerSpec,
+    ) -> std::result::Result<Prepared, String> {
         let inner = self.inner.clone();
         let image = image.clone();
-        tokio::task::spawn_blocking(move || {
-            let bytes = inner
-                .images
-                .read_blob(&image.wasm_digest)
-                .map_err(|e| format!("reading the image's Wasm: {e}"))?;
-            inner
-                .engine
-                .prepare(&image.wasm_digest, image.wasm_kind, &bytes)
+        let program = program(&self.inner.images, &image, spec)?;
+        tokio::task::spawn_blocking(move || match program.file {
+            None => {
+                let bytes = inner
+                    .images
+                    .read_blob(&image.wasm_digest)
+                    .map_err(|e| format!("reading the image's Wasm: {e}"))?;
+                inner
+                    .engine
+                    .prepare(&image.wasm_digest, image.wasm_kind, &bytes)
+            }
+            Some(path) => {
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| format!("reading {:?}: {e}", program.argv[0]))?;
+                let kind = WasmKind::detect(&bytes)
+                    .ok_or_else(|| format!("{:?} is not a WebAssembly program", program.argv[0]))?;
+                inner
+                    .engine
+                    .prepare(&crate::ids::Digest::of(&bytes), kind, &bytes)
+            }
         })
         .await
         .map_err(|e| format!("compiling the image: {e}"))?
@@ -548,46 +626,54 @@ impl Agent {
         record: &ContainerRecord,
         log: ContainerLog,
     ) -> std::result::Result<crate::engine::Guest, String> {
-        let cached = lock(&entry.prepared).clone();
-        let prepared = match cached {
-            Some(p) => p?,
-            None => {
-                let image = self
-                    .inner
-                    .images
-                    .list()
-                    .into_iter()
-                    .find(|i| i.id == record.image_id)
-                    .ok_or_else(|| format!("image {} was removed", record.image_id))?;
-                self.prepare(&image).await?
-            }
-        };
-        let image_name = self
+        let image = self
             .inner
             .images
             .resolve(record.image_id.as_str())
-            .and_then(|i| i.first_name());
-        let spec = &record.spec;
-        let argv = match spec.command.first() {
-            Some(_) => spec.command.iter().chain(&spec.args).cloned().collect(),
-            None => {
-                let argv0 = image_name
-                    .as_ref()
-                    .map_or_else(|| "main.wasm".to_owned(), |n| n.basename().to_owned());
-                std::iter::once(argv0)
-                    .chain(spec.args.iter().cloned())
-                    .collect()
-            }
+            .ok_or_else(|| format!("image {} was removed", record.image_id))?;
+        let cached = lock(&entry.prepared).clone();
+        let prepared = match cached {
+            Some(p) => p?,
+            None => self.prepare(&image, &record.spec).await?,
         };
-        let mut preopens = self.preopens(&record.id, &spec.mounts)?;
-        if let Some(dir) = working_dir_preopen(&spec.working_dir, &preopens) {
+        let spec = &record.spec;
+        let program = program(&self.inner.images, &image, spec)?;
+        let mut preopens = Vec::new();
+        if let Some(root) = &program.rootfs {
+            preopens.push(Preopen {
+                host_path: root.clone(),
+                guest_path: "/".to_owned(),
+                readonly: true,
+            });
+        }
+        preopens.extend(self.preopens(&record.id, &spec.mounts)?);
+        let working_dir = if spec.working_dir.is_empty() {
+            image
+                .compat
+                .as_ref()
+                .map(|c| c.working_dir.clone())
+                .unwrap_or_default()
+        } else {
+            spec.working_dir.clone()
+        };
+        if let Some(dir) = working_dir_preopen(&working_dir, &preopens) {
             preopens.push(dir);
         }
+        // The image's environment first; the container's wins.
+        let mut env: Vec<(String, String)> = image
+            .compat
+            .iter()
+            .flat_map(|c| c.env.iter())
+            .filter_map(|e| e.split_once('='))
+            .filter(|(k, _)| !spec.envs.iter().any(|(ck, _)| ck == k))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        env.extend(spec.envs.iter().cloned());
         let config = GuestConfig {
-            argv,
-            env: spec.envs.clone(),
+            argv: program.argv,
+            env,
             preopens,
-            working_dir: (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone()),
+            working_dir: (!working_dir.is_empty()).then_some(working_dir),
             log,
         };
         self.inner.engine.instantiate(&prepared, config).await

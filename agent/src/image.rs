@@ -181,6 +181,32 @@ pub struct ImageRecord {
     /// it, so pulls are answered from the store.
     #[serde(default)]
     pub imported: bool,
+    /// For a "compat" image (an ordinary OCI image whose layers carry
+    /// `.wasm` programs): its runtime config. Its root filesystem is
+    /// unpacked at [`ImageStore::rootfs_path`]; `wasm_digest` is then the
+    /// digest of the default program's file.
+    #[serde(default)]
+    pub compat: Option<ImageConfig>,
+}
+
+/// The parts of an OCI image config that decide how a program runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// `KEY=VALUE` entries.
+    pub env: Vec<String>,
+    pub working_dir: String,
+}
+
+impl ImageConfig {
+    /// The image's `PATH`, or the conventional default.
+    pub fn path_env(&self) -> &str {
+        self.env
+            .iter()
+            .find_map(|e| e.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    }
 }
 
 impl ImageRecord {
@@ -214,6 +240,7 @@ pub struct NewImage<'a> {
     pub size: u64,
     pub blobs: Vec<Digest>,
     pub imported: bool,
+    pub compat: Option<ImageConfig>,
 }
 
 /// The config and manifest of a CNCF Wasm OCI artifact around one binary.
@@ -370,6 +397,7 @@ impl ImageStore {
             size: (bytes.len() + artifact.config.len() + artifact.manifest.len()) as u64,
             blobs: vec![manifest_digest.clone(), config_digest, wasm_digest],
             imported: true,
+            compat: None,
         })
     }
 
@@ -394,6 +422,7 @@ impl ImageStore {
             blobs: Vec::new(),
             created_at: Timestamp::now(),
             imported: new.imported,
+            compat: new.compat.clone(),
         });
         record.imported = new.imported;
         for blob in new.blobs {
@@ -430,6 +459,11 @@ impl ImageStore {
         }
         images.insert(record.id.clone(), record.clone());
         Ok(record)
+    }
+
+    /// Where the root filesystem of compat image `id` is unpacked.
+    pub fn rootfs_path(&self, id: &Digest) -> PathBuf {
+        self.dir.join("rootfs").join(id.hex())
     }
 
     /// A fresh path in the ingest directory for a download in progress.
@@ -537,9 +571,25 @@ impl ImageStore {
         Ok(true)
     }
 
-    /// Deletes every blob no image references.
+    /// Deletes every blob no image references, and unpacked roots (or
+    /// half-unpacked ones) of images that are gone.
     fn collect_garbage(&self) -> Result<()> {
         let images = self.images.read().map_err(poisoned)?;
+        let roots = self.dir.join("rootfs");
+        if roots.exists() {
+            for entry in fs::read_dir(&roots).map_err(Error::io("listing", &roots))? {
+                let entry = entry.map_err(Error::io("listing", &roots))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let live = images
+                    .values()
+                    .any(|r| r.compat.is_some() && r.id.hex() == name);
+                if !live {
+                    let path = entry.path();
+                    tracing::debug!(?path, "collecting an unreferenced image root");
+                    fs::remove_dir_all(&path).map_err(Error::io("removing image root", &path))?;
+                }
+            }
+        }
         let live: BTreeSet<&str> = images
             .values()
             .flat_map(|r| r.blobs.iter().map(Digest::hex))
@@ -555,6 +605,24 @@ impl ImageStore {
             }
         }
         Ok(())
+    }
+
+    /// Deletes those of `digests` that no image references (what a failed
+    /// pull downloaded).
+    pub fn discard_unreferenced(&self, digests: &[Digest]) {
+        let Ok(images) = self.images.read() else {
+            return;
+        };
+        for digest in digests {
+            if !images.values().any(|r| r.blobs.contains(digest)) {
+                let path = self.blob_path(digest);
+                if let Err(error) = fs::remove_file(&path)
+                    && error.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(?path, %error, "could not remove a blob of a failed pull");
+                }
+            }
+        }
     }
 
     /// Bytes and inodes used under the store.

@@ -18,6 +18,7 @@ pub mod ids;
 pub mod image;
 pub mod logs;
 pub mod registry;
+pub mod rootfs;
 pub mod sandbox;
 pub mod store;
 pub mod time;

@@ -18,7 +18,30 @@ use tokio::io::AsyncWriteExt;
 
 use crate::error::{Error, RegistryFailure, Result};
 use crate::ids::Digest;
-use crate::image::{ImageName, ImageRecord, ImageStore, NewImage, WasmArtifact, WasmKind};
+use crate::image::{
+    ImageConfig, ImageName, ImageRecord, ImageStore, NewImage, WasmArtifact, WasmKind,
+};
+use crate::rootfs::Compression;
+
+/// Blobs a pull added to the store (not there before it).
+#[derive(Default)]
+struct Fresh(std::sync::Mutex<Vec<Digest>>);
+
+impl Fresh {
+    fn note(&self, digest: &Digest) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(digest.clone());
+        }
+    }
+
+    fn write(&self, store: &ImageStore, bytes: &[u8]) -> Result<Digest> {
+        let digest = Digest::of(bytes);
+        if !store.has_blob(&digest) {
+            self.note(&digest);
+        }
+        store.write_blob(bytes)
+    }
+}
 
 /// Wasm layer media types in use today.
 pub const WASM_LAYER_MEDIA_TYPES: &[&str] = &[
@@ -50,6 +73,8 @@ pub struct RegistryConfig {
     pub max_blob_bytes: u64,
     /// Attempts for a transient failure (5xx, reset, truncation).
     pub attempts: u32,
+    /// Limits on unpacking the layers of compat images.
+    pub unpack: crate::rootfs::Limits,
 }
 
 impl Default for RegistryConfig {
@@ -60,6 +85,10 @@ impl Default for RegistryConfig {
             max_manifest_bytes: 4 * 1024 * 1024,
             max_blob_bytes: 512 * 1024 * 1024,
             attempts: 4,
+            unpack: crate::rootfs::Limits {
+                max_bytes: 1024 * 1024 * 1024,
+                max_entries: 100_000,
+            },
         }
     }
 }
@@ -138,6 +167,30 @@ struct Platform {
     os: String,
 }
 
+/// Config media types of ordinary (container) images.
+const IMAGE_CONFIG_MEDIA_TYPES: &[&str] = &[
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
+
+#[derive(Deserialize)]
+struct OciImageConfig {
+    #[serde(default)]
+    config: Option<OciRuntimeConfig>,
+}
+
+#[derive(Default, Deserialize)]
+struct OciRuntimeConfig {
+    #[serde(rename = "Entrypoint", default)]
+    entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default)]
+    cmd: Option<Vec<String>>,
+    #[serde(rename = "Env", default)]
+    env: Option<Vec<String>>,
+    #[serde(rename = "WorkingDir", default)]
+    working_dir: Option<String>,
+}
+
 #[derive(Deserialize)]
 struct Manifest {
     #[serde(rename = "mediaType", default)]
@@ -152,8 +205,8 @@ struct Manifest {
 
 /// A registry client for the whole agent.
 pub struct Registry {
-    client: Client,
     config: RegistryConfig,
+    extra_roots: Vec<Vec<u8>>,
 }
 
 fn failure(reference: &str, kind: RegistryFailure, reason: impl Into<String>) -> Error {
@@ -226,24 +279,36 @@ fn classify(reference: &str, registry: &str, e: OciDistributionError) -> Error {
 
 impl Registry {
     pub fn new(config: RegistryConfig) -> Result<Self> {
-        let mut extra = Vec::new();
+        let mut extra_roots = Vec::new();
         if let Some(path) = &config.ca_file {
-            let pem = std::fs::read(path).map_err(Error::io("reading CA file", path))?;
-            extra.push(oci_client::client::Certificate {
-                encoding: oci_client::client::CertificateEncoding::Pem,
-                data: pem,
-            });
+            extra_roots.push(std::fs::read(path).map_err(Error::io("reading CA file", path))?);
         }
-        let client = Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(config.insecure.clone()),
-            extra_root_certificates: extra,
+        Ok(Self {
+            config,
+            extra_roots,
+        })
+    }
+
+    /// A client for one pull or push. oci-client remembers the first
+    /// credentials it sees per registry, so sharing one client would let a
+    /// pull ride on another pull's credentials (or be refused for them).
+    fn client(&self) -> Client {
+        Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(self.config.insecure.clone()),
+            extra_root_certificates: self
+                .extra_roots
+                .iter()
+                .map(|pem| oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Pem,
+                    data: pem.clone(),
+                })
+                .collect(),
             platform_resolver: None,
             connect_timeout: Some(Duration::from_secs(10)),
             read_timeout: Some(Duration::from_secs(60)),
             user_agent: concat!("wasmlet/", env!("CARGO_PKG_VERSION")),
             ..Default::default()
-        });
-        Ok(Self { client, config })
+        })
     }
 
     fn reference(name: &ImageName, original: &str) -> Result<Reference> {
@@ -294,14 +359,14 @@ impl Registry {
 
     async fn fetch_manifest(
         &self,
+        client: &Client,
         reference: &Reference,
         auth: &RegistryAuth,
         shown: &str,
     ) -> Result<(Vec<u8>, Digest)> {
         let registry = reference.resolve_registry().to_owned();
         self.retry("fetching the manifest", || async {
-            let (bytes, _) = self
-                .client
+            let (bytes, _) = client
                 .pull_manifest_raw(reference, auth, ACCEPTED)
                 .await
                 .map_err(|e| classify(shown, &registry, e))?;
@@ -334,6 +399,8 @@ impl Registry {
     /// Downloads a blob into the store (unless already there), verified.
     async fn fetch_blob(
         &self,
+        client: &Client,
+        fresh: &Fresh,
         store: &ImageStore,
         reference: &Reference,
         d: &Descriptor,
@@ -359,6 +426,7 @@ impl Registry {
         if store.has_blob(&digest) {
             return Ok(digest);
         }
+        fresh.note(&digest);
         let registry = reference.resolve_registry().to_owned();
         let layer = oci_client::manifest::OciDescriptor {
             media_type: d.media_type.clone(),
@@ -376,7 +444,7 @@ impl Registry {
                     inner: file,
                     left: d.size,
                 };
-                let pulled = self.client.pull_blob(reference, &layer, &mut out).await;
+                let pulled = client.pull_blob(reference, &layer, &mut out).await;
                 pulled.map_err(|e| classify(shown, &registry, e))?;
                 out.inner
                     .flush()
@@ -411,6 +479,27 @@ impl Registry {
         reference: &str,
         credentials: &Credentials,
     ) -> Result<ImageRecord> {
+        let fresh = Fresh::default();
+        let result = self
+            .pull_tracked(&fresh, store, reference, credentials)
+            .await;
+        if result.is_err() {
+            // Take back what this pull added and no image references, so
+            // the store holds exactly what it held before.
+            let added = fresh.0.lock().map(|v| v.clone()).unwrap_or_default();
+            store.discard_unreferenced(&added);
+        }
+        result
+    }
+
+    async fn pull_tracked(
+        &self,
+        fresh: &Fresh,
+        store: &ImageStore,
+        reference: &str,
+        credentials: &Credentials,
+    ) -> Result<ImageRecord> {
+        let client = &self.client();
         let name = ImageName::parse(reference)?;
         let oci_ref = Self::reference(&name, reference)?;
         let auth = credentials.to_auth()?;
@@ -419,7 +508,9 @@ impl Registry {
             registry = oci_ref.resolve_registry(),
             "pulling image"
         );
-        let (top_bytes, top_digest) = self.fetch_manifest(&oci_ref, &auth, reference).await?;
+        let (top_bytes, top_digest) = self
+            .fetch_manifest(client, &oci_ref, &auth, reference)
+            .await?;
         let top: Manifest = serde_json::from_slice(&top_bytes).map_err(|e| {
             failure(
                 reference,
@@ -453,7 +544,9 @@ impl Registry {
                         format!("index entry digest: {e}"),
                     )
                 })?;
-            let (bytes, digest) = self.fetch_manifest(&by_digest, &auth, reference).await?;
+            let (bytes, digest) = self
+                .fetch_manifest(client, &by_digest, &auth, reference)
+                .await?;
             let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
                 failure(
                     reference,
@@ -461,7 +554,7 @@ impl Registry {
                     format!("manifest is not valid JSON: {e}"),
                 )
             })?;
-            blobs.push(store.write_blob(&top_bytes)?);
+            blobs.push(fresh.write(store, &top_bytes)?);
             (bytes, digest, manifest)
         } else {
             (top_bytes, top_digest.clone(), top)
@@ -474,6 +567,19 @@ impl Registry {
                 "the manifest has no config",
             )
         })?;
+        // Refuse oversized content before downloading any of it.
+        for d in std::iter::once(config).chain(&manifest.layers) {
+            if d.size > self.config.max_blob_bytes {
+                return Err(failure(
+                    reference,
+                    RegistryFailure::TooLarge,
+                    format!(
+                        "blob {} is {} bytes, over the {} byte limit",
+                        d.digest, d.size, self.config.max_blob_bytes
+                    ),
+                ));
+            }
+        }
         let wasm_layers: Vec<&Descriptor> = manifest
             .layers
             .iter()
@@ -482,6 +588,26 @@ impl Registry {
         let wasm_layer = match wasm_layers.as_slice() {
             [one] => *one,
             [] => {
+                let tar_layers = !manifest.layers.is_empty()
+                    && manifest
+                        .layers
+                        .iter()
+                        .all(|l| Compression::of_media_type(&l.media_type).is_some());
+                if IMAGE_CONFIG_MEDIA_TYPES.contains(&config.media_type.as_str()) && tar_layers {
+                    return self
+                        .pull_compat(
+                            client,
+                            fresh,
+                            store,
+                            &oci_ref,
+                            &name,
+                            reference,
+                            &top_digest,
+                            (manifest_bytes, manifest_digest, &manifest),
+                            blobs,
+                        )
+                        .await;
+                }
                 let mut seen = vec![format!("config {}", config.media_type)];
                 seen.extend(
                     manifest
@@ -509,9 +635,11 @@ impl Registry {
                 ));
             }
         };
-        let config_digest = self.fetch_blob(store, &oci_ref, config, reference).await?;
+        let config_digest = self
+            .fetch_blob(client, fresh, store, &oci_ref, config, reference)
+            .await?;
         let wasm_digest = self
-            .fetch_blob(store, &oci_ref, wasm_layer, reference)
+            .fetch_blob(client, fresh, store, &oci_ref, wasm_layer, reference)
             .await?;
         let header = store.read_blob_prefix(&wasm_digest, 8)?;
         let wasm_kind = WasmKind::detect(&header).ok_or_else(|| {
@@ -524,7 +652,7 @@ impl Registry {
                 ),
             )
         })?;
-        blobs.push(store.write_blob(&manifest_bytes)?);
+        blobs.push(fresh.write(store, &manifest_bytes)?);
         blobs.push(config_digest.clone());
         blobs.push(wasm_digest.clone());
         let size = manifest_bytes.len() as u64 + config.size + wasm_layer.size;
@@ -538,8 +666,115 @@ impl Registry {
             size,
             blobs,
             imported: false,
+            compat: None,
         })?;
         tracing::info!(reference, image = %record.id, "image pulled");
+        Ok(record)
+    }
+
+    /// Pulls an ordinary OCI image whose tar layers carry `.wasm` programs:
+    /// unpacks its root filesystem and checks that its entrypoint is Wasm.
+    #[allow(clippy::too_many_arguments)]
+    async fn pull_compat(
+        &self,
+        client: &Client,
+        fresh: &Fresh,
+        store: &ImageStore,
+        oci_ref: &Reference,
+        name: &ImageName,
+        reference: &str,
+        top_digest: &Digest,
+        (manifest_bytes, manifest_digest, manifest): (Vec<u8>, Digest, &Manifest),
+        mut blobs: Vec<Digest>,
+    ) -> Result<ImageRecord> {
+        let config_desc = manifest.config.as_ref().ok_or_else(|| {
+            failure(
+                reference,
+                RegistryFailure::Invalid,
+                "the manifest has no config",
+            )
+        })?;
+        let config_digest = self
+            .fetch_blob(client, fresh, store, oci_ref, config_desc, reference)
+            .await?;
+        let config_bytes = store.read_blob(&config_digest)?;
+        let parsed: OciImageConfig = serde_json::from_slice(&config_bytes).map_err(|e| {
+            failure(
+                reference,
+                RegistryFailure::Invalid,
+                format!("image config is not valid JSON: {e}"),
+            )
+        })?;
+        let runtime = parsed.config.unwrap_or_default();
+        let config = ImageConfig {
+            entrypoint: runtime.entrypoint.unwrap_or_default(),
+            cmd: runtime.cmd.unwrap_or_default(),
+            env: runtime.env.unwrap_or_default(),
+            working_dir: runtime.working_dir.unwrap_or_default(),
+        };
+        let mut layers = Vec::new();
+        let mut size = manifest_bytes.len() as u64 + config_desc.size;
+        for layer in &manifest.layers {
+            let digest = self
+                .fetch_blob(client, fresh, store, oci_ref, layer, reference)
+                .await?;
+            let compression =
+                Compression::of_media_type(&layer.media_type).unwrap_or(Compression::None);
+            layers.push((store.blob_path(&digest), compression));
+            size += layer.size;
+            blobs.push(digest);
+        }
+        let rootfs = store.rootfs_path(&config_digest);
+        if !rootfs.exists() {
+            let limits = self.config.unpack;
+            let dest = rootfs.clone();
+            tokio::task::spawn_blocking(move || crate::rootfs::unpack(&layers, &dest, limits))
+                .await
+                .map_err(|e| Error::Internal(format!("unpack task: {e}")))?
+                .map_err(|why| failure(reference, RegistryFailure::Invalid, why))?;
+        }
+        let program = config
+            .entrypoint
+            .first()
+            .or(config.cmd.first())
+            .ok_or_else(|| {
+                failure(
+                    reference,
+                    RegistryFailure::NotWasm,
+                    "the image has no entrypoint or command naming a Wasm program",
+                )
+            })?;
+        let path =
+            crate::rootfs::resolve_program(&rootfs, program, config.path_env()).map_err(|why| {
+                failure(
+                    reference,
+                    RegistryFailure::NotWasm,
+                    format!("the image's entrypoint: {why}"),
+                )
+            })?;
+        let bytes = std::fs::read(&path).map_err(Error::io("reading the entrypoint", &path))?;
+        let wasm_kind = WasmKind::detect(&bytes).ok_or_else(|| {
+            failure(
+                reference,
+                RegistryFailure::NotWasm,
+                format!("the image's entrypoint {program:?} is not a WebAssembly file"),
+            )
+        })?;
+        blobs.push(fresh.write(store, &manifest_bytes)?);
+        blobs.push(config_digest.clone());
+        let record = store.add_image(NewImage {
+            name,
+            repo_digest: top_digest,
+            manifest_digest,
+            id: config_digest,
+            wasm_digest: Digest::of(&bytes),
+            wasm_kind,
+            size,
+            blobs,
+            imported: false,
+            compat: Some(config),
+        })?;
+        tracing::info!(reference, image = %record.id, "compat image pulled and unpacked");
         Ok(record)
     }
 
@@ -556,13 +791,14 @@ impl Registry {
         let auth = credentials.to_auth()?;
         let registry = oci_ref.resolve_registry().to_owned();
         let artifact = WasmArtifact::new(bytes, reference)?;
-        self.client
+        let client = self.client();
+        client
             .auth(&oci_ref, &auth, oci_client::RegistryOperation::Push)
             .await
             .map_err(|e| classify(reference, &registry, e))?;
         for blob in [bytes, &artifact.config[..]] {
             let digest = Digest::of(blob);
-            self.client
+            client
                 .push_blob(&oci_ref, blob.to_vec(), digest.as_str())
                 .await
                 .map_err(|e| classify(reference, &registry, e))?;
@@ -570,7 +806,7 @@ impl Registry {
         let content_type = crate::image::OCI_MANIFEST_MEDIA_TYPE
             .parse()
             .map_err(|_| Error::Internal("manifest media type header".into()))?;
-        self.client
+        client
             .push_manifest_raw(&oci_ref, artifact.manifest.clone(), content_type)
             .await
             .map_err(|e| classify(reference, &registry, e))?;

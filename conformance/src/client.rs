@@ -346,6 +346,25 @@ impl CriClient {
             .image_ref)
     }
 
+    /// `PullImage` with the credentials the kubelet takes from the pod's
+    /// image pull secret; returns the image reference the runtime answers with.
+    pub async fn pull_image_with_auth(
+        &mut self,
+        image: &str,
+        auth: cri::AuthConfig,
+    ) -> Result<String, Error> {
+        let request = cri::PullImageRequest {
+            image: Some(image_spec(image)),
+            auth: Some(auth),
+            ..Default::default()
+        };
+        let response = self.images.pull_image(request).await;
+        Ok(response
+            .map_err(Error::rpc("PullImage"))?
+            .into_inner()
+            .image_ref)
+    }
+
     pub async fn remove_image(&mut self, image: &str) -> Result<(), Error> {
         let request = cri::RemoveImageRequest {
             image: Some(image_spec(image)),

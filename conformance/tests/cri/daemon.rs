@@ -5,9 +5,14 @@
 //! daemon's stdout and stderr appended to a file in the temp dir, and kills the
 //! daemon when dropped. When the test is panicking, the daemon's log is printed
 //! so the failure can be read next to the daemon's side of the story.
+//! [`Wasmlet::builder`] adds a TOML config file (`--config`) and a fixed log
+//! filter; [`Wasmlet::push`] and [`Wasmlet::cli`] run the binary's image
+//! commands.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs::OpenOptions;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -23,6 +28,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one `wasmlet image import` may take.
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one `wasmlet image push|pull|ls|rm` may take (a pull retries a
+/// failing registry for a few seconds before giving up).
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Wasmlet {
     dir: TempDir,
@@ -30,6 +38,52 @@ pub struct Wasmlet {
     /// Image reference → image id printed by `image import`.
     images: BTreeMap<String, String>,
     cri: Option<CriClient>,
+    /// The `--config` file the daemon is started with, if any.
+    config: Option<PathBuf>,
+    /// `RUST_LOG` for the daemon, overriding the environment's.
+    rust_log: Option<String>,
+}
+
+/// How to set up a [`Wasmlet`] beyond the defaults.
+#[derive(Debug, Default)]
+pub struct WasmletBuilder {
+    config: Option<String>,
+    rust_log: Option<String>,
+}
+
+impl WasmletBuilder {
+    /// TOML written to a file the daemon gets as `--config` (the fixture's
+    /// `--root` and `--socket` flags still win over it).
+    pub fn config(mut self, toml: impl Into<String>) -> Self {
+        self.config = Some(toml.into());
+        self
+    }
+
+    /// The daemon's `RUST_LOG`, whatever the test's environment says: for
+    /// tests that read the daemon's log lines.
+    pub fn rust_log(mut self, filter: impl Into<String>) -> Self {
+        self.rust_log = Some(filter.into());
+        self
+    }
+
+    /// A fresh root with every sample imported; no daemon running yet.
+    pub fn build(self) -> Wasmlet {
+        let mut wasmlet = Wasmlet::new();
+        if let Some(toml) = self.config {
+            let path = wasmlet.dir.path().join("wasmlet.toml");
+            std::fs::write(&path, toml).expect("writing the daemon's config");
+            wasmlet.config = Some(path);
+        }
+        wasmlet.rust_log = self.rust_log;
+        wasmlet
+    }
+
+    /// A fresh root with every sample imported, served by a running daemon.
+    pub async fn start(self) -> Wasmlet {
+        let mut wasmlet = self.build();
+        wasmlet.serve().await;
+        wasmlet
+    }
 }
 
 impl Wasmlet {
@@ -63,6 +117,8 @@ impl Wasmlet {
             daemon: None,
             images: BTreeMap::new(),
             cri: None,
+            config: None,
+            rust_log: None,
         };
         std::fs::create_dir(wasmlet.log_root()).expect("creating the pod log root");
         for &(reference, path) in wasm_samples::ALL {
@@ -76,6 +132,11 @@ impl Wasmlet {
         let mut wasmlet = Self::new();
         wasmlet.serve().await;
         wasmlet
+    }
+
+    /// Extra config or a fixed log filter; see [`WasmletBuilder`].
+    pub fn builder() -> WasmletBuilder {
+        WasmletBuilder::default()
     }
 
     pub fn root(&self) -> PathBuf {
@@ -138,7 +199,7 @@ impl Wasmlet {
             .arg(self.root())
             .arg(file)
             .arg(reference);
-        run_bounded(command, IMPORT_TIMEOUT)
+        run_bounded(command, None, IMPORT_TIMEOUT)
     }
 
     /// Imports `file` as `reference`, asserting success and the printed id's form.
@@ -161,6 +222,69 @@ impl Wasmlet {
         );
         self.images.insert(reference.to_owned(), id.clone());
         id
+    }
+
+    /// Runs `wasmlet ARGS...` to completion, feeding `stdin` if given, and
+    /// returns its output, whatever it is. Fails the test if it takes longer
+    /// than `timeout`. `WASMLET_CONFIG` is not passed on: a config is only
+    /// what `ARGS` name.
+    pub fn run<S: AsRef<OsStr>>(
+        args: impl IntoIterator<Item = S>,
+        stdin: Option<&str>,
+        timeout: Duration,
+    ) -> Output {
+        let mut command = Command::new(Self::bin());
+        command.env_remove("WASMLET_CONFIG").args(args);
+        run_bounded(command, stdin, timeout)
+    }
+
+    /// Runs `wasmlet image push --insecure FILE REFERENCE` (every test
+    /// registry speaks plain HTTP on loopback), with `--username USER
+    /// --password-stdin` when `login` is given; returns its output, whatever
+    /// it is. No daemon is involved.
+    pub fn push_output(file: &Path, reference: &str, login: Option<(&str, &str)>) -> Output {
+        let mut args: Vec<&OsStr> = ["image", "push", "--insecure"]
+            .into_iter()
+            .map(OsStr::new)
+            .collect();
+        args.extend([file.as_os_str(), OsStr::new(reference)]);
+        let password = login.map(|(user, password)| {
+            args.extend(["--username", user, "--password-stdin"].map(OsStr::new));
+            format!("{password}\n")
+        });
+        Self::run(args, password.as_deref(), CLI_TIMEOUT)
+    }
+
+    /// Pushes `file` as `reference`, asserting success; returns the manifest
+    /// digest `image push` printed.
+    pub fn push(file: &Path, reference: &str, login: Option<(&str, &str)>) -> String {
+        let output = Self::push_output(file, reference, login);
+        assert!(
+            output.status.success(),
+            "wasmlet image push {} {reference} failed ({}): {}",
+            file.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let digest = String::from_utf8(output.stdout)
+            .expect("image push printed UTF-8")
+            .trim()
+            .to_owned();
+        assert!(
+            is_image_id(&digest),
+            "image push printed {digest:?}, not sha256:<64 hex>"
+        );
+        digest
+    }
+
+    /// Runs `wasmlet --socket SOCK ARGS...` (a client of the running daemon,
+    /// e.g. `image pull REF`), feeding `stdin` if given; returns its output,
+    /// whatever it is.
+    pub fn cli(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let socket = self.socket();
+        let mut all = vec![OsStr::new("--socket"), socket.as_os_str()];
+        all.extend(args.iter().map(OsStr::new));
+        Self::run(all, stdin, CLI_TIMEOUT)
     }
 
     /// Spawns `wasmlet serve --root ROOT --socket SOCK` and waits until it answers.
@@ -189,9 +313,16 @@ impl Wasmlet {
             .open(self.daemon_log_path())
             .expect("opening the daemon log");
         let stdout = log.try_clone().expect("duplicating the daemon log handle");
-        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
-        let child = Command::new(Self::bin())
-            .args(subcommand)
+        let rust_log = match &self.rust_log {
+            Some(filter) => filter.clone(),
+            None => std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+        };
+        let mut command = Command::new(Self::bin());
+        command.args(subcommand).env_remove("WASMLET_CONFIG");
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        let child = command
             .arg("--root")
             .arg(self.root())
             .arg("--socket")
@@ -286,24 +417,52 @@ pub fn is_image_id(id: &str) -> bool {
     })
 }
 
-/// Runs `command` to completion, killing it if it takes longer than `timeout`.
-fn run_bounded(mut command: Command, timeout: Duration) -> Output {
+/// Runs `command` to completion with `stdin` (or nothing) as its standard
+/// input, killing it if it takes longer than `timeout`. Output is read while
+/// it runs, so a chatty child cannot block on a full pipe.
+fn run_bounded(mut command: Command, stdin: Option<&str>, timeout: Duration) -> Output {
     let mut child = command
-        .stdin(Stdio::null())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // Small enough for the pipe buffer; dropping the pipe sends EOF.
+        let _ = pipe.write_all(text.as_bytes());
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
-    while child.try_wait().expect("polling a child").is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("polling a child") {
+            break status;
+        }
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
             panic!("{command:?} did not finish within {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: stdout.join().expect("joining an output reader"),
+        stderr: stderr.join().expect("joining an output reader"),
     }
-    child
-        .wait_with_output()
-        .expect("collecting a child's output")
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }

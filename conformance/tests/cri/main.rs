@@ -9,11 +9,13 @@ use std::time::Duration;
 
 mod daemon;
 
+mod compat;
 mod container;
 mod daemon_lifecycle;
 mod exec_wasm;
 mod image;
 mod play;
+mod pull;
 mod registry_fixture;
 mod restart;
 mod runtime_info;

@@ -1,0 +1,245 @@
+//! "Compat" images: ordinary OCI images whose tar layers carry `.wasm`
+//! programs, pulled from a real registry, unpacked safely and run by
+//! entrypoint or by `command`.
+
+use std::path::Path;
+
+use tonic::Code;
+use wasmlet_conformance::registry::{OCI_CONFIG, OCI_MANIFEST, Registry, RegistryOptions};
+use wasmlet_conformance::{
+    ContainerConfigBuilder, Stream, assert_code, read_cri_log, stream_lines,
+};
+
+use crate::GUEST_TIMEOUT;
+use crate::daemon::Wasmlet;
+
+const TAR_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+fn regular(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o755);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, path, data).unwrap();
+}
+
+fn symlink(b: &mut tar::Builder<Vec<u8>>, path: &str, target: &str) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(0);
+    h.set_entry_type(tar::EntryType::Symlink);
+    b.append_link(&mut h, path, target).unwrap();
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, bytes).unwrap();
+    gz.finish().unwrap()
+}
+
+fn image_config(entrypoint: &[&str], env: &[&str]) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "architecture": "wasm",
+        "os": "wasip1",
+        "config": { "Entrypoint": entrypoint, "Env": env, "WorkingDir": "/data" },
+        "rootfs": { "type": "layers", "diff_ids": [] },
+    }))
+    .unwrap()
+}
+
+async fn daemon_for(registry: &Registry) -> Wasmlet {
+    Wasmlet::builder()
+        .config(format!(
+            "[registry]\ninsecure = [\"{}\"]\n",
+            registry.host()
+        ))
+        .start()
+        .await
+}
+
+/// Two layers: programs (gzip) and a data file plus a PATH symlink (plain).
+async fn push_programs(registry: &Registry) -> String {
+    let mut programs = tar::Builder::new(Vec::new());
+    regular(
+        &mut programs,
+        "bin/echo.wasm",
+        &std::fs::read(wasm_samples::ECHO_P1).unwrap(),
+    );
+    regular(
+        &mut programs,
+        "bin/ticker.wasm",
+        &std::fs::read(wasm_samples::TICKER_P1).unwrap(),
+    );
+    regular(&mut programs, "data/old.txt", b"from the lower layer");
+    let programs = gzip(&programs.into_inner().unwrap());
+    let mut extra = tar::Builder::new(Vec::new());
+    symlink(&mut extra, "usr/bin/tick", "../../bin/ticker.wasm");
+    regular(&mut extra, "data/.wh.old.txt", b"");
+    regular(&mut extra, "data/hello.txt", b"hello from the image");
+    let extra = extra.into_inner().unwrap();
+    let config = image_config(
+        &["/bin/echo.wasm"],
+        &["PATH=/usr/bin:/bin", "FROM_IMAGE=yes", "OVERRIDDEN=image"],
+    );
+    registry
+        .push_image(
+            "compat/tools",
+            "v1",
+            OCI_CONFIG,
+            &config,
+            &[(TAR_GZ, &programs), (TAR, &extra)],
+            OCI_MANIFEST,
+        )
+        .await
+        .unwrap();
+    format!("{}/compat/tools:v1", registry.host())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compat_image_runs_its_entrypoint_with_the_image_env_and_files() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let reference = push_programs(&registry).await;
+    let wasmlet = daemon_for(&registry).await;
+    let mut cri = wasmlet.cri();
+    cri.pull_image(&reference).await.unwrap();
+
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let config = ContainerConfigBuilder::new("tools", &reference)
+        .env("OVERRIDDEN", "container")
+        .env("READ_FILE", "hello.txt")
+        .build();
+    let log = pod.container_log(&config);
+    let status = cri.run_to_exit(&pod, config, GUEST_TIMEOUT).await.unwrap();
+    let out = stream_lines(&read_cri_log(&log).unwrap(), Stream::Stdout);
+    assert_eq!(status.exit_code, 0, "{status:?}\n{out:#?}");
+    assert!(
+        out.contains(&"arg[0]=/bin/echo.wasm".to_owned()),
+        "{out:#?}"
+    );
+    assert!(out.contains(&"env FROM_IMAGE=yes".to_owned()), "{out:#?}");
+    assert!(
+        out.contains(&"env OVERRIDDEN=container".to_owned()),
+        "{out:#?}"
+    );
+    // WorkingDir /data: the relative path resolves inside the image.
+    assert!(
+        out.contains(&"file hello.txt: hello from the image".to_owned()),
+        "{out:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_picks_another_program_of_the_image_through_path_and_symlinks() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let reference = push_programs(&registry).await;
+    let wasmlet = daemon_for(&registry).await;
+    let mut cri = wasmlet.cri();
+    cri.pull_image(&reference).await.unwrap();
+
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let config = ContainerConfigBuilder::new("tick", &reference)
+        .command(["tick"])
+        .env("TICKS", "2")
+        .env("TICK_MS", "10")
+        .build();
+    let log = pod.container_log(&config);
+    let status = cri.run_to_exit(&pod, config, GUEST_TIMEOUT).await.unwrap();
+    let out = stream_lines(&read_cri_log(&log).unwrap(), Stream::Stdout);
+    assert_eq!(status.exit_code, 0, "{status:?}\n{out:#?}");
+    assert_eq!(out, ["tick 1", "tick 2"]);
+
+    // A program the image does not carry fails to start, saying so.
+    let config = ContainerConfigBuilder::new("missing", &reference)
+        .command(["nope"])
+        .build();
+    let created = cri.create_container(&pod, config).await.unwrap();
+    let error = assert_code(
+        cri.start_container(&created).await,
+        Code::FailedPrecondition,
+    );
+    assert!(
+        error.message().contains("\"nope\" is not in the image"),
+        "{}",
+        error.message()
+    );
+}
+
+fn blob_files(root: &Path) -> usize {
+    std::fs::read_dir(root.join("images/blobs/sha256")).map_or(0, |d| d.count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_layers_are_refused_naming_the_entry_and_nothing_is_kept() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let wasmlet = daemon_for(&registry).await;
+    let mut cri = wasmlet.cri();
+    let images_before = cri.list_images(None).await.unwrap().len();
+    let blobs_before = blob_files(&wasmlet.root());
+
+    let mut layer = tar::Builder::new(Vec::new());
+    regular(
+        &mut layer,
+        "bin/echo.wasm",
+        &std::fs::read(wasm_samples::ECHO_P1).unwrap(),
+    );
+    symlink(&mut layer, "etc/passwd", "/etc/passwd");
+    let layer = layer.into_inner().unwrap();
+    let config = image_config(&["/bin/echo.wasm"], &[]);
+    registry
+        .push_image(
+            "compat/hostile",
+            "v1",
+            OCI_CONFIG,
+            &config,
+            &[(TAR, &layer)],
+            OCI_MANIFEST,
+        )
+        .await
+        .unwrap();
+    let reference = format!("{}/compat/hostile:v1", registry.host());
+    let error = assert_code(cri.pull_image(&reference).await, Code::InvalidArgument);
+    assert!(
+        error.message().contains("etc/passwd") && error.message().contains("absolute"),
+        "{}",
+        error.message()
+    );
+    assert_eq!(cri.list_images(None).await.unwrap().len(), images_before);
+    let rootfs = wasmlet.root().join("images/rootfs");
+    let roots = std::fs::read_dir(&rootfs).map_or(0, |d| d.count());
+    assert_eq!(roots, 0, "an unpacked or partial root was kept");
+    let ingest = std::fs::read_dir(wasmlet.root().join("images/ingest")).map_or(0, |d| d.count());
+    assert_eq!(ingest, 0);
+    // What the failed pull downloaded is taken back.
+    assert_eq!(blob_files(&wasmlet.root()), blobs_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compat_image_whose_entrypoint_is_not_wasm_is_refused() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let wasmlet = daemon_for(&registry).await;
+    let mut layer = tar::Builder::new(Vec::new());
+    regular(&mut layer, "bin/sh", b"#!/bin/sh\necho not wasm\n");
+    let layer = gzip(&layer.into_inner().unwrap());
+    let config = image_config(&["/bin/sh"], &[]);
+    registry
+        .push_image(
+            "compat/shell",
+            "v1",
+            OCI_CONFIG,
+            &config,
+            &[(TAR_GZ, &layer)],
+            OCI_MANIFEST,
+        )
+        .await
+        .unwrap();
+    let reference = format!("{}/compat/shell:v1", registry.host());
+    let error = assert_code(
+        wasmlet.cri().pull_image(&reference).await,
+        Code::InvalidArgument,
+    );
+    assert!(
+        error.message().contains("not a WebAssembly file"),
+        "{}",
+        error.message()
+    );
+}
