@@ -37,7 +37,7 @@ pub enum Error {
     #[error("container {id} failed to start: {reason}")]
     StartFailed { id: String, reason: String },
 
-    #[error("pulling {reference:?}: {reason}")]
+    #[error("image {reference}: {reason}")]
     Registry {
         reference: String,
         kind: RegistryFailure,
@@ -79,6 +79,8 @@ pub enum RegistryFailure {
     NotFound,
     /// 5xx, 429, connection refused or reset, timeouts.
     Unavailable,
+    /// The registry's TLS certificate is not trusted.
+    Untrusted,
     /// Content did not match its digest or size (e.g. truncated).
     Corrupt,
     /// Over a configured size limit.

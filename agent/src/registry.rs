@@ -218,6 +218,22 @@ fn failure(reference: &str, kind: RegistryFailure, reason: impl Into<String>) ->
 }
 
 /// Sorts an oci-client error into what the operator can do about it.
+/// `e` and all its causes, which is where reqwest keeps what happened
+/// (connection refused, the certificate it did not trust).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn classify(reference: &str, registry: &str, e: OciDistributionError) -> Error {
     use OciDistributionError as E;
     let (kind, reason) = match &e {
@@ -267,10 +283,22 @@ fn classify(reference: &str, registry: &str, e: OciDistributionError) -> Error {
                 (RegistryFailure::Invalid, e.to_string())
             }
         }
-        E::RequestError(_) | E::IoError(_) => (
-            RegistryFailure::Unavailable,
-            format!("talking to {registry}: {e}"),
-        ),
+        E::RequestError(_) | E::IoError(_) => {
+            let chain = error_chain(&e);
+            if chain.contains("certificate") {
+                (
+                    RegistryFailure::Untrusted,
+                    format!(
+                        "the TLS certificate of {registry} is not trusted (configure [registry] ca_file, or list it as insecure for plain HTTP): {chain}"
+                    ),
+                )
+            } else {
+                (
+                    RegistryFailure::Unavailable,
+                    format!("talking to {registry}: {chain}"),
+                )
+            }
+        }
         E::DigestError(_) => (RegistryFailure::Corrupt, e.to_string()),
         _ => (RegistryFailure::Invalid, e.to_string()),
     };

@@ -3,7 +3,9 @@
 //!
 //! [`Registry`] runs distribution's `registry:2` (Debian's `docker-registry`
 //! package, installed by `scripts/setup`) on `127.0.0.1` with its storage, config
-//! and log in a private temporary directory, optionally behind HTTP basic auth.
+//! and log in a private temporary directory, optionally behind HTTP basic auth,
+//! and either over plain HTTP ([`Registry::start`]) or over HTTPS with a
+//! throwaway CA made by the `openssl` CLI ([`Registry::start_tls`]).
 //! [`RegistryClient`] pushes blobs, manifests and indexes through the
 //! distribution API exactly as bytes are given, so tests control every digest
 //! and media type. [`send`] is the raw client underneath, also used to observe
@@ -37,8 +39,15 @@ pub const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
 /// The tool that makes the bcrypt password file basic auth needs.
 pub const HTPASSWD_BINARY: &str = "htpasswd";
 
-/// How long a started registry may take to answer `GET /v2/`.
+/// How long a started registry may take to answer `GET /v2/` (or, over
+/// TLS, to accept a connection).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The tool that makes a TLS registry's throwaway CA and server certificate.
+pub const OPENSSL_BINARY: &str = "openssl";
+
+/// How long one `openssl` command may take.
+pub const OPENSSL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long one request made by [`send`] may take, connection included.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -96,12 +105,28 @@ pub enum Error {
     #[error("htpasswd failed ({status}): {stderr}")]
     Htpasswd { status: ExitStatus, stderr: String },
 
+    /// An `openssl` command making the TLS files failed.
+    #[error("openssl could not {step} ({status}): {stderr}")]
+    Openssl {
+        step: &'static str,
+        status: ExitStatus,
+        stderr: String,
+    },
+
+    /// An `openssl` command making the TLS files did not finish in time.
+    #[error("openssl did not {step} within {timeout:?}")]
+    OpensslTimeout {
+        step: &'static str,
+        timeout: Duration,
+    },
+
     /// The registry exited before it answered.
     #[error("registry exited ({status}) before it was ready; its log:\n{log}")]
     Exited { status: ExitStatus, log: String },
 
-    /// The registry did not answer `GET /v2/` in time.
-    #[error("registry did not answer GET /v2/ within {timeout:?} ({last_error}); its log:\n{log}")]
+    /// The registry did not answer `GET /v2/` (over TLS: accept a
+    /// connection) in time.
+    #[error("registry was not ready within {timeout:?} ({last_error}); its log:\n{log}")]
     NotReady {
         timeout: Duration,
         last_error: String,
@@ -157,7 +182,9 @@ pub enum Error {
     },
 }
 
-/// How to run a [`Registry`].
+/// How to run a [`Registry`]. Whether it speaks TLS is chosen by the
+/// constructor ([`Registry::start`] or [`Registry::start_tls`]), so that the
+/// struct literals tests already write keep compiling.
 #[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
     /// Require HTTP basic auth with this user and password; `None` serves
@@ -171,19 +198,55 @@ pub struct Registry {
     child: Child,
     addr: SocketAddr,
     basic_auth: Option<(String, String)>,
+    /// The CA that signed the server certificate, when serving TLS.
+    ca_pem: Option<PathBuf>,
     log_path: PathBuf,
     // Dropped after the child is killed: holds storage, config and log.
     dir: tempfile::TempDir,
 }
 
+/// The files of a TLS registry, all in its directory.
+#[derive(Debug)]
+struct TlsFiles {
+    /// The throwaway CA's certificate, which clients must trust.
+    ca_pem: PathBuf,
+    /// The server certificate (for `IP:127.0.0.1` and `DNS:localhost`).
+    certificate: PathBuf,
+    /// The server certificate's private key.
+    key: PathBuf,
+}
+
 impl Registry {
-    /// Starts a registry on a free loopback port and waits until it answers
-    /// `GET /v2/` (200 when anonymous, 401 with basic auth), at most
-    /// [`READY_TIMEOUT`].
+    /// Starts a plain-HTTP registry on a free loopback port and waits until
+    /// it answers `GET /v2/` (200 when anonymous, 401 with basic auth), at
+    /// most [`READY_TIMEOUT`].
     ///
     /// The registry listens on `127.0.0.1:0` and the port it picked is read
     /// from its log, so no port is ever raced for.
     pub async fn start(options: RegistryOptions) -> Result<Registry, Error> {
+        Registry::launch(options, false).await
+    }
+
+    /// Starts a registry serving HTTPS only, on a free loopback port, with a
+    /// server certificate for `127.0.0.1` (and `localhost`) signed by a CA
+    /// made for it alone; clients must trust [`Registry::ca_pem_path`].
+    ///
+    /// The CA and the certificate are made with the `openssl` CLI in the
+    /// registry's directory and checked with `openssl verify` before the
+    /// registry starts. It is ready when it has logged
+    /// `listening on 127.0.0.1:PORT, tls` and a TCP connection to that port
+    /// succeeds, at most [`READY_TIMEOUT`]: the raw client here speaks only
+    /// plain HTTP, so `GET /v2/` is not tried, and the registry binds its
+    /// listener before logging and serves it right after.
+    ///
+    /// [`Registry::client`], [`Registry::push_image`] and
+    /// [`Registry::push_index`] speak plain HTTP and cannot be used with it;
+    /// push with `wasmlet image push` and a config naming the CA instead.
+    pub async fn start_tls(options: RegistryOptions) -> Result<Registry, Error> {
+        Registry::launch(options, true).await
+    }
+
+    async fn launch(options: RegistryOptions, tls: bool) -> Result<Registry, Error> {
         let dir = tempfile::Builder::new()
             .prefix("wasmlet-registry-")
             .tempdir()
@@ -198,8 +261,13 @@ impl Registry {
             Some((user, password)) => Some(write_htpasswd(root, user, password).await?),
             None => None,
         };
+        let tls = if tls {
+            Some(write_tls_files(root).await?)
+        } else {
+            None
+        };
         let config_path = root.join("config.yml");
-        let config = registry_config(root, htpasswd.as_deref());
+        let config = registry_config(root, htpasswd.as_deref(), tls.as_ref());
         write_file(&config_path, config.as_bytes())?;
 
         let log_path = root.join("registry.log");
@@ -243,6 +311,7 @@ impl Registry {
             // Replaced once the log names the port.
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             basic_auth: options.basic_auth,
+            ca_pem: tls.map(|files| files.ca_pem),
             log_path,
             dir,
         };
@@ -250,7 +319,8 @@ impl Registry {
         Ok(registry)
     }
 
-    /// Waits for the "listening on" log line, then for `GET /v2/` to answer.
+    /// Waits for the "listening on" log line, then for `GET /v2/` to answer
+    /// (over TLS: for a TCP connection to be accepted).
     async fn wait_ready(&mut self) -> Result<(), Error> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last_error = String::from("it has not logged its address yet");
@@ -266,7 +336,14 @@ impl Registry {
             {
                 self.addr = addr;
             }
-            if self.addr.port() != 0 {
+            if self.addr.port() != 0 && self.ca_pem.is_some() {
+                let connect = tokio::time::timeout(HTTP_TIMEOUT, TcpStream::connect(self.addr));
+                match connect.await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err(error)) => last_error = format!("connecting: {error}"),
+                    Err(_) => last_error = format!("connecting took over {HTTP_TIMEOUT:?}"),
+                }
+            } else if self.addr.port() != 0 {
                 match send(self.addr, &Request::get("/v2/")).await {
                     Ok(response) if matches!(response.status, 200 | 401) => return Ok(()),
                     Ok(response) => last_error = format!("GET /v2/ answered {}", response.status),
@@ -301,6 +378,12 @@ impl Registry {
             .map(|(user, password)| (user.as_str(), password.as_str()))
     }
 
+    /// The PEM certificate of the CA clients must trust, when the registry
+    /// serves TLS ([`Registry::start_tls`]); `None` for plain HTTP.
+    pub fn ca_pem_path(&self) -> Option<&Path> {
+        self.ca_pem.as_deref()
+    }
+
     /// The registry's log so far (startup and access log), for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_else(|error| {
@@ -314,11 +397,22 @@ impl Registry {
     }
 
     /// A client that talks to this registry directly, with its credentials.
+    ///
+    /// # Panics
+    ///
+    /// If the registry serves TLS: the client speaks plain HTTP only.
     pub fn client(&self) -> RegistryClient {
+        assert!(
+            self.ca_pem.is_none(),
+            "the registry on {} serves TLS; the fixture's raw client speaks plain HTTP \
+             (push with `wasmlet image push` and a config naming the CA)",
+            self.addr
+        );
         RegistryClient::new(self.addr, self.basic_auth.clone())
     }
 
-    /// Pushes an image directly; see [`RegistryClient::push_image`].
+    /// Pushes an image directly over plain HTTP; see
+    /// [`RegistryClient::push_image`].
     pub async fn push_image(
         &self,
         repo: &str,
@@ -340,7 +434,8 @@ impl Registry {
             .await
     }
 
-    /// Pushes an OCI image index directly; see [`RegistryClient::push_index`].
+    /// Pushes an OCI image index directly over plain HTTP; see
+    /// [`RegistryClient::push_index`].
     pub async fn push_index(
         &self,
         repo: &str,
@@ -361,7 +456,7 @@ impl Drop for Registry {
 
 /// The registry's configuration. Written as JSON, which YAML parsers accept,
 /// so that paths need no YAML quoting.
-fn registry_config(root: &Path, htpasswd: Option<&Path>) -> String {
+fn registry_config(root: &Path, htpasswd: Option<&Path>, tls: Option<&TlsFiles>) -> String {
     let mut config = serde_json::json!({
         "version": "0.1",
         "log": {
@@ -378,6 +473,12 @@ fn registry_config(root: &Path, htpasswd: Option<&Path>) -> String {
             "secret": format!("wasmlet-{}", std::process::id()),
         },
     });
+    if let Some(files) = tls {
+        config["http"]["tls"] = serde_json::json!({
+            "certificate": files.certificate,
+            "key": files.key,
+        });
+    }
     if let Some(path) = htpasswd {
         config["auth"] = serde_json::json!({
             "htpasswd": { "realm": AUTH_REALM, "path": path },
@@ -414,6 +515,108 @@ async fn write_htpasswd(root: &Path, user: &str, password: &str) -> Result<PathB
     Ok(path)
 }
 
+/// The `openssl` config the TLS files are made with: the names of the
+/// certificates and the extensions of each. Passed explicitly so that the
+/// system's `openssl.cnf` adds nothing.
+const OPENSSL_CONFIG: &str = "\
+[req]
+distinguished_name = subject
+prompt = no
+
+[subject]
+CN = wasmlet-conformance throwaway CA
+
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+";
+
+/// How the TLS files are made, one `openssl` command line per step, every
+/// file named relative to the registry's directory where they run: a CA, a
+/// key and certificate request for the server, the certificate the CA signs
+/// (P-256 keys, valid two days), and a check that it is accepted for a TLS
+/// server at `127.0.0.1`.
+const OPENSSL_STEPS: [(&str, &str); 4] = [
+    (
+        "make the CA",
+        "req -x509 -config openssl.cnf -extensions ca -days 2 \
+         -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+         -keyout ca.key -out ca.pem",
+    ),
+    (
+        "make the server's certificate request",
+        "req -new -config openssl.cnf -subj /CN=127.0.0.1 \
+         -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+         -keyout server.key -out server.csr",
+    ),
+    (
+        "sign the server certificate",
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key \
+         -CAserial ca.srl -CAcreateserial -days 2 \
+         -extfile openssl.cnf -extensions server -out server.pem",
+    ),
+    (
+        "verify the server certificate",
+        "verify -CAfile ca.pem -purpose sslserver -verify_ip 127.0.0.1 server.pem",
+    ),
+];
+
+/// Makes a TLS registry's files in `root` with [`OPENSSL_STEPS`].
+async fn write_tls_files(root: &Path) -> Result<TlsFiles, Error> {
+    write_file(&root.join("openssl.cnf"), OPENSSL_CONFIG.as_bytes())?;
+    for (step, command_line) in OPENSSL_STEPS {
+        let args: Vec<&str> = command_line.split_whitespace().collect();
+        openssl(root, step, &args).await?;
+    }
+    Ok(TlsFiles {
+        ca_pem: root.join("ca.pem"),
+        certificate: root.join("server.pem"),
+        key: root.join("server.key"),
+    })
+}
+
+/// Runs `openssl ARGS` in `root`, at most [`OPENSSL_TIMEOUT`].
+async fn openssl(root: &Path, step: &'static str, args: &[&str]) -> Result<(), Error> {
+    let output = tokio::process::Command::new(OPENSSL_BINARY)
+        .args(args)
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(OPENSSL_TIMEOUT, output)
+        .await
+        .map_err(|_| Error::OpensslTimeout {
+            step,
+            timeout: OPENSSL_TIMEOUT,
+        })?
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => Error::NotInstalled {
+                program: OPENSSL_BINARY,
+            },
+            _ => Error::Spawn {
+                program: OPENSSL_BINARY,
+                source,
+            },
+        })?;
+    if !output.status.success() {
+        return Err(Error::Openssl {
+            step,
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    Ok(())
+}
+
 fn write_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
     std::fs::write(path, contents).map_err(|source| Error::Io {
         action: "write",
@@ -422,11 +625,12 @@ fn write_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
     })
 }
 
-/// The address in the registry's `listening on 127.0.0.1:PORT` log line.
+/// The address in the registry's `listening on 127.0.0.1:PORT` log line
+/// (`listening on 127.0.0.1:PORT, tls` when it serves TLS).
 fn listening_addr(log: &str) -> Option<SocketAddr> {
     let (_, rest) = log.split_once("listening on ")?;
     let end = rest
-        .find(|c: char| c == '"' || c.is_whitespace())
+        .find(|c: char| c == '"' || c == ',' || c.is_whitespace())
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
@@ -1033,6 +1237,12 @@ mod tests {
         assert_eq!(
             listening_addr(log),
             Some("127.0.0.1:42463".parse().unwrap())
+        );
+        let tls =
+            "time=\"t\" level=info msg=\"listening on 127.0.0.1:41499, tls\" go.version=go1.19.8\n";
+        assert_eq!(
+            listening_addr(tls),
+            Some("127.0.0.1:41499".parse().unwrap())
         );
         assert_eq!(listening_addr("msg=\"starting\""), None);
     }

@@ -16,7 +16,7 @@ pub fn code(e: &Error) -> Code {
         Error::Registry { kind, .. } => match kind {
             RegistryFailure::Unauthorized => Code::PermissionDenied,
             RegistryFailure::NotFound => Code::NotFound,
-            RegistryFailure::Unavailable => Code::Unavailable,
+            RegistryFailure::Unavailable | RegistryFailure::Untrusted => Code::Unavailable,
             RegistryFailure::Corrupt => Code::DataLoss,
             RegistryFailure::TooLarge => Code::ResourceExhausted,
             RegistryFailure::NotWasm | RegistryFailure::Invalid => Code::InvalidArgument,
@@ -108,6 +108,7 @@ mod tests {
             ),
             (registry(RegistryFailure::NotFound), Code::NotFound),
             (registry(RegistryFailure::Unavailable), Code::Unavailable),
+            (registry(RegistryFailure::Untrusted), Code::Unavailable),
             (registry(RegistryFailure::Corrupt), Code::DataLoss),
             (registry(RegistryFailure::TooLarge), Code::ResourceExhausted),
             (registry(RegistryFailure::NotWasm), Code::InvalidArgument),

@@ -20,6 +20,7 @@ mod registry_fixture;
 mod restart;
 mod runtime_info;
 mod sandbox;
+mod tls;
 
 /// The sample guests, as imported by the fixture (see `wasm_samples::ALL`).
 const ECHO_P1: &str = "wasmlet.local/samples/echo:p1";
