@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Guest crates (directory and package name).
-const GUESTS: &[&str] = &["echo", "ticker", "trap", "spin", "sleeper"];
+const GUESTS: &[&str] = &["echo", "ticker", "trap", "spin", "sleeper", "hog"];
 
 /// The constants of the lib: (constant name, target, guest, image reference).
 const SAMPLES: &[(&str, &str, &str, &str)] = &[
@@ -51,6 +51,12 @@ const SAMPLES: &[(&str, &str, &str, &str)] = &[
         "wasm32-wasip1",
         "sleeper",
         "wasmlet.local/samples/sleeper:p1",
+    ),
+    (
+        "HOG_P1",
+        "wasm32-wasip1",
+        "hog",
+        "wasmlet.local/samples/hog:p1",
     ),
 ];
 

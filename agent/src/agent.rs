@@ -16,6 +16,7 @@ use crate::engine::{GuestConfig, Preopen, Prepared, WasmEngine};
 use crate::error::{Error, Result};
 use crate::ids::{ContainerId, SandboxId};
 use crate::image::{FsUsage, ImageRecord, ImageStore, WasmKind};
+use crate::limits::{MemoryLimiter, PodMemory};
 use crate::logs::{ContainerLog, Stream};
 use crate::registry::{Credentials, Registry, RegistryConfig};
 use crate::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
@@ -129,6 +130,8 @@ struct Inner {
     creating: tokio::sync::Mutex<()>,
     /// Bounds background compiles of pulled images.
     compile_slots: tokio::sync::Semaphore,
+    /// Each pod's memory account, shared by its containers' limiters.
+    pod_memory: Mutex<HashMap<SandboxId, Arc<PodMemory>>>,
 }
 
 /// WASI preview1 has no current directory: wasi-libc resolves relative
@@ -291,6 +294,7 @@ impl Agent {
                 registry: Registry::new(config.registry)?,
                 pulls: Mutex::new(HashMap::new()),
                 compile_slots: tokio::sync::Semaphore::new(config.compile_parallelism.max(1)),
+                pod_memory: Mutex::new(HashMap::new()),
                 sandboxes: RwLock::new(sandboxes),
                 containers: RwLock::new(containers),
                 creating: tokio::sync::Mutex::new(()),
@@ -411,6 +415,7 @@ impl Agent {
             self.remove_container_files(c);
         }
         write(&self.inner.sandboxes).remove(id);
+        lock(&self.inner.pod_memory).remove(id);
         tracing::info!(sandbox_id = %id, containers = ids.len(), "pod sandbox removed");
         Ok(())
     }
@@ -588,7 +593,22 @@ impl Agent {
                 });
             }
         };
-        match self.instantiate(&entry, &record, log.clone()).await {
+        let limiter = MemoryLimiter::new(
+            record.spec.resources.memory_limit_bytes,
+            self.pod_memory(&sandbox),
+        );
+        let oom = limiter.oom_flag();
+        let memory_limit = record.spec.resources.memory_limit_bytes;
+        let memory_note = move |message: &str| match memory_limit {
+            Some(limit) => format!(
+                "the guest reached its memory limit ({limit} bytes, or its pod's): {message}"
+            ),
+            None => format!("the guest reached its pod's memory limit: {message}"),
+        };
+        match self
+            .instantiate(&entry, &record, log.clone(), limiter)
+            .await
+        {
             Ok(guest) => {
                 let agent = self.clone();
                 let entry = entry.clone();
@@ -598,7 +618,11 @@ impl Agent {
                             if !exit.message.is_empty() {
                                 log.write_line(Stream::Stderr, &exit.message);
                             }
-                            ExitStatus::guest(exit.code, exit.message)
+                            if exit.code != 0 && oom.load(std::sync::atomic::Ordering::Relaxed) {
+                                ExitStatus::oom_killed(memory_note(&exit.message))
+                            } else {
+                                ExitStatus::guest(exit.code, exit.message)
+                            }
                         }
                         why = kill_rx => ExitStatus::killed(why.unwrap_or("the runtime stopped it")),
                     };
@@ -611,7 +635,12 @@ impl Agent {
             Err(reason) => {
                 log.write_line(Stream::Stderr, &format!("wasmlet: {reason}"));
                 log.close();
-                self.finish(&entry, ExitStatus::start_error(reason.clone()));
+                let status = if oom.load(std::sync::atomic::Ordering::Relaxed) {
+                    ExitStatus::oom_killed(memory_note(&reason))
+                } else {
+                    ExitStatus::start_error(reason.clone())
+                };
+                self.finish(&entry, status);
                 Err(Error::StartFailed {
                     id: id.to_string(),
                     reason,
@@ -625,6 +654,7 @@ impl Agent {
         entry: &ContainerEntry,
         record: &ContainerRecord,
         log: ContainerLog,
+        limiter: MemoryLimiter,
     ) -> std::result::Result<crate::engine::Guest, String> {
         let image = self
             .inner
@@ -675,6 +705,7 @@ impl Agent {
             preopens,
             working_dir: (!working_dir.is_empty()).then_some(working_dir),
             log,
+            limiter,
         };
         self.inner.engine.instantiate(&prepared, config).await
     }
@@ -745,6 +776,14 @@ impl Agent {
             });
         }
         Ok(preopens)
+    }
+
+    /// The memory account of a pod, made on first use.
+    fn pod_memory(&self, sandbox: &SandboxRecord) -> Arc<PodMemory> {
+        lock(&self.inner.pod_memory)
+            .entry(sandbox.id.clone())
+            .or_insert_with(|| PodMemory::new(sandbox.spec.resources.memory_limit_bytes))
+            .clone()
     }
 
     fn container_dir(&self, id: &ContainerId) -> PathBuf {

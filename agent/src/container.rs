@@ -44,6 +44,15 @@ pub struct ContainerSpec {
     pub annotations: BTreeMap<String, String>,
     /// Relative to the sandbox's log directory.
     pub log_path: String,
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// Resource limits, as the kubelet gives them (Linux container resources).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Caps the sum of the guest's linear memories and tables.
+    pub memory_limit_bytes: Option<u64>,
 }
 
 /// The states of a container, as CRI names them.
@@ -105,6 +114,15 @@ impl ExitStatus {
         Self {
             code: 128,
             reason: "StartError".to_owned(),
+            message,
+        }
+    }
+
+    /// The guest died after growing its memory past a limit was refused.
+    pub fn oom_killed(message: String) -> Self {
+        Self {
+            code: 137,
+            reason: "OOMKilled".to_owned(),
             message,
         }
     }

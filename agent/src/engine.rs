@@ -23,6 +23,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, Wasi
 use crate::artifacts::{ArtifactStore, Compiled};
 use crate::ids::Digest;
 use crate::image::WasmKind;
+use crate::limits::MemoryLimiter;
 use crate::logs::{ContainerLog, Stream};
 
 /// How often the epoch advances; a running guest yields at least this often.
@@ -34,12 +35,14 @@ pub const TRAP_EXIT_CODE: i32 = 134;
 /// Store data of a core-module (WASI preview1) guest.
 pub struct P1State {
     wasi: WasiP1Ctx,
+    limiter: MemoryLimiter,
 }
 
 /// Store data of a component (WASI 0.2) guest.
 pub struct P2State {
     wasi: WasiCtx,
     table: ResourceTable,
+    limiter: MemoryLimiter,
 }
 
 impl WasiView for P2State {
@@ -73,6 +76,8 @@ pub struct GuestConfig {
     pub preopens: Vec<Preopen>,
     pub working_dir: Option<String>,
     pub log: ContainerLog,
+    /// Charges the guest's memories and tables to its limits.
+    pub limiter: MemoryLimiter,
 }
 
 /// How a guest ended by itself.
@@ -382,8 +387,10 @@ impl WasmEngine {
                     &self.engine,
                     P1State {
                         wasi: builder.build_p1(),
+                        limiter: config.limiter,
                     },
                 );
+                store.limiter(|s| &mut s.limiter);
                 store.epoch_deadline_async_yield_and_update(1);
                 let instance = pre
                     .instantiate_async(&mut store)
@@ -400,8 +407,10 @@ impl WasmEngine {
                     P2State {
                         wasi: builder.build(),
                         table: ResourceTable::new(),
+                        limiter: config.limiter,
                     },
                 );
+                store.limiter(|s| &mut s.limiter);
                 store.epoch_deadline_async_yield_and_update(1);
                 let command = pre
                     .instantiate_async(&mut store)
@@ -492,7 +501,37 @@ mod tests {
             preopens: vec![],
             working_dir: None,
             log: log.clone(),
+            limiter: MemoryLimiter::new(None, crate::limits::PodMemory::new(None)),
         }
+    }
+
+    #[tokio::test]
+    async fn memory_growth_past_the_limit_fails_and_is_flagged() {
+        let engine = WasmEngine::new(None).unwrap();
+        // Grows one page at a time until memory.grow fails, then traps.
+        let bytes = wat::parse_str(
+            r#"(module
+            (memory (export "memory") 1)
+            (func (export "_start")
+                (loop $grow
+                    (br_if $grow (i32.ne (memory.grow (i32.const 1)) (i32.const -1))))
+                unreachable))"#,
+        )
+        .unwrap();
+        let pre = engine
+            .prepare(&Digest::of(&bytes), WasmKind::Module, &bytes)
+            .unwrap();
+        let (_d, log, _) = log();
+        let pod = crate::limits::PodMemory::new(None);
+        let mut config = config(&log);
+        config.limiter = MemoryLimiter::new(Some(4 * 65536), pod.clone());
+        let oom = config.limiter.oom_flag();
+        let guest = engine.instantiate(&pre, config).await.unwrap();
+        assert_eq!(pod.used(), 65536, "the initial page is charged");
+        let exit = guest.run().await;
+        assert_eq!(exit.code, TRAP_EXIT_CODE);
+        assert!(oom.load(std::sync::atomic::Ordering::Relaxed));
+        assert_eq!(pod.used(), 0, "the store's memory is released when it ends");
     }
 
     const EXIT_7: &str = r#"(module

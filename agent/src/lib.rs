@@ -16,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod ids;
 pub mod image;
+pub mod limits;
 pub mod logs;
 pub mod registry;
 pub mod rootfs;

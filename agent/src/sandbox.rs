@@ -30,6 +30,9 @@ pub struct SandboxSpec {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub runtime_handler: String,
+    /// Pod-level limits (the kubelet's pod resources), over all containers.
+    #[serde(default)]
+    pub resources: crate::container::Resources,
 }
 
 /// The states of a sandbox, as CRI names them.

@@ -17,6 +17,7 @@ mod error;
 pub mod fault_proxy;
 mod log;
 pub mod registry;
+pub mod token_server;
 
 pub use client::{CriClient, DEFAULT_RPC_TIMEOUT, KUBELET_API_VERSION};
 pub use config::{

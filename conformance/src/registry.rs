@@ -5,7 +5,10 @@
 //! package, installed by `scripts/setup`) on `127.0.0.1` with its storage, config
 //! and log in a private temporary directory, optionally behind HTTP basic auth,
 //! and either over plain HTTP ([`Registry::start`]) or over HTTPS with a
-//! throwaway CA made by the `openssl` CLI ([`Registry::start_tls`]).
+//! throwaway CA made by the `openssl` CLI ([`Registry::start_tls`]). It can
+//! also authorize with bearer tokens from a
+//! [`TokenServer`](crate::token_server::TokenServer), as Docker Hub, GHCR and
+//! Harbor do ([`Registry::start_token`]).
 //! [`RegistryClient`] pushes blobs, manifests and indexes through the
 //! distribution API exactly as bytes are given, so tests control every digest
 //! and media type. [`send`] is the raw client underneath, also used to observe
@@ -32,6 +35,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+
+use crate::token_server::TokenServer;
 
 /// Where `scripts/setup` installs the registry.
 pub const REGISTRY_BINARY: &str = "/usr/bin/docker-registry";
@@ -224,7 +229,23 @@ impl Registry {
     /// The registry listens on `127.0.0.1:0` and the port it picked is read
     /// from its log, so no port is ever raced for.
     pub async fn start(options: RegistryOptions) -> Result<Registry, Error> {
-        Registry::launch(options, false).await
+        Registry::launch(options, false, None).await
+    }
+
+    /// Starts a plain-HTTP registry that authorizes every request with a
+    /// bearer token issued by `tokens`, and waits until it answers
+    /// `GET /v2/` (401), at most [`READY_TIMEOUT`].
+    ///
+    /// Its challenges send clients to [`TokenServer::realm`] for service
+    /// [`SERVICE`](crate::token_server::SERVICE), and it accepts tokens
+    /// signed by the certificate [`TokenServer::certificate_path`] names
+    /// and issued by [`ISSUER`](crate::token_server::ISSUER). What a client
+    /// may do is decided by the token server's policy alone.
+    ///
+    /// [`Registry::client`] and the pushes built on it send no token, so
+    /// they are refused; push with `wasmlet image push` instead.
+    pub async fn start_token(tokens: &TokenServer) -> Result<Registry, Error> {
+        Registry::launch(RegistryOptions::default(), false, Some(tokens)).await
     }
 
     /// Starts a registry serving HTTPS only, on a free loopback port, with a
@@ -243,10 +264,14 @@ impl Registry {
     /// [`Registry::push_index`] speak plain HTTP and cannot be used with it;
     /// push with `wasmlet image push` and a config naming the CA instead.
     pub async fn start_tls(options: RegistryOptions) -> Result<Registry, Error> {
-        Registry::launch(options, true).await
+        Registry::launch(options, true, None).await
     }
 
-    async fn launch(options: RegistryOptions, tls: bool) -> Result<Registry, Error> {
+    async fn launch(
+        options: RegistryOptions,
+        tls: bool,
+        tokens: Option<&TokenServer>,
+    ) -> Result<Registry, Error> {
         let dir = tempfile::Builder::new()
             .prefix("wasmlet-registry-")
             .tempdir()
@@ -267,7 +292,7 @@ impl Registry {
             None
         };
         let config_path = root.join("config.yml");
-        let config = registry_config(root, htpasswd.as_deref(), tls.as_ref());
+        let config = registry_config(root, htpasswd.as_deref(), tls.as_ref(), tokens);
         write_file(&config_path, config.as_bytes())?;
 
         let log_path = root.join("registry.log");
@@ -456,7 +481,12 @@ impl Drop for Registry {
 
 /// The registry's configuration. Written as JSON, which YAML parsers accept,
 /// so that paths need no YAML quoting.
-fn registry_config(root: &Path, htpasswd: Option<&Path>, tls: Option<&TlsFiles>) -> String {
+fn registry_config(
+    root: &Path,
+    htpasswd: Option<&Path>,
+    tls: Option<&TlsFiles>,
+    tokens: Option<&TokenServer>,
+) -> String {
     let mut config = serde_json::json!({
         "version": "0.1",
         "log": {
@@ -482,6 +512,16 @@ fn registry_config(root: &Path, htpasswd: Option<&Path>, tls: Option<&TlsFiles>)
     if let Some(path) = htpasswd {
         config["auth"] = serde_json::json!({
             "htpasswd": { "realm": AUTH_REALM, "path": path },
+        });
+    }
+    if let Some(tokens) = tokens {
+        config["auth"] = serde_json::json!({
+            "token": {
+                "realm": tokens.realm(),
+                "service": crate::token_server::SERVICE,
+                "issuer": crate::token_server::ISSUER,
+                "rootcertbundle": tokens.certificate_path(),
+            },
         });
     }
     config.to_string()
@@ -585,7 +625,7 @@ async fn write_tls_files(root: &Path) -> Result<TlsFiles, Error> {
 }
 
 /// Runs `openssl ARGS` in `root`, at most [`OPENSSL_TIMEOUT`].
-async fn openssl(root: &Path, step: &'static str, args: &[&str]) -> Result<(), Error> {
+pub(crate) async fn openssl(root: &Path, step: &'static str, args: &[&str]) -> Result<(), Error> {
     let output = tokio::process::Command::new(OPENSSL_BINARY)
         .args(args)
         .current_dir(root)
@@ -617,7 +657,7 @@ async fn openssl(root: &Path, step: &'static str, args: &[&str]) -> Result<(), E
     Ok(())
 }
 
-fn write_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
+pub(crate) fn write_file(path: &Path, contents: &[u8]) -> Result<(), Error> {
     std::fs::write(path, contents).map_err(|source| Error::Io {
         action: "write",
         path: path.to_owned(),
@@ -980,7 +1020,7 @@ pub async fn send(addr: SocketAddr, request: &Request) -> Result<Response, Error
 }
 
 /// Standard base64 with padding, for `Authorization: Basic`.
-fn base64(bytes: &[u8]) -> String {
+pub(crate) fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use wasmlet_agent::container::{
     ContainerFilter, ContainerMetadata, ContainerRecord, ContainerSpec, ContainerState, Mount,
+    Resources,
 };
 use wasmlet_agent::ids::{ContainerId, SandboxId};
 use wasmlet_agent::image::ImageRecord;
@@ -49,7 +50,20 @@ pub fn sandbox_spec(
         labels: btree(config.labels),
         annotations: btree(config.annotations),
         runtime_handler,
+        resources: resources(config.linux.and_then(|l| l.resources)),
     })
+}
+
+/// Linux resources as the kubelet sends them; 0 means unset.
+fn resources(r: Option<cri::LinuxContainerResources>) -> Resources {
+    let Some(r) = r else {
+        return Resources::default();
+    };
+    Resources {
+        memory_limit_bytes: u64::try_from(r.memory_limit_in_bytes)
+            .ok()
+            .filter(|b| *b > 0),
+    }
 }
 
 pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerSpec> {
@@ -101,6 +115,7 @@ pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerS
         labels: btree(config.labels),
         annotations: btree(config.annotations),
         log_path: config.log_path,
+        resources: resources(config.linux.and_then(|l| l.resources)),
     })
 }
 

@@ -30,6 +30,9 @@
 //! - `trap` prints `about to trap` and executes `unreachable` (a wasm trap).
 //! - `spin` prints `spinning` and then loops forever without host calls.
 //! - `sleeper` prints `sleeping` and then sleeps forever.
+//! - `hog` allocates memory 1 MiB at a time (printing `holding N MiB`)
+//!   until an allocation fails, or up to `HOG_LIMIT_MIB` and exits 0 (or,
+//!   with `HOG_HOLD`, keeps holding it forever).
 //!
 //! ```
 //! let module = std::fs::read(wasm_samples::ECHO_P1).unwrap();
@@ -67,7 +70,7 @@ mod tests {
             assert_eq!(magic(path), expected, "{image}: {path}");
         }
         assert_eq!(magic(ECHO_P2), COMPONENT);
-        for path in [ECHO_P1, TICKER_P1, TRAP_P1, SPIN_P1, SLEEPER_P1] {
+        for path in [ECHO_P1, TICKER_P1, TRAP_P1, SPIN_P1, SLEEPER_P1, HOG_P1] {
             assert_eq!(magic(path), CORE_MODULE, "{path}");
         }
     }
@@ -81,6 +84,6 @@ mod tests {
                 assert_ne!(path, other_path);
             }
         }
-        assert_eq!(ALL.len(), 6);
+        assert_eq!(ALL.len(), 7);
     }
 }

@@ -14,6 +14,7 @@ mod container;
 mod daemon_lifecycle;
 mod exec_wasm;
 mod image;
+mod limits;
 mod play;
 mod pull;
 mod registry_fixture;
@@ -21,6 +22,7 @@ mod restart;
 mod runtime_info;
 mod sandbox;
 mod tls;
+mod token_auth;
 
 /// The sample guests, as imported by the fixture (see `wasm_samples::ALL`).
 const ECHO_P1: &str = "wasmlet.local/samples/echo:p1";
@@ -29,6 +31,7 @@ const TICKER_P1: &str = "wasmlet.local/samples/ticker:p1";
 const TRAP_P1: &str = "wasmlet.local/samples/trap:p1";
 const SPIN_P1: &str = "wasmlet.local/samples/spin:p1";
 const SLEEPER_P1: &str = "wasmlet.local/samples/sleeper:p1";
+const HOG_P1: &str = "wasmlet.local/samples/hog:p1";
 
 /// An id in the shape runtimes use that no runtime has handed out.
 const UNKNOWN_ID: &str = "0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de";

@@ -1,0 +1,178 @@
+//! Memory limits, enforced inside wasmtime: every linear memory and table a
+//! guest allocates or grows is charged to its container and, when the pod
+//! has a limit of its own, to its pod. Growth past a limit fails as the Wasm
+//! spec allows (`memory.grow` returns -1); a guest that dies of it is
+//! reported `OOMKilled`, as the kubelet expects.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// The most instances one store may hold (a component instantiates a few
+/// core instances; a module one).
+pub const MAX_INSTANCES: usize = 1_000;
+/// The most tables and memories one store may hold.
+pub const MAX_TABLES: usize = 1_000;
+pub const MAX_MEMORIES: usize = 100;
+/// The most elements one table may have, whatever the memory limit.
+pub const MAX_TABLE_ELEMENTS: usize = 10_000_000;
+/// What a table element is charged (a pointer).
+const TABLE_ELEMENT_BYTES: u64 = 8;
+
+/// A pod's shared memory account.
+#[derive(Debug, Default)]
+pub struct PodMemory {
+    limit: Option<u64>,
+    used: AtomicU64,
+}
+
+impl PodMemory {
+    pub fn new(limit: Option<u64>) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            used: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes charged to the pod now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_charge(&self, bytes: u64) -> bool {
+        let Some(limit) = self.limit else {
+            self.used.fetch_add(bytes, Ordering::Relaxed);
+            return true;
+        };
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= limit)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+}
+
+/// One guest's limiter, kept in its store.
+pub struct MemoryLimiter {
+    limit: Option<u64>,
+    pod: Arc<PodMemory>,
+    used: u64,
+    oom: Arc<AtomicBool>,
+}
+
+impl MemoryLimiter {
+    /// A limiter charging `limit` (if any) and `pod`.
+    pub fn new(limit: Option<u64>, pod: Arc<PodMemory>) -> Self {
+        Self {
+            limit,
+            pod,
+            used: 0,
+            oom: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Set once growth was refused for a limit; the guest's end is then
+    /// reported as OOMKilled.
+    pub fn oom_flag(&self) -> Arc<AtomicBool> {
+        self.oom.clone()
+    }
+
+    fn charge(&mut self, bytes: u64) -> bool {
+        if self
+            .limit
+            .is_some_and(|l| self.used.saturating_add(bytes) > l)
+            || !self.pod.try_charge(bytes)
+        {
+            self.oom.store(true, Ordering::Relaxed);
+            return false;
+        }
+        self.used += bytes;
+        true
+    }
+}
+
+impl Drop for MemoryLimiter {
+    fn drop(&mut self) {
+        self.pod.release(self.used);
+    }
+}
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(self.charge(desired.saturating_sub(current) as u64))
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        Ok(self.charge(desired.saturating_sub(current) as u64 * TABLE_ELEMENT_BYTES))
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    #[test]
+    fn container_and_pod_limits_both_hold_and_are_released() {
+        let pod = PodMemory::new(Some(100));
+        let mut a = MemoryLimiter::new(Some(60), pod.clone());
+        let mut b = MemoryLimiter::new(None, pod.clone());
+        assert!(a.memory_growing(0, 50, None).unwrap());
+        assert!(!a.memory_growing(50, 70, None).unwrap(), "container limit");
+        assert!(a.oom_flag().load(Ordering::Relaxed));
+        assert!(b.memory_growing(0, 50, None).unwrap());
+        assert!(!b.memory_growing(50, 51, None).unwrap(), "pod limit");
+        assert_eq!(pod.used(), 100);
+        drop(a);
+        assert_eq!(pod.used(), 50);
+        assert!(b.memory_growing(50, 90, None).unwrap());
+        drop(b);
+        assert_eq!(pod.used(), 0);
+    }
+
+    #[test]
+    fn tables_count_and_are_capped() {
+        let pod = PodMemory::new(None);
+        let mut l = MemoryLimiter::new(Some(80), pod);
+        assert!(l.table_growing(0, 10, None).unwrap());
+        assert!(!l.table_growing(10, 11, None).unwrap());
+        let mut unlimited = MemoryLimiter::new(None, PodMemory::new(None));
+        assert!(
+            !unlimited
+                .table_growing(0, MAX_TABLE_ELEMENTS + 1, None)
+                .unwrap()
+        );
+    }
+}
