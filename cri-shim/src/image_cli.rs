@@ -23,6 +23,16 @@ pub struct RegistryLogin {
 }
 
 impl RegistryLogin {
+    /// The login as CRI's AuthConfig, if one was given.
+    pub fn auth_config(&self) -> anyhow::Result<Option<cri::AuthConfig>> {
+        let credentials = self.credentials()?;
+        Ok((!credentials.username.is_empty()).then(|| cri::AuthConfig {
+            username: credentials.username,
+            password: credentials.password,
+            ..Default::default()
+        }))
+    }
+
     fn credentials(&self) -> anyhow::Result<Credentials> {
         let Some(username) = &self.username else {
             return Ok(Credentials::default());
@@ -125,12 +135,7 @@ pub async fn run(settings: Settings, command: ImageCommand) -> anyhow::Result<()
             println!("{digest}");
         }
         ImageCommand::Pull { reference, login } => {
-            let credentials = login.credentials()?;
-            let auth = (!credentials.username.is_empty()).then(|| cri::AuthConfig {
-                username: credentials.username,
-                password: credentials.password,
-                ..Default::default()
-            });
+            let auth = login.auth_config()?;
             let reply = images(&settings)
                 .await?
                 .pull_image(cri::PullImageRequest {

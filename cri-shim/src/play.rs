@@ -52,6 +52,10 @@ pub struct PlayArgs {
     /// Stop the pod and fail after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    /// Registry credentials for the pod's images (what an imagePullSecret
+    /// gives the kubelet), passed in PullImage's AuthConfig.
+    #[command(flatten)]
+    pub login: crate::image_cli::RegistryLogin,
 }
 
 /// A `--image REF=FILE.wasm`.
@@ -231,8 +235,9 @@ async fn play(settings: Settings, args: PlayArgs) -> anyhow::Result<i32> {
     let started = tokio::time::Instant::now();
     let manifest = Pod::load(&args.manifest)?;
     let mut signals = Signals::install()?;
+    let auth = args.login.auth_config()?;
     let (runtime, channel) = Runtime::connect(&settings, &args.images).await?;
-    let mut pod = match PodRun::new(channel, manifest) {
+    let mut pod = match PodRun::new(channel, manifest, auth) {
         Ok(pod) => pod,
         Err(e) => {
             shutdown(runtime).await;

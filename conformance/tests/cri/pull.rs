@@ -1182,3 +1182,54 @@ spec:
     })
     .await;
 }
+
+/// `wasmlet play` passes the credentials it is given (what an
+/// imagePullSecret is to the kubelet) in PullImage; without them the pull
+/// from a registry that requires them is refused.
+#[tokio::test]
+async fn play_pulls_from_a_registry_with_credentials() {
+    bounded(async {
+        let registry = auth_registry().await;
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        let (file, _) = sample_file(dir, wasm_samples::ECHO_P1, "play-auth");
+        let reference = format!("{}/{REPO}:play-auth", registry.host());
+        Wasmlet::push(&file, &reference, Some((USER, PASSWORD)));
+        let config = dir.join("wasmlet.toml");
+        std::fs::write(&config, registry_config(&[&registry.host()], "")).unwrap();
+        let manifest = dir.join("pod.yaml");
+        std::fs::write(
+            &manifest,
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pulled\nspec:\n  restartPolicy: Never\n  containers:\n    - name: echo\n      image: {reference}\n      args: [hello, from the registry]\n"
+            ),
+        )
+        .unwrap();
+        let socket = dir.join("none.sock");
+        let play = |login: bool| {
+            let mut args = vec![
+                OsStr::new("--config"),
+                config.as_os_str(),
+                OsStr::new("--socket"),
+                socket.as_os_str(),
+                OsStr::new("play"),
+            ];
+            if login {
+                args.extend([OsStr::new("--username"), OsStr::new(USER), OsStr::new("--password-stdin")]);
+            }
+            args.push(manifest.as_os_str());
+            Wasmlet::run(args, login.then_some(PASSWORD), PLAY_TIMEOUT)
+        };
+        let refused = play(false);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_ne!(refused.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains("PermissionDenied"), "{stderr}");
+
+        let output = play(true);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "---- stdout ----\n{stdout}---- stderr ----\n{stderr}");
+        assert!(stdout.lines().any(|l| l == "[echo] arg[1]=hello"), "{stdout}");
+    })
+    .await;
+}

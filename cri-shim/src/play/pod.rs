@@ -81,6 +81,8 @@ pub struct PodRun {
     pod: Pod,
     uid: String,
     sandbox_config: cri::PodSandboxConfig,
+    /// Credentials for PullImage, if the user gave any.
+    auth: Option<cri::AuthConfig>,
     sandbox_id: Option<String>,
     log_directory: PathBuf,
     volumes: BTreeMap<String, PathBuf>,
@@ -94,7 +96,7 @@ pub struct PodRun {
 impl PodRun {
     /// Prepares what the kubelet prepares before RunPodSandbox: a uid, the
     /// log directory, and the volumes.
-    pub fn new(channel: Channel, pod: Pod) -> anyhow::Result<Self> {
+    pub fn new(channel: Channel, pod: Pod, auth: Option<cri::AuthConfig>) -> anyhow::Result<Self> {
         let uid = kubelet::new_uid();
         let dir = tempfile::Builder::new()
             .prefix("wasmlet-play-")
@@ -128,6 +130,7 @@ impl PodRun {
             pod,
             uid,
             sandbox_config,
+            auth,
             sandbox_id: None,
             log_directory,
             volumes,
@@ -191,7 +194,7 @@ impl PodRun {
                 image: image.clone(),
                 ..Default::default()
             }),
-            auth: None,
+            auth: self.auth.clone(),
             sandbox_config: Some(self.sandbox_config.clone()),
         };
         let response = self.images.pull_image(request).await;
