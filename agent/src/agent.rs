@@ -20,6 +20,7 @@ use crate::limits::{MemoryLimiter, PodMemory};
 use crate::logs::{ContainerLog, Stream};
 use crate::registry::{Credentials, Registry, RegistryConfig};
 use crate::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
+use crate::stats::{GuestUsage, INSTANCE_OVERHEAD_BYTES, Metered, Usage};
 use crate::store::{Change, StateStore};
 use crate::time::Timestamp;
 
@@ -57,6 +58,10 @@ struct ContainerEntry {
     exited: watch::Sender<bool>,
     /// The image compiled at creation, or why it could not be.
     prepared: Mutex<Option<std::result::Result<Prepared, String>>>,
+    /// Resource use of the current (or last) run.
+    usage: Mutex<Option<Arc<GuestUsage>>>,
+    /// The previous CPU reading, for the rate over the interval.
+    last_sample: Mutex<Option<(Timestamp, u64)>>,
 }
 
 impl ContainerEntry {
@@ -67,6 +72,8 @@ impl ContainerEntry {
             kill: Mutex::new(None),
             exited: watch::Sender::new(exited),
             prepared: Mutex::new(None),
+            usage: Mutex::new(None),
+            last_sample: Mutex::new(None),
         })
     }
 
@@ -130,6 +137,8 @@ struct Inner {
     creating: tokio::sync::Mutex<()>,
     /// Bounds background compiles of pulled images.
     compile_slots: tokio::sync::Semaphore,
+    /// The previous CPU reading of each pod, for its rate.
+    pod_samples: Mutex<HashMap<SandboxId, (Timestamp, u64)>>,
     /// Each pod's memory account, shared by its containers' limiters.
     pod_memory: Mutex<HashMap<SandboxId, Arc<PodMemory>>>,
 }
@@ -159,6 +168,21 @@ fn working_dir_preopen(working_dir: &str, preopens: &[Preopen]) -> Option<Preope
         guest_path: ".".to_owned(),
         readonly: mount.readonly,
     })
+}
+
+/// A container's record with its resource use.
+#[derive(Clone, Debug)]
+pub struct ContainerUsage {
+    pub record: ContainerRecord,
+    pub usage: Usage,
+}
+
+/// A pod's record with its resource use and its containers'.
+#[derive(Clone, Debug)]
+pub struct PodUsage {
+    pub record: SandboxRecord,
+    pub usage: Usage,
+    pub containers: Vec<ContainerUsage>,
 }
 
 /// What a container runs: its argv and, for compat images, the program's
@@ -295,6 +319,7 @@ impl Agent {
                 pulls: Mutex::new(HashMap::new()),
                 compile_slots: tokio::sync::Semaphore::new(config.compile_parallelism.max(1)),
                 pod_memory: Mutex::new(HashMap::new()),
+                pod_samples: Mutex::new(HashMap::new()),
                 sandboxes: RwLock::new(sandboxes),
                 containers: RwLock::new(containers),
                 creating: tokio::sync::Mutex::new(()),
@@ -416,6 +441,7 @@ impl Agent {
         }
         write(&self.inner.sandboxes).remove(id);
         lock(&self.inner.pod_memory).remove(id);
+        lock(&self.inner.pod_samples).remove(id);
         tracing::info!(sandbox_id = %id, containers = ids.len(), "pod sandbox removed");
         Ok(())
     }
@@ -593,10 +619,13 @@ impl Agent {
                 });
             }
         };
+        let usage = GuestUsage::new();
+        *lock(&entry.usage) = Some(usage.clone());
         let limiter = MemoryLimiter::new(
             record.spec.resources.memory_limit_bytes,
             self.pod_memory(&sandbox),
-        );
+        )
+        .with_usage(usage.clone());
         let oom = limiter.oom_flag();
         let memory_limit = record.spec.resources.memory_limit_bytes;
         let memory_note = move |message: &str| match memory_limit {
@@ -614,7 +643,7 @@ impl Agent {
                 let entry = entry.clone();
                 self.inner.guests.handle().spawn(async move {
                     let status = tokio::select! {
-                        exit = guest.run() => {
+                        exit = Metered::new(guest.run(), usage) => {
                             if !exit.message.is_empty() {
                                 log.write_line(Stream::Stderr, &exit.message);
                             }
@@ -882,6 +911,104 @@ impl Agent {
             .collect();
         out.sort_by_key(|c| c.created_at);
         out
+    }
+
+    // ----- stats -----
+
+    fn usage_of(&self, entry: &ContainerEntry) -> ContainerUsage {
+        let record = entry.snapshot();
+        let now = Timestamp::now();
+        let guest = lock(&entry.usage).clone();
+        let cpu = guest.as_ref().map_or(0, |u| u.cpu_nanos());
+        let running = record.state.is_running();
+        let memory = guest.as_ref().map_or(0, |u| u.memory_bytes());
+        let working_set = if running {
+            memory + INSTANCE_OVERHEAD_BYTES
+        } else {
+            0
+        };
+        let nano_cores = crate::stats::nano_cores(&mut lock(&entry.last_sample), now, cpu);
+        let available = record
+            .spec
+            .resources
+            .memory_limit_bytes
+            .map(|l| l.saturating_sub(working_set));
+        ContainerUsage {
+            record,
+            usage: Usage {
+                timestamp: now,
+                cpu_nanos: cpu,
+                nano_cores,
+                working_set_bytes: working_set,
+                available_bytes: available,
+                running,
+            },
+        }
+    }
+
+    /// Resource use of one container.
+    pub fn container_stats(&self, id: &ContainerId) -> Result<ContainerUsage> {
+        let entry = self.container(id)?;
+        Ok(self.usage_of(&entry))
+    }
+
+    /// Resource use of the containers matching `filter`.
+    pub fn list_container_stats(&self, filter: &ContainerFilter) -> Vec<ContainerUsage> {
+        let entries: Vec<Arc<ContainerEntry>> =
+            read(&self.inner.containers).values().cloned().collect();
+        let mut out: Vec<ContainerUsage> = entries
+            .iter()
+            .filter(|e| filter.matches(&lock(&e.record)))
+            .map(|e| self.usage_of(e))
+            .collect();
+        out.sort_by_key(|c| c.record.created_at);
+        out
+    }
+
+    fn pod_usage(&self, sandbox: SandboxRecord) -> PodUsage {
+        let containers: Vec<ContainerUsage> = self
+            .containers_of(&sandbox.id)
+            .iter()
+            .map(|e| self.usage_of(e))
+            .collect();
+        let now = Timestamp::now();
+        let cpu: u64 = containers.iter().map(|c| c.usage.cpu_nanos).sum();
+        let working_set: u64 = containers.iter().map(|c| c.usage.working_set_bytes).sum();
+        let nano_cores = {
+            let mut samples = lock(&self.inner.pod_samples);
+            let mut last = samples.get(&sandbox.id).copied();
+            let rate = crate::stats::nano_cores(&mut last, now, cpu);
+            if let Some(l) = last {
+                samples.insert(sandbox.id.clone(), l);
+            }
+            rate
+        };
+        let limit = sandbox.spec.resources.memory_limit_bytes;
+        PodUsage {
+            usage: Usage {
+                timestamp: now,
+                cpu_nanos: cpu,
+                nano_cores,
+                working_set_bytes: working_set,
+                available_bytes: limit.map(|l| l.saturating_sub(working_set)),
+                running: containers.iter().any(|c| c.usage.running),
+            },
+            record: sandbox,
+            containers,
+        }
+    }
+
+    /// Resource use of a pod and its containers.
+    pub fn pod_sandbox_stats(&self, id: &SandboxId) -> Result<PodUsage> {
+        Ok(self.pod_usage(self.pod_sandbox_status(id)?))
+    }
+
+    /// Resource use of the pods matching `filter`.
+    pub fn list_pod_sandbox_stats(&self, filter: &SandboxFilter) -> Vec<PodUsage> {
+        self.list_pod_sandboxes(filter)
+            .into_iter()
+            .map(|s| self.pod_usage(s))
+            .collect()
     }
 
     // ----- images -----

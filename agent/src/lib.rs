@@ -21,8 +21,9 @@ pub mod logs;
 pub mod registry;
 pub mod rootfs;
 pub mod sandbox;
+pub mod stats;
 pub mod store;
 pub mod time;
 
-pub use agent::{Agent, AgentConfig, RuntimeInfo};
+pub use agent::{Agent, AgentConfig, ContainerUsage, PodUsage, RuntimeInfo};
 pub use error::{Error, Result};

@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::stats::GuestUsage;
+
 /// The most instances one store may hold (a component instantiates a few
 /// core instances; a module one).
 pub const MAX_INSTANCES: usize = 1_000;
@@ -31,6 +33,11 @@ impl PodMemory {
             limit,
             used: AtomicU64::new(0),
         })
+    }
+
+    /// The pod's own limit.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
     }
 
     /// Bytes charged to the pod now.
@@ -65,6 +72,7 @@ pub struct MemoryLimiter {
     pod: Arc<PodMemory>,
     used: u64,
     oom: Arc<AtomicBool>,
+    usage: Option<Arc<GuestUsage>>,
 }
 
 impl MemoryLimiter {
@@ -75,7 +83,19 @@ impl MemoryLimiter {
             pod,
             used: 0,
             oom: Arc::new(AtomicBool::new(false)),
+            usage: None,
         }
+    }
+
+    /// Also report the guest's committed memory to `usage` (for stats).
+    pub fn with_usage(mut self, usage: Arc<GuestUsage>) -> Self {
+        self.usage = Some(usage);
+        self
+    }
+
+    /// The container's own limit.
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
     }
 
     /// Set once growth was refused for a limit; the guest's end is then
@@ -94,6 +114,9 @@ impl MemoryLimiter {
             return false;
         }
         self.used += bytes;
+        if let Some(usage) = &self.usage {
+            usage.set_memory(self.used);
+        }
         true
     }
 }
@@ -101,6 +124,9 @@ impl MemoryLimiter {
 impl Drop for MemoryLimiter {
     fn drop(&mut self) {
         self.pod.release(self.used);
+        if let Some(usage) = &self.usage {
+            usage.set_memory(0);
+        }
     }
 }
 

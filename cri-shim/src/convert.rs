@@ -13,6 +13,8 @@ use wasmlet_agent::registry::Credentials;
 use wasmlet_agent::sandbox::{
     PodMetadata, SandboxFilter, SandboxRecord, SandboxSpec, SandboxState,
 };
+use wasmlet_agent::stats::Usage;
+use wasmlet_agent::{ContainerUsage, PodUsage};
 use wasmlet_agent::{Error, Result};
 use wasmlet_proto::cri;
 
@@ -286,6 +288,93 @@ pub fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
         resources: None,
         image_id: r.image_id.to_string(),
         user: None,
+    }
+}
+
+fn u64_value(value: u64) -> Option<cri::UInt64Value> {
+    Some(cri::UInt64Value { value })
+}
+
+fn cpu(u: &Usage) -> cri::CpuUsage {
+    cri::CpuUsage {
+        timestamp: u.timestamp.as_nanos(),
+        usage_core_nano_seconds: u64_value(u.cpu_nanos),
+        usage_nano_cores: u64_value(u.nano_cores),
+    }
+}
+
+fn memory(u: &Usage) -> cri::MemoryUsage {
+    cri::MemoryUsage {
+        timestamp: u.timestamp.as_nanos(),
+        working_set_bytes: u64_value(u.working_set_bytes),
+        available_bytes: u.available_bytes.and_then(u64_value),
+        usage_bytes: u64_value(u.working_set_bytes),
+        rss_bytes: u64_value(u.working_set_bytes),
+        page_faults: u64_value(0),
+        major_page_faults: u64_value(0),
+    }
+}
+
+pub fn container_stats(c: &ContainerUsage) -> cri::ContainerStats {
+    cri::ContainerStats {
+        attributes: Some(cri::ContainerAttributes {
+            id: c.record.id.to_string(),
+            metadata: container_metadata(&c.record),
+            labels: hash(&c.record.spec.labels),
+            annotations: hash(&c.record.spec.annotations),
+        }),
+        cpu: Some(cpu(&c.usage)),
+        memory: Some(memory(&c.usage)),
+        writable_layer: None,
+        swap: None,
+    }
+}
+
+pub fn pod_stats(p: &PodUsage) -> cri::PodSandboxStats {
+    cri::PodSandboxStats {
+        attributes: Some(cri::PodSandboxAttributes {
+            id: p.record.id.to_string(),
+            metadata: pod_metadata(&p.record),
+            labels: hash(&p.record.spec.labels),
+            annotations: hash(&p.record.spec.annotations),
+        }),
+        linux: Some(cri::LinuxPodSandboxStats {
+            cpu: Some(cpu(&p.usage)),
+            memory: Some(memory(&p.usage)),
+            network: None,
+            process: Some(cri::ProcessUsage {
+                timestamp: p.usage.timestamp.as_nanos(),
+                // Guests are instances, not processes; count running ones.
+                process_count: u64_value(
+                    p.containers.iter().filter(|c| c.usage.running).count() as u64
+                ),
+            }),
+            containers: p.containers.iter().map(container_stats).collect(),
+        }),
+        windows: None,
+    }
+}
+
+pub fn container_stats_filter(f: Option<cri::ContainerStatsFilter>) -> ContainerFilter {
+    let Some(f) = f else {
+        return ContainerFilter::default();
+    };
+    ContainerFilter {
+        id: (!f.id.is_empty()).then_some(f.id),
+        state: None,
+        sandbox_id: (!f.pod_sandbox_id.is_empty()).then_some(f.pod_sandbox_id),
+        labels: btree(f.label_selector),
+    }
+}
+
+pub fn pod_stats_filter(f: Option<cri::PodSandboxStatsFilter>) -> SandboxFilter {
+    let Some(f) = f else {
+        return SandboxFilter::default();
+    };
+    SandboxFilter {
+        id: (!f.id.is_empty()).then_some(f.id),
+        state: None,
+        labels: btree(f.label_selector),
     }
 }
 

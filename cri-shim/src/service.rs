@@ -294,42 +294,52 @@ impl RuntimeService for Cri {
 
     async fn container_stats(
         &self,
-        _: Request<cri::ContainerStatsRequest>,
+        req: Request<cri::ContainerStatsRequest>,
     ) -> Reply<cri::ContainerStatsResponse> {
-        Err(unimplemented(
-            "ContainerStats",
-            "container stats are not collected yet",
-        ))
+        let id = convert::container_id(&req.into_inner().container_id).map_err(to_status)?;
+        let usage = self.agent.container_stats(&id).map_err(to_status)?;
+        ok(cri::ContainerStatsResponse {
+            stats: Some(convert::container_stats(&usage)),
+        })
     }
 
     async fn list_container_stats(
         &self,
-        _: Request<cri::ListContainerStatsRequest>,
+        req: Request<cri::ListContainerStatsRequest>,
     ) -> Reply<cri::ListContainerStatsResponse> {
-        Err(unimplemented(
-            "ListContainerStats",
-            "container stats are not collected yet",
-        ))
+        let filter = convert::container_stats_filter(req.into_inner().filter);
+        let stats = self
+            .agent
+            .list_container_stats(&filter)
+            .iter()
+            .map(convert::container_stats)
+            .collect();
+        ok(cri::ListContainerStatsResponse { stats })
     }
 
     async fn pod_sandbox_stats(
         &self,
-        _: Request<cri::PodSandboxStatsRequest>,
+        req: Request<cri::PodSandboxStatsRequest>,
     ) -> Reply<cri::PodSandboxStatsResponse> {
-        Err(unimplemented(
-            "PodSandboxStats",
-            "pod stats are not collected yet",
-        ))
+        let id = convert::sandbox_id(&req.into_inner().pod_sandbox_id).map_err(to_status)?;
+        let usage = self.agent.pod_sandbox_stats(&id).map_err(to_status)?;
+        ok(cri::PodSandboxStatsResponse {
+            stats: Some(convert::pod_stats(&usage)),
+        })
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _: Request<cri::ListPodSandboxStatsRequest>,
+        req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Reply<cri::ListPodSandboxStatsResponse> {
-        Err(unimplemented(
-            "ListPodSandboxStats",
-            "pod stats are not collected yet",
-        ))
+        let filter = convert::pod_stats_filter(req.into_inner().filter);
+        let stats = self
+            .agent
+            .list_pod_sandbox_stats(&filter)
+            .iter()
+            .map(convert::pod_stats)
+            .collect();
+        ok(cri::ListPodSandboxStatsResponse { stats })
     }
 
     async fn update_runtime_config(

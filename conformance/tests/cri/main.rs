@@ -21,6 +21,7 @@ mod registry_fixture;
 mod restart;
 mod runtime_info;
 mod sandbox;
+mod stats;
 mod tls;
 mod token_auth;
 

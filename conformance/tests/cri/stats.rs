@@ -1,0 +1,186 @@
+//! Container and pod stats, as metrics-server and the kubelet read them
+//! through CRI (`PodAndContainerStatsFromCRI`).
+
+use std::time::Duration;
+
+use wasmlet_conformance::{ContainerConfigBuilder, Stream, cri, stream_lines, wait_for_log};
+
+use crate::daemon::Wasmlet;
+use crate::{GUEST_TIMEOUT, HOG_P1, SLEEPER_P1, SPIN_P1};
+
+const MIB: u64 = 1024 * 1024;
+
+fn value(v: &Option<cri::UInt64Value>) -> u64 {
+    v.as_ref().map_or(0, |v| v.value)
+}
+
+async fn container_stats(wasmlet: &Wasmlet, id: &str) -> cri::ContainerStats {
+    wasmlet
+        .cri()
+        .runtime()
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_guest_accumulates_cpu_time_and_an_idle_one_does_not() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let spin = cri
+        .start(&pod, ContainerConfigBuilder::new("spin", SPIN_P1).build())
+        .await
+        .unwrap();
+    let idle = cri
+        .start(
+            &pod,
+            ContainerConfigBuilder::new("idle", SLEEPER_P1).build(),
+        )
+        .await
+        .unwrap();
+    let first = container_stats(&wasmlet, &spin).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = container_stats(&wasmlet, &spin).await;
+    let (c1, c2) = (first.cpu.unwrap(), second.cpu.unwrap());
+    let spent = value(&c2.usage_core_nano_seconds) - value(&c1.usage_core_nano_seconds);
+    // A guest spinning on a 2-core machine gets a good part of a core.
+    assert!(
+        spent > 300_000_000,
+        "spin used only {spent} ns of CPU in 1.5 s"
+    );
+    assert!(value(&c2.usage_nano_cores) > 200_000_000, "{c2:?}");
+    assert!(c2.timestamp > c1.timestamp);
+    assert_eq!(second.attributes.unwrap().id, spin);
+
+    let idle_cpu = value(
+        &container_stats(&wasmlet, &idle)
+            .await
+            .cpu
+            .unwrap()
+            .usage_core_nano_seconds,
+    );
+    assert!(
+        idle_cpu < 100_000_000,
+        "a sleeping guest used {idle_cpu} ns"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_working_set_follows_committed_guest_memory() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let mut config = ContainerConfigBuilder::new("hog", HOG_P1)
+        .env("HOG_LIMIT_MIB", "20")
+        .env("HOG_HOLD", "1")
+        .build();
+    config.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: (64 * MIB) as i64,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let log = pod.container_log(&config);
+    let id = cri.start(&pod, config).await.unwrap();
+    wait_for_log(&log, GUEST_TIMEOUT, "the hog to hold 20 MiB", |records| {
+        stream_lines(records, Stream::Stdout)
+            .iter()
+            .any(|l| l == "done holding 20 MiB")
+    })
+    .await
+    .unwrap();
+    let memory = container_stats(&wasmlet, &id).await.memory.unwrap();
+    let working_set = value(&memory.working_set_bytes);
+    assert!(
+        (20 * MIB..40 * MIB).contains(&working_set),
+        "working set {working_set}"
+    );
+    assert_eq!(value(&memory.available_bytes), 64 * MIB - working_set);
+
+    // The pod's stats hold the container's and sum them.
+    let pod_stats = cri
+        .runtime()
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: pod.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let linux = pod_stats.linux.unwrap();
+    assert_eq!(linux.containers.len(), 1);
+    assert_eq!(value(&linux.memory.unwrap().working_set_bytes), working_set);
+    assert_eq!(value(&linux.process.unwrap().process_count), 1);
+
+    // After a stop the memory is returned.
+    cri.stop_container(&id, 0).await.unwrap();
+    let memory = container_stats(&wasmlet, &id).await.memory.unwrap();
+    assert_eq!(value(&memory.working_set_bytes), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_stats_filter_by_pod_and_label() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let a = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let b = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    cri.start(
+        &a,
+        ContainerConfigBuilder::new("one", SLEEPER_P1)
+            .label("tier", "web")
+            .build(),
+    )
+    .await
+    .unwrap();
+    cri.start(&b, ContainerConfigBuilder::new("two", SLEEPER_P1).build())
+        .await
+        .unwrap();
+    let list = |filter: cri::ContainerStatsFilter| {
+        let mut cri = wasmlet.cri();
+        async move {
+            cri.runtime()
+                .list_container_stats(cri::ListContainerStatsRequest {
+                    filter: Some(filter),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .stats
+        }
+    };
+    assert_eq!(list(cri::ContainerStatsFilter::default()).await.len(), 2);
+    let only_a = list(cri::ContainerStatsFilter {
+        pod_sandbox_id: a.id.clone(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(only_a.len(), 1);
+    let web = list(cri::ContainerStatsFilter {
+        label_selector: [("tier".to_owned(), "web".to_owned())].into(),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(web.len(), 1);
+    let pods = cri
+        .runtime()
+        .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest {
+            filter: Some(cri::PodSandboxStatsFilter {
+                id: b.id.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats;
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].attributes.as_ref().unwrap().id, b.id);
+}
