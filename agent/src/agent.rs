@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
+use crate::container::Resources;
 use crate::container::{
     ContainerFilter, ContainerRecord, ContainerSpec, ContainerState, ExitStatus, Mount,
 };
@@ -16,7 +17,7 @@ use crate::engine::{GuestConfig, Preopen, Prepared, WasmEngine};
 use crate::error::{Error, Result};
 use crate::ids::{ContainerId, SandboxId};
 use crate::image::{FsUsage, ImageRecord, ImageStore, WasmKind};
-use crate::limits::{MemoryLimiter, PodMemory};
+use crate::limits::{LiveLimits, MemoryLimiter, PodMemory};
 use crate::logs::{ContainerLog, Stream};
 use crate::registry::{Credentials, Registry, RegistryConfig};
 use crate::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
@@ -60,6 +61,8 @@ struct ContainerEntry {
     prepared: Mutex<Option<std::result::Result<Prepared, String>>>,
     /// Resource use of the current (or last) run.
     usage: Mutex<Option<Arc<GuestUsage>>>,
+    /// The limits the running guest is held to (updated live).
+    limits: Mutex<Option<Arc<LiveLimits>>>,
     /// The previous CPU reading, for the rate over the interval.
     last_sample: Mutex<Option<(Timestamp, u64)>>,
 }
@@ -73,6 +76,7 @@ impl ContainerEntry {
             exited: watch::Sender::new(exited),
             prepared: Mutex::new(None),
             usage: Mutex::new(None),
+            limits: Mutex::new(None),
             last_sample: Mutex::new(None),
         })
     }
@@ -621,11 +625,10 @@ impl Agent {
         };
         let usage = GuestUsage::new();
         *lock(&entry.usage) = Some(usage.clone());
-        let limiter = MemoryLimiter::new(
-            record.spec.resources.memory_limit_bytes,
-            self.pod_memory(&sandbox),
-        )
-        .with_usage(usage.clone());
+        let live = record.spec.resources.live();
+        *lock(&entry.limits) = Some(live.clone());
+        let limiter =
+            MemoryLimiter::live(live.clone(), self.pod_memory(&sandbox)).with_usage(usage.clone());
         let oom = limiter.oom_flag();
         let memory_limit = record.spec.resources.memory_limit_bytes;
         let memory_note = move |message: &str| match memory_limit {
@@ -643,7 +646,7 @@ impl Agent {
                 let entry = entry.clone();
                 self.inner.guests.handle().spawn(async move {
                     let status = tokio::select! {
-                        exit = Metered::new(guest.run(), usage) => {
+                        exit = Metered::new(guest.run(), usage).with_limits(live) => {
                             if !exit.message.is_empty() {
                                 log.write_line(Stream::Stderr, &exit.message);
                             }
@@ -911,6 +914,28 @@ impl Agent {
             .collect();
         out.sort_by_key(|c| c.created_at);
         out
+    }
+
+    /// Changes a container's limits; a running guest is held to the new
+    /// ones at once, without a restart.
+    pub fn update_container_resources(&self, id: &ContainerId, resources: Resources) -> Result<()> {
+        let entry = self.container(id)?;
+        let mut record = lock(&entry.record);
+        let before = record.clone();
+        record.spec.resources = resources.clone();
+        if let Err(e) = self.inner.state.apply(&[Change::PutContainer(&record)]) {
+            *record = before;
+            return Err(e);
+        }
+        if let Some(live) = lock(&entry.limits).as_ref() {
+            live.set(
+                resources.memory_limit_bytes,
+                resources.cpu_quota_us,
+                resources.cpu_period_us,
+            );
+        }
+        tracing::info!(container_id = %id, ?resources, "container resources updated");
+        Ok(())
     }
 
     // ----- stats -----

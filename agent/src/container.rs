@@ -53,6 +53,26 @@ pub struct ContainerSpec {
 pub struct Resources {
     /// Caps the sum of the guest's linear memories and tables.
     pub memory_limit_bytes: Option<u64>,
+    /// CPU time allowed per period (CFS quota), in microseconds.
+    #[serde(default)]
+    pub cpu_quota_us: Option<u64>,
+    /// The CFS period, in microseconds (default 100 ms).
+    #[serde(default)]
+    pub cpu_period_us: Option<u64>,
+    /// Relative CPU weight (recorded; busy guests are not yet weighted).
+    #[serde(default)]
+    pub cpu_shares: Option<u64>,
+}
+
+impl Resources {
+    /// The live limits a running guest is held to.
+    pub fn live(&self) -> std::sync::Arc<crate::limits::LiveLimits> {
+        crate::limits::LiveLimits::new(
+            self.memory_limit_bytes,
+            self.cpu_quota_us,
+            self.cpu_period_us,
+        )
+    }
 }
 
 /// The states of a container, as CRI names them.

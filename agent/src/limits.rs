@@ -66,9 +66,60 @@ impl PodMemory {
     }
 }
 
+/// A container's limits that may change while it runs
+/// (`UpdateContainerResources`). Zero means unlimited.
+#[derive(Debug, Default)]
+pub struct LiveLimits {
+    memory_bytes: AtomicU64,
+    cpu_quota_us: AtomicU64,
+    cpu_period_us: AtomicU64,
+}
+
+/// The CFS default period.
+pub const DEFAULT_CPU_PERIOD_US: u64 = 100_000;
+
+impl LiveLimits {
+    pub fn new(
+        memory: Option<u64>,
+        cpu_quota_us: Option<u64>,
+        cpu_period_us: Option<u64>,
+    ) -> Arc<Self> {
+        let live = Arc::new(Self::default());
+        live.set(memory, cpu_quota_us, cpu_period_us);
+        live
+    }
+
+    pub fn set(&self, memory: Option<u64>, cpu_quota_us: Option<u64>, cpu_period_us: Option<u64>) {
+        self.memory_bytes
+            .store(memory.unwrap_or(0), Ordering::Relaxed);
+        self.cpu_quota_us
+            .store(cpu_quota_us.unwrap_or(0), Ordering::Relaxed);
+        self.cpu_period_us
+            .store(cpu_period_us.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn memory_limit(&self) -> Option<u64> {
+        Some(self.memory_bytes.load(Ordering::Relaxed)).filter(|b| *b > 0)
+    }
+
+    /// CPU time allowed per period, and the period, in nanoseconds; `None`
+    /// when the CPU is not limited.
+    pub fn cpu_quota(&self) -> Option<(u64, u64)> {
+        let quota = self.cpu_quota_us.load(Ordering::Relaxed);
+        if quota == 0 {
+            return None;
+        }
+        let period = match self.cpu_period_us.load(Ordering::Relaxed) {
+            0 => DEFAULT_CPU_PERIOD_US,
+            p => p,
+        };
+        Some((quota * 1_000, period * 1_000))
+    }
+}
+
 /// One guest's limiter, kept in its store.
 pub struct MemoryLimiter {
-    limit: Option<u64>,
+    live: Arc<LiveLimits>,
     pod: Arc<PodMemory>,
     used: u64,
     oom: Arc<AtomicBool>,
@@ -78,8 +129,14 @@ pub struct MemoryLimiter {
 impl MemoryLimiter {
     /// A limiter charging `limit` (if any) and `pod`.
     pub fn new(limit: Option<u64>, pod: Arc<PodMemory>) -> Self {
+        Self::live(LiveLimits::new(limit, None, None), pod)
+    }
+
+    /// A limiter whose container limit follows `live` (updated while the
+    /// guest runs).
+    pub fn live(live: Arc<LiveLimits>, pod: Arc<PodMemory>) -> Self {
         Self {
-            limit,
+            live,
             pod,
             used: 0,
             oom: Arc::new(AtomicBool::new(false)),
@@ -95,7 +152,7 @@ impl MemoryLimiter {
 
     /// The container's own limit.
     pub fn limit(&self) -> Option<u64> {
-        self.limit
+        self.live.memory_limit()
     }
 
     /// Set once growth was refused for a limit; the guest's end is then
@@ -106,7 +163,7 @@ impl MemoryLimiter {
 
     fn charge(&mut self, bytes: u64) -> bool {
         if self
-            .limit
+            .limit()
             .is_some_and(|l| self.used.saturating_add(bytes) > l)
             || !self.pod.try_charge(bytes)
         {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
+use crate::limits::LiveLimits;
 use crate::time::Timestamp;
 
 /// Estimated host memory per running instance beyond its linear memory
@@ -22,6 +23,7 @@ pub const INSTANCE_OVERHEAD_BYTES: u64 = 256 * 1024;
 pub struct GuestUsage {
     cpu_nanos: AtomicU64,
     memory_bytes: AtomicU64,
+    throttled_periods: AtomicU64,
 }
 
 impl GuestUsage {
@@ -32,6 +34,11 @@ impl GuestUsage {
     /// CPU time spent running the guest so far.
     pub fn cpu_nanos(&self) -> u64 {
         self.cpu_nanos.load(Ordering::Relaxed)
+    }
+
+    /// How many CPU periods the guest was throttled in.
+    pub fn throttled_periods(&self) -> u64 {
+        self.throttled_periods.load(Ordering::Relaxed)
     }
 
     /// Guest memory committed now (0 once the guest ended).
@@ -50,10 +57,17 @@ fn thread_cpu_nanos() -> u64 {
         .unwrap_or(0)
 }
 
-/// A future whose polls are charged to `usage`.
+/// A future whose polls are charged to `usage`, and, with CPU limits,
+/// throttled like CFS: once it has used its quota in the current period it
+/// is not polled again until the period ends. Guests yield at every epoch
+/// tick, so the granularity is one tick.
 pub struct Metered<F> {
     inner: Pin<Box<F>>,
     usage: Arc<GuestUsage>,
+    limits: Option<Arc<LiveLimits>>,
+    period_start: tokio::time::Instant,
+    used_in_period: u64,
+    throttled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<F> Metered<F> {
@@ -61,7 +75,17 @@ impl<F> Metered<F> {
         Self {
             inner: Box::pin(inner),
             usage,
+            limits: None,
+            period_start: tokio::time::Instant::now(),
+            used_in_period: 0,
+            throttled: None,
         }
+    }
+
+    /// Throttles the future to the CPU quota in `limits` (read live).
+    pub fn with_limits(mut self, limits: Arc<LiveLimits>) -> Self {
+        self.limits = Some(limits);
+        self
     }
 }
 
@@ -69,10 +93,41 @@ impl<F: Future> Future for Metered<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        if let Some(sleep) = this.throttled.as_mut() {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.throttled = None;
+            this.period_start = tokio::time::Instant::now();
+            this.used_in_period = 0;
+        }
         let start = thread_cpu_nanos();
-        let result = self.inner.as_mut().poll(cx);
+        let result = this.inner.as_mut().poll(cx);
         let spent = thread_cpu_nanos().saturating_sub(start);
-        self.usage.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
+        this.usage.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
+        if result.is_pending()
+            && let Some((quota, period)) = this.limits.as_ref().and_then(|l| l.cpu_quota())
+        {
+            let period = std::time::Duration::from_nanos(period);
+            if this.period_start.elapsed() >= period {
+                this.period_start = tokio::time::Instant::now();
+                this.used_in_period = 0;
+            }
+            this.used_in_period += spent;
+            if this.used_in_period >= quota {
+                this.usage.throttled_periods.fetch_add(1, Ordering::Relaxed);
+                let mut sleep = Box::pin(tokio::time::sleep_until(this.period_start + period));
+                // Register the wake-up now; the guest's own wake is ignored
+                // until the period ends.
+                if sleep.as_mut().poll(cx).is_ready() {
+                    this.period_start = tokio::time::Instant::now();
+                    this.used_in_period = 0;
+                } else {
+                    this.throttled = Some(sleep);
+                }
+            }
+        }
         result
     }
 }
@@ -128,6 +183,39 @@ mod tests {
         )
         .await;
         assert!(idle.cpu_nanos() < 20_000_000, "{}", idle.cpu_nanos());
+    }
+
+    #[tokio::test]
+    async fn a_cpu_quota_throttles_a_busy_future() {
+        // A future that burns 2 ms per poll and always asks to be polled
+        // again, like a guest yielding at epoch ticks.
+        struct Busy(std::time::Instant);
+        impl Future for Busy {
+            type Output = ();
+            fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+                if self.0.elapsed() > std::time::Duration::from_millis(600) {
+                    return Poll::Ready(());
+                }
+                let t = std::time::Instant::now();
+                while t.elapsed() < std::time::Duration::from_millis(2) {
+                    std::hint::black_box(0);
+                }
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+        let usage = GuestUsage::new();
+        // 10 ms per 50 ms: 20% of a core.
+        let limits = LiveLimits::new(None, Some(10_000), Some(50_000));
+        Metered::new(Busy(std::time::Instant::now()), usage.clone())
+            .with_limits(limits)
+            .await;
+        let cpu = usage.cpu_nanos();
+        assert!(
+            cpu < 300_000_000,
+            "throttled future used {cpu} ns in 600 ms"
+        );
+        assert!(usage.throttled_periods() > 3);
     }
 
     #[test]

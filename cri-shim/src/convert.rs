@@ -57,14 +57,16 @@ pub fn sandbox_spec(
 }
 
 /// Linux resources as the kubelet sends them; 0 means unset.
-fn resources(r: Option<cri::LinuxContainerResources>) -> Resources {
+pub fn resources(r: Option<cri::LinuxContainerResources>) -> Resources {
     let Some(r) = r else {
         return Resources::default();
     };
+    let positive = |v: i64| u64::try_from(v).ok().filter(|v| *v > 0);
     Resources {
-        memory_limit_bytes: u64::try_from(r.memory_limit_in_bytes)
-            .ok()
-            .filter(|b| *b > 0),
+        memory_limit_bytes: positive(r.memory_limit_in_bytes),
+        cpu_quota_us: positive(r.cpu_quota),
+        cpu_period_us: positive(r.cpu_period),
+        cpu_shares: positive(r.cpu_shares),
     }
 }
 

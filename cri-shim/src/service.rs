@@ -243,12 +243,15 @@ impl RuntimeService for Cri {
 
     async fn update_container_resources(
         &self,
-        _: Request<cri::UpdateContainerResourcesRequest>,
+        req: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Reply<cri::UpdateContainerResourcesResponse> {
-        Err(unimplemented(
-            "UpdateContainerResources",
-            "resource limits are not enforced yet",
-        ))
+        let req = req.into_inner();
+        let id = convert::container_id(&req.container_id).map_err(to_status)?;
+        let resources = convert::resources(req.linux);
+        self.agent
+            .update_container_resources(&id, resources)
+            .map_err(to_status)?;
+        ok(cri::UpdateContainerResourcesResponse {})
     }
 
     async fn reopen_container_log(
