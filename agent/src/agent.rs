@@ -967,6 +967,7 @@ impl Agent {
                 working_set_bytes: working_set,
                 available_bytes: available,
                 running,
+                throttled_periods: guest.as_ref().map_or(0, |u| u.throttled_periods()),
             },
         }
     }
@@ -1017,6 +1018,7 @@ impl Agent {
                 working_set_bytes: working_set,
                 available_bytes: limit.map(|l| l.saturating_sub(working_set)),
                 running: containers.iter().any(|c| c.usage.running),
+                throttled_periods: containers.iter().map(|c| c.usage.throttled_periods).sum(),
             },
             record: sandbox,
             containers,

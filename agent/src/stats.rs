@@ -144,6 +144,8 @@ pub struct Usage {
     /// The memory limit minus the working set, when there is a limit.
     pub available_bytes: Option<u64>,
     pub running: bool,
+    /// CPU periods in which the guest used up its quota.
+    pub throttled_periods: u64,
 }
 
 /// Computes a rate against the previous reading kept in `last`.

@@ -357,6 +357,117 @@ pub fn pod_stats(p: &PodUsage) -> cri::PodSandboxStats {
     }
 }
 
+/// The cAdvisor-named metrics published through ListPodSandboxMetrics,
+/// with their help text and type. Every one carries [`METRIC_LABELS`].
+pub const METRICS: &[(&str, &str, cri::MetricType)] = &[
+    (
+        "container_cpu_usage_seconds_total",
+        "Cumulative CPU time consumed, in seconds (whole seconds).",
+        cri::MetricType::Counter,
+    ),
+    (
+        "container_memory_working_set_bytes",
+        "Current working set, in bytes.",
+        cri::MetricType::Gauge,
+    ),
+    (
+        "container_memory_usage_bytes",
+        "Current memory usage, in bytes.",
+        cri::MetricType::Gauge,
+    ),
+    (
+        "container_spec_memory_limit_bytes",
+        "Memory limit of the container, in bytes (0: none).",
+        cri::MetricType::Gauge,
+    ),
+    (
+        "container_cpu_cfs_throttled_periods_total",
+        "Periods in which the container used up its CPU quota.",
+        cri::MetricType::Counter,
+    ),
+    (
+        "container_start_time_seconds",
+        "Start time of the container since the Unix epoch, in seconds.",
+        cri::MetricType::Gauge,
+    ),
+];
+
+/// The labels of every metric, as cAdvisor names them.
+pub const METRIC_LABELS: &[&str] = &["container", "id", "image", "name", "namespace", "pod"];
+
+pub fn metric_descriptors() -> Vec<cri::MetricDescriptor> {
+    METRICS
+        .iter()
+        .map(|(name, help, _)| cri::MetricDescriptor {
+            name: (*name).to_owned(),
+            help: (*help).to_owned(),
+            label_keys: METRIC_LABELS.iter().map(|l| (*l).to_owned()).collect(),
+        })
+        .collect()
+}
+
+pub fn pod_metrics(p: &PodUsage) -> cri::PodSandboxMetrics {
+    let (pod, namespace) = p
+        .record
+        .spec
+        .metadata
+        .as_ref()
+        .map_or((String::new(), String::new()), |m| {
+            (m.name.clone(), m.namespace.clone())
+        });
+    let container_metrics = p
+        .containers
+        .iter()
+        .map(|c| {
+            let name = c
+                .record
+                .spec
+                .metadata
+                .as_ref()
+                .map_or(String::new(), |m| m.name.clone());
+            let labels = vec![
+                name.clone(),
+                c.record.id.to_string(),
+                c.record.spec.image.clone(),
+                name,
+                namespace.clone(),
+                pod.clone(),
+            ];
+            let u = &c.usage;
+            let values = [
+                u.cpu_nanos / 1_000_000_000,
+                u.working_set_bytes,
+                u.working_set_bytes,
+                c.record.spec.resources.memory_limit_bytes.unwrap_or(0),
+                u.throttled_periods,
+                c.record
+                    .started_at
+                    .map_or(0, |t| (t.as_nanos() / 1_000_000_000) as u64),
+            ];
+            let metrics = METRICS
+                .iter()
+                .zip(values)
+                .map(|((name, _, kind), value)| cri::Metric {
+                    name: (*name).to_owned(),
+                    timestamp: u.timestamp.as_nanos(),
+                    metric_type: *kind as i32,
+                    label_values: labels.clone(),
+                    value: u64_value(value),
+                })
+                .collect();
+            cri::ContainerMetrics {
+                container_id: c.record.id.to_string(),
+                metrics,
+            }
+        })
+        .collect();
+    cri::PodSandboxMetrics {
+        pod_sandbox_id: p.record.id.to_string(),
+        metrics: Vec::new(),
+        container_metrics,
+    }
+}
+
 pub fn container_stats_filter(f: Option<cri::ContainerStatsFilter>) -> ContainerFilter {
     let Some(f) = f else {
         return ContainerFilter::default();

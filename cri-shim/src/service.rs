@@ -434,20 +434,19 @@ impl RuntimeService for Cri {
         &self,
         _: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Reply<cri::ListMetricDescriptorsResponse> {
-        Err(unimplemented(
-            "ListMetricDescriptors",
-            "metrics are not collected yet",
-        ))
+        ok(cri::ListMetricDescriptorsResponse {
+            descriptors: convert::metric_descriptors(),
+        })
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Reply<cri::ListPodSandboxMetricsResponse> {
-        Err(unimplemented(
-            "ListPodSandboxMetrics",
-            "metrics are not collected yet",
-        ))
+        let pods = self.agent.list_pod_sandbox_stats(&Default::default());
+        ok(cri::ListPodSandboxMetricsResponse {
+            pod_metrics: pods.iter().map(convert::pod_metrics).collect(),
+        })
     }
 
     async fn runtime_config(

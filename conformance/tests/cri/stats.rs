@@ -240,3 +240,73 @@ async fn a_cpu_quota_throttles_a_busy_guest_and_updates_apply_live() {
     let status = cri.container_status(&id).await.unwrap();
     assert_eq!(status.state, cri::ContainerState::ContainerRunning as i32);
 }
+
+/// The cAdvisor-named metrics the kubelet forwards are described and
+/// published per container with cAdvisor's labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_carry_cadvisor_names_and_labels() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let descriptors = cri
+        .runtime()
+        .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .descriptors;
+    let cpu = descriptors
+        .iter()
+        .find(|d| d.name == "container_cpu_usage_seconds_total")
+        .expect("no container_cpu_usage_seconds_total descriptor");
+    assert!(
+        descriptors
+            .iter()
+            .any(|d| d.name == "container_memory_working_set_bytes")
+    );
+    let keys = cpu.label_keys.clone();
+    for key in ["container", "namespace", "pod"] {
+        assert!(keys.iter().any(|k| k == key), "{keys:?}");
+    }
+
+    let pod_config = wasmlet.pod().build();
+    let meta = pod_config.metadata.clone().unwrap();
+    let pod = cri.run_pod(pod_config).await.unwrap();
+    let id = cri
+        .start(
+            &pod,
+            ContainerConfigBuilder::new("idle", SLEEPER_P1).build(),
+        )
+        .await
+        .unwrap();
+    let metrics = cri
+        .runtime()
+        .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_metrics;
+    let ours = metrics
+        .iter()
+        .find(|m| m.pod_sandbox_id == pod.id)
+        .expect("no metrics for the pod");
+    let container = ours
+        .container_metrics
+        .iter()
+        .find(|c| c.container_id == id)
+        .expect("no container metrics");
+    let working_set = container
+        .metrics
+        .iter()
+        .find(|m| m.name == "container_memory_working_set_bytes")
+        .expect("no working set metric");
+    assert!(value(&working_set.value) > 0);
+    assert_eq!(working_set.metric_type, cri::MetricType::Gauge as i32);
+    let label =
+        |key: &str| working_set.label_values[keys.iter().position(|k| k == key).unwrap()].clone();
+    assert_eq!(label("pod"), meta.name);
+    assert_eq!(label("namespace"), meta.namespace);
+    assert_eq!(label("container"), "idle");
+    for metric in &container.metrics {
+        assert_eq!(metric.label_values.len(), keys.len(), "{metric:?}");
+    }
+}
