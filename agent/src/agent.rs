@@ -565,9 +565,15 @@ impl Agent {
         image: &ImageRecord,
         spec: &ContainerSpec,
     ) -> std::result::Result<Prepared, String> {
+        let program = program(&self.inner.images, image, spec)?;
+        // The hot path: an artifact image compiled before needs no I/O.
+        if program.file.is_none()
+            && let Some(prepared) = self.inner.engine.cached(&image.wasm_digest)
+        {
+            return Ok(prepared);
+        }
         let inner = self.inner.clone();
         let image = image.clone();
-        let program = program(&self.inner.images, &image, spec)?;
         tokio::task::spawn_blocking(move || match program.file {
             None => {
                 let bytes = inner

@@ -272,7 +272,9 @@ impl WasmEngine {
         }
     }
 
-    fn cached(&self, digest: &Digest) -> Option<Prepared> {
+    /// The prepared image for `digest` if it is in memory: lets a caller
+    /// skip reading and hashing the bytes on the hot path.
+    pub fn cached(&self, digest: &Digest) -> Option<Prepared> {
         let hit = self
             .prepared
             .lock()
