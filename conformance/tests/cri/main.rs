@@ -14,6 +14,7 @@ mod container;
 mod daemon_lifecycle;
 mod exec_wasm;
 mod image;
+mod isolation;
 mod limits;
 mod play;
 mod pull;
