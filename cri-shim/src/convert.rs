@@ -70,6 +70,17 @@ pub fn resources(r: Option<cri::LinuxContainerResources>) -> Resources {
     }
 }
 
+fn linux_resources(r: &Resources) -> cri::LinuxContainerResources {
+    let signed = |v: Option<u64>| v.map_or(0, |v| i64::try_from(v).unwrap_or(i64::MAX));
+    cri::LinuxContainerResources {
+        memory_limit_in_bytes: signed(r.memory_limit_bytes),
+        cpu_quota: signed(r.cpu_quota_us),
+        cpu_period: signed(r.cpu_period_us),
+        cpu_shares: signed(r.cpu_shares),
+        ..Default::default()
+    }
+}
+
 pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerSpec> {
     let config =
         config.ok_or_else(|| Error::InvalidArgument("CreateContainer needs a config".into()))?;
@@ -287,7 +298,10 @@ pub fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
             .as_ref()
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        resources: None,
+        resources: Some(cri::ContainerResources {
+            linux: Some(linux_resources(&r.spec.resources)),
+            windows: None,
+        }),
         image_id: r.image_id.to_string(),
         user: None,
     }
@@ -562,6 +576,24 @@ mod tests {
             container_spec(Some(c)),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn resources_round_trip_through_the_wire() {
+        let wire = cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            cpu_quota: 10_000,
+            cpu_period: 100_000,
+            cpu_shares: 102,
+            ..Default::default()
+        };
+        let domain = resources(Some(wire.clone()));
+        assert_eq!(domain.memory_limit_bytes, Some(64 << 20));
+        assert_eq!(linux_resources(&domain), wire);
+        assert_eq!(
+            resources(Some(cri::LinuxContainerResources::default())),
+            Resources::default()
+        );
     }
 
     #[test]

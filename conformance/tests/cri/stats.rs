@@ -239,6 +239,9 @@ async fn a_cpu_quota_throttles_a_busy_guest_and_updates_apply_live() {
     );
     let status = cri.container_status(&id).await.unwrap();
     assert_eq!(status.state, cri::ContainerState::ContainerRunning as i32);
+    // The status reports the limits now in force.
+    let linux = status.resources.and_then(|r| r.linux).unwrap();
+    assert_eq!(linux.cpu_quota, 0, "{linux:?}");
 }
 
 /// The cAdvisor-named metrics the kubelet forwards are described and
