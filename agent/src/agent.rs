@@ -934,11 +934,7 @@ impl Agent {
             return Err(e);
         }
         if let Some(live) = lock(&entry.limits).as_ref() {
-            live.set(
-                resources.memory_limit_bytes,
-                resources.cpu_quota_us,
-                resources.cpu_period_us,
-            );
+            live.set(&resources);
         }
         tracing::info!(container_id = %id, ?resources, "container resources updated");
         Ok(())

@@ -59,7 +59,7 @@ pub struct Resources {
     /// The CFS period, in microseconds (default 100 ms).
     #[serde(default)]
     pub cpu_period_us: Option<u64>,
-    /// Relative CPU weight (recorded; busy guests are not yet weighted).
+    /// Relative CPU weight of busy guests (see `LiveLimits::yield_ticks`).
     #[serde(default)]
     pub cpu_shares: Option<u64>,
 }
@@ -67,11 +67,7 @@ pub struct Resources {
 impl Resources {
     /// The live limits a running guest is held to.
     pub fn live(&self) -> std::sync::Arc<crate::limits::LiveLimits> {
-        crate::limits::LiveLimits::new(
-            self.memory_limit_bytes,
-            self.cpu_quota_us,
-            self.cpu_period_us,
-        )
+        crate::limits::LiveLimits::new(self)
     }
 }
 

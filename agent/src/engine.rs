@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
-use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store};
+use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -23,7 +23,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, Wasi
 use crate::artifacts::{ArtifactStore, Compiled};
 use crate::ids::Digest;
 use crate::image::WasmKind;
-use crate::limits::MemoryLimiter;
+use crate::limits::{LiveLimits, MemoryLimiter};
 use crate::logs::{ContainerLog, Stream};
 
 /// How often the epoch advances; a running guest yields at least this often.
@@ -383,6 +383,7 @@ impl WasmEngine {
                 .preopened_dir(&p.host_path, &p.guest_path, perms)
                 .map_err(|e| format!("mounting {:?} at {:?}: {e:#}", p.host_path, p.guest_path))?;
         }
+        let live = config.limiter.live_limits();
         match prepared {
             Prepared::Module(pre) => {
                 let mut store = Store::new(
@@ -393,7 +394,7 @@ impl WasmEngine {
                     },
                 );
                 store.limiter(|s| &mut s.limiter);
-                store.epoch_deadline_async_yield_and_update(1);
+                yield_by_shares(&mut store, live.clone());
                 let instance = pre
                     .instantiate_async(&mut store)
                     .await
@@ -413,7 +414,7 @@ impl WasmEngine {
                     },
                 );
                 store.limiter(|s| &mut s.limiter);
-                store.epoch_deadline_async_yield_and_update(1);
+                yield_by_shares(&mut store, live.clone());
                 let command = pre
                     .instantiate_async(&mut store)
                     .await
@@ -422,6 +423,13 @@ impl WasmEngine {
             }
         }
     }
+}
+
+/// Makes the guest yield to the executor every `yield_ticks` epoch ticks,
+/// read live, so `cpu_shares` weight busy guests against each other.
+fn yield_by_shares<T: 'static>(store: &mut Store<T>, live: Arc<LiveLimits>) {
+    store.set_epoch_deadline(live.yield_ticks());
+    store.epoch_deadline_callback(move |_| Ok(UpdateDeadline::Yield(live.yield_ticks())));
 }
 
 /// An instantiated guest, not yet running.

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::container::Resources;
 use crate::stats::GuestUsage;
 
 /// The most instances one store may hold (a component instantiates a few
@@ -73,29 +74,39 @@ pub struct LiveLimits {
     memory_bytes: AtomicU64,
     cpu_quota_us: AtomicU64,
     cpu_period_us: AtomicU64,
+    cpu_shares: AtomicU64,
 }
+
+/// The longest a guest runs before yielding, in epoch ticks.
+pub const MAX_YIELD_TICKS: u64 = 8;
 
 /// The CFS default period.
 pub const DEFAULT_CPU_PERIOD_US: u64 = 100_000;
 
 impl LiveLimits {
-    pub fn new(
-        memory: Option<u64>,
-        cpu_quota_us: Option<u64>,
-        cpu_period_us: Option<u64>,
-    ) -> Arc<Self> {
+    pub fn new(resources: &Resources) -> Arc<Self> {
         let live = Arc::new(Self::default());
-        live.set(memory, cpu_quota_us, cpu_period_us);
+        live.set(resources);
         live
     }
 
-    pub fn set(&self, memory: Option<u64>, cpu_quota_us: Option<u64>, cpu_period_us: Option<u64>) {
+    pub fn set(&self, r: &Resources) {
         self.memory_bytes
-            .store(memory.unwrap_or(0), Ordering::Relaxed);
+            .store(r.memory_limit_bytes.unwrap_or(0), Ordering::Relaxed);
         self.cpu_quota_us
-            .store(cpu_quota_us.unwrap_or(0), Ordering::Relaxed);
+            .store(r.cpu_quota_us.unwrap_or(0), Ordering::Relaxed);
         self.cpu_period_us
-            .store(cpu_period_us.unwrap_or(0), Ordering::Relaxed);
+            .store(r.cpu_period_us.unwrap_or(0), Ordering::Relaxed);
+        self.cpu_shares
+            .store(r.cpu_shares.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// How many epoch ticks the guest runs before it yields to others:
+    /// `cpu_shares` weight busy guests against each other, 1024 shares (the
+    /// kubelet's value for one CPU requested) being one tick, up to
+    /// [`MAX_YIELD_TICKS`].
+    pub fn yield_ticks(&self) -> u64 {
+        (self.cpu_shares.load(Ordering::Relaxed) / 1024).clamp(1, MAX_YIELD_TICKS)
     }
 
     pub fn memory_limit(&self) -> Option<u64> {
@@ -129,7 +140,16 @@ pub struct MemoryLimiter {
 impl MemoryLimiter {
     /// A limiter charging `limit` (if any) and `pod`.
     pub fn new(limit: Option<u64>, pod: Arc<PodMemory>) -> Self {
-        Self::live(LiveLimits::new(limit, None, None), pod)
+        let resources = Resources {
+            memory_limit_bytes: limit,
+            ..Default::default()
+        };
+        Self::live(LiveLimits::new(&resources), pod)
+    }
+
+    /// The live limits this limiter follows.
+    pub fn live_limits(&self) -> Arc<LiveLimits> {
+        self.live.clone()
     }
 
     /// A limiter whose container limit follows `live` (updated while the
@@ -243,6 +263,21 @@ mod tests {
         assert!(b.memory_growing(50, 90, None).unwrap());
         drop(b);
         assert_eq!(pod.used(), 0);
+    }
+
+    #[test]
+    fn shares_become_yield_ticks() {
+        let ticks = |shares| {
+            LiveLimits::new(&Resources {
+                cpu_shares: shares,
+                ..Default::default()
+            })
+            .yield_ticks()
+        };
+        assert_eq!(ticks(None), 1);
+        assert_eq!(ticks(Some(2)), 1);
+        assert_eq!(ticks(Some(2048)), 2);
+        assert_eq!(ticks(Some(1 << 20)), MAX_YIELD_TICKS);
     }
 
     #[test]

@@ -210,7 +210,11 @@ mod tests {
         }
         let usage = GuestUsage::new();
         // 10 ms per 50 ms: 20% of a core.
-        let limits = LiveLimits::new(None, Some(10_000), Some(50_000));
+        let limits = LiveLimits::new(&crate::container::Resources {
+            cpu_quota_us: Some(10_000),
+            cpu_period_us: Some(50_000),
+            ..Default::default()
+        });
         Metered::new(Busy(std::time::Instant::now()), usage.clone())
             .with_limits(limits)
             .await;
