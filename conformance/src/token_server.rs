@@ -105,6 +105,10 @@ pub struct TokenOptions {
     /// they get `pull` and `push` on every repository. Any other
     /// credentials are answered 401.
     pub users: Vec<(String, String)>,
+    /// Refresh tokens (Docker's "identity tokens") and the user each
+    /// stands for, accepted by `POST <realm>` with
+    /// `grant_type=refresh_token` (the OAuth2 flow).
+    pub refresh_tokens: Vec<(String, String)>,
 }
 
 /// One token request as the server saw and answered it.
@@ -233,22 +237,29 @@ impl Shared {
     }
 
     /// Answers one request: the status, extra headers and a JSON body.
-    async fn answer(&self, head: &Head) -> Answer {
+    async fn answer(&self, head: &Head, body: &[u8]) -> Answer {
         let mut parts = head.start_line.split(' ');
         let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         if path != TOKEN_PATH {
             return Answer::error(404, "NOT_FOUND", &format!("no {path} here"));
         }
-        if method != "GET" {
-            return Answer::error(405, "UNSUPPORTED", &format!("{method} {path}"));
-        }
+        // OAuth2: the parameters come as a form body.
+        let form = match method {
+            "GET" => query.to_owned(),
+            "POST" => String::from_utf8_lossy(body).into_owned(),
+            _ => return Answer::error(405, "UNSUPPORTED", &format!("{method} {path}")),
+        };
         let mut service = None;
         let mut scopes = Vec::new();
-        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let mut grant_type = None;
+        let mut refresh_token = None;
+        for pair in form.split('&').filter(|pair| !pair.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             match (percent_decode(name).as_deref(), percent_decode(value)) {
                 (Some("service"), Some(value)) => service = Some(value),
+                (Some("grant_type"), Some(value)) => grant_type = Some(value),
+                (Some("refresh_token"), Some(value)) => refresh_token = Some(value),
                 // One parameter may carry several scopes, space-separated.
                 (Some("scope"), Some(value)) => {
                     scopes.extend(
@@ -268,7 +279,31 @@ impl Shared {
             status: 200,
             granted: Vec::new(),
         };
-        let answer = self.grant(head, &mut request).await;
+        let answer = if method == "POST" {
+            match (grant_type.as_deref(), refresh_token) {
+                (Some("refresh_token"), Some(token)) => {
+                    match self
+                        .options
+                        .refresh_tokens
+                        .iter()
+                        .find(|(t, _)| *t == token)
+                    {
+                        Some((_, user)) => {
+                            request.user = Some(user.clone());
+                            self.grant_to(Some(user.clone()), &mut request).await
+                        }
+                        None => Answer::unauthorized("invalid refresh token"),
+                    }
+                }
+                _ => Answer::error(
+                    400,
+                    "UNSUPPORTED",
+                    "only grant_type=refresh_token is served",
+                ),
+            }
+        } else {
+            self.grant(head, &mut request).await
+        };
         request.status = answer.status;
         self.requests().push(request);
         answer
@@ -297,6 +332,13 @@ impl Shared {
                 return Answer::unauthorized("incorrect username or password");
             }
         }
+        self.grant_to(credentials.map(|(user, _)| user), request)
+            .await
+    }
+
+    /// Issues a token for what the policy allows `user` (or anonymous) of
+    /// the request's scopes.
+    async fn grant_to(&self, user: Option<String>, request: &mut TokenRequest) -> Answer {
         match request.service.as_deref() {
             Some(SERVICE) => {}
             other => {
@@ -307,7 +349,7 @@ impl Shared {
                 );
             }
         }
-        let allowed: &[&str] = match (&credentials, self.options.anonymous_pull) {
+        let allowed: &[&str] = match (&user, self.options.anonymous_pull) {
             (Some(_), _) => &["pull", "push"],
             (None, true) => &["pull"],
             (None, false) => &[],
@@ -457,8 +499,8 @@ async fn serve_one(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     let Some(head) = read_head(&mut reader).await? else {
         return Ok(());
     };
-    read_body(&mut reader, head.request_framing()?).await?;
-    let answer = shared.answer(&head).await;
+    let body = read_body(&mut reader, head.request_framing()?).await?;
+    let answer = shared.answer(&head, &body).await;
     let mut stream = reader.into_inner();
     stream.write_all(&answer.to_bytes()).await?;
     stream.shutdown().await

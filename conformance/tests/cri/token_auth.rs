@@ -35,6 +35,9 @@ const USER: &str = "pusher";
 const PASSWORD: &str = "t0ken-pass";
 
 /// The arguments the echo guest is run with; it prints `arg[i]=VALUE`.
+/// The identity (OAuth2 refresh) token the token server knows for [`USER`].
+const IDENTITY_TOKEN: &str = "identity-token-of-the-pusher";
+
 const ECHO_ARGS: [&str; 2] = ["hello", "with a token"];
 
 async fn bounded<F: Future>(test: F) -> F::Output {
@@ -49,6 +52,7 @@ async fn token_registry(anonymous_pull: bool) -> (TokenServer, Registry) {
     let tokens = TokenServer::start(TokenOptions {
         anonymous_pull,
         users: vec![(USER.into(), PASSWORD.into())],
+        refresh_tokens: vec![(IDENTITY_TOKEN.into(), USER.into())],
     })
     .await
     .expect("start token server");
@@ -426,6 +430,55 @@ async fn with_a_wrong_password_a_private_repository_is_permission_denied() {
             "a token was issued for a wrong password: {pulls:#?}"
         );
         assert_eq!(cri.list_images(None).await.unwrap(), images);
+    })
+    .await;
+}
+
+fn identity(token: &str) -> cri::AuthConfig {
+    cri::AuthConfig {
+        identity_token: token.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// An `AuthConfig.identity_token` is exchanged at the token service
+/// (OAuth2 `grant_type=refresh_token`) for an access token, as Docker does.
+#[tokio::test]
+async fn with_an_identity_token_a_private_repository_is_pulled_and_runs() {
+    bounded(async {
+        let (tokens, registry) = token_registry(false).await;
+        let wasmlet = daemon_for(&registry).await;
+        let (reference, manifest_digest) = push_echo(&wasmlet, &registry, "private-identity").await;
+        let before = tokens.requests().len();
+
+        let mut cri = wasmlet.cri();
+        let id = cri
+            .pull_image_with_auth(&reference, identity(IDENTITY_TOKEN))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PullImage with an identity token: {e}\n{:#?}",
+                    tokens.requests()
+                )
+            });
+        let pulls: Vec<_> = tokens.requests().split_off(before);
+        assert!(
+            pulls.iter().any(|r| r.user.as_deref() == Some(USER)
+                && r.status == 200
+                && r.granted.contains(&pull_scope())),
+            "no pull token for the identity token's user: {pulls:#?}"
+        );
+        assert_pulled(&mut cri, &reference, &id, &manifest_digest).await;
+        run_echo(&wasmlet, &reference).await;
+
+        let status = assert_code(
+            wasmlet
+                .cri()
+                .pull_image_with_auth(&reference, identity("not-a-known-token"))
+                .await,
+            Code::PermissionDenied,
+        );
+        assert!(status.message().contains("identity token"), "{status:?}");
     })
     .await;
 }
