@@ -17,7 +17,7 @@ use crate::engine::{GuestConfig, Preopen, Prepared, WasmEngine};
 use crate::error::{Error, Result};
 use crate::ids::{ContainerId, SandboxId};
 use crate::image::{FsUsage, ImageRecord, ImageStore, WasmKind};
-use crate::limits::{LiveLimits, MemoryLimiter, PodMemory};
+use crate::limits::{LiveLimits, MemoryLimiter, PodCpu, PodMemory};
 use crate::logs::{ContainerLog, Stream};
 use crate::registry::{Credentials, Registry, RegistryConfig};
 use crate::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
@@ -145,6 +145,8 @@ struct Inner {
     pod_samples: Mutex<HashMap<SandboxId, (Timestamp, u64)>>,
     /// Each pod's memory account, shared by its containers' limiters.
     pod_memory: Mutex<HashMap<SandboxId, Arc<PodMemory>>>,
+    /// Each pod's CPU account, when the pod has a CPU quota.
+    pod_cpu: Mutex<HashMap<SandboxId, Arc<PodCpu>>>,
 }
 
 /// WASI preview1 has no current directory: wasi-libc resolves relative
@@ -323,6 +325,7 @@ impl Agent {
                 pulls: Mutex::new(HashMap::new()),
                 compile_slots: tokio::sync::Semaphore::new(config.compile_parallelism.max(1)),
                 pod_memory: Mutex::new(HashMap::new()),
+                pod_cpu: Mutex::new(HashMap::new()),
                 pod_samples: Mutex::new(HashMap::new()),
                 sandboxes: RwLock::new(sandboxes),
                 containers: RwLock::new(containers),
@@ -445,6 +448,7 @@ impl Agent {
         }
         write(&self.inner.sandboxes).remove(id);
         lock(&self.inner.pod_memory).remove(id);
+        lock(&self.inner.pod_cpu).remove(id);
         lock(&self.inner.pod_samples).remove(id);
         tracing::info!(sandbox_id = %id, containers = ids.len(), "pod sandbox removed");
         Ok(())
@@ -631,6 +635,7 @@ impl Agent {
         };
         let usage = GuestUsage::new();
         *lock(&entry.usage) = Some(usage.clone());
+        let pod_cpu = self.pod_cpu(&sandbox);
         let live = record.spec.resources.live();
         *lock(&entry.limits) = Some(live.clone());
         let limiter =
@@ -652,7 +657,7 @@ impl Agent {
                 let entry = entry.clone();
                 self.inner.guests.handle().spawn(async move {
                     let status = tokio::select! {
-                        exit = Metered::new(guest.run(), usage).with_limits(live) => {
+                        exit = Metered::new(guest.run(), usage).with_limits(live).with_pod_cpu(pod_cpu) => {
                             if !exit.message.is_empty() {
                                 log.write_line(Stream::Stderr, &exit.message);
                             }
@@ -814,6 +819,17 @@ impl Agent {
             });
         }
         Ok(preopens)
+    }
+
+    /// The CPU account of a pod with a CPU quota, made on first use.
+    fn pod_cpu(&self, sandbox: &SandboxRecord) -> Option<Arc<PodCpu>> {
+        let mut accounts = lock(&self.inner.pod_cpu);
+        if let Some(account) = accounts.get(&sandbox.id) {
+            return Some(account.clone());
+        }
+        let account = PodCpu::new(&sandbox.spec.resources)?;
+        accounts.insert(sandbox.id.clone(), account.clone());
+        Some(account)
     }
 
     /// The memory account of a pod, made on first use.

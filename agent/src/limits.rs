@@ -128,6 +128,46 @@ impl LiveLimits {
     }
 }
 
+/// A pod's shared CPU account for a pod-level quota (`linux.resources` of
+/// the sandbox): its containers' CPU time is summed per period.
+#[derive(Debug)]
+pub struct PodCpu {
+    quota_ns: u64,
+    period_ns: u64,
+    state: std::sync::Mutex<(tokio::time::Instant, u64)>,
+}
+
+impl PodCpu {
+    /// An account for `r`'s CPU quota; `None` when the pod has none.
+    pub fn new(r: &Resources) -> Option<Arc<Self>> {
+        let quota = r.cpu_quota_us.filter(|q| *q > 0)?;
+        let period = r
+            .cpu_period_us
+            .filter(|p| *p > 0)
+            .unwrap_or(DEFAULT_CPU_PERIOD_US);
+        Some(Arc::new(Self {
+            quota_ns: quota * 1_000,
+            period_ns: period * 1_000,
+            state: std::sync::Mutex::new((tokio::time::Instant::now(), 0)),
+        }))
+    }
+
+    /// Charges `spent` nanoseconds; returns when the pod may run again if
+    /// it has used its quota for this period.
+    pub fn charge(&self, spent: u64) -> Option<tokio::time::Instant> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let period = std::time::Duration::from_nanos(self.period_ns);
+        if state.0.elapsed() >= period {
+            *state = (tokio::time::Instant::now(), 0);
+        }
+        state.1 += spent;
+        (state.1 >= self.quota_ns).then(|| state.0 + period)
+    }
+}
+
 /// One guest's limiter, kept in its store.
 pub struct MemoryLimiter {
     live: Arc<LiveLimits>,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use crate::limits::LiveLimits;
+use crate::limits::{LiveLimits, PodCpu};
 use crate::time::Timestamp;
 
 /// Estimated host memory per running instance beyond its linear memory
@@ -65,6 +65,7 @@ pub struct Metered<F> {
     inner: Pin<Box<F>>,
     usage: Arc<GuestUsage>,
     limits: Option<Arc<LiveLimits>>,
+    pod_cpu: Option<Arc<PodCpu>>,
     period_start: tokio::time::Instant,
     used_in_period: u64,
     throttled: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -76,10 +77,17 @@ impl<F> Metered<F> {
             inner: Box::pin(inner),
             usage,
             limits: None,
+            pod_cpu: None,
             period_start: tokio::time::Instant::now(),
             used_in_period: 0,
             throttled: None,
         }
+    }
+
+    /// Also throttles the future to its pod's CPU quota.
+    pub fn with_pod_cpu(mut self, pod: Option<Arc<PodCpu>>) -> Self {
+        self.pod_cpu = pod;
+        self
     }
 
     /// Throttles the future to the CPU quota in `limits` (read live).
@@ -106,18 +114,26 @@ impl<F: Future> Future for Metered<F> {
         let result = this.inner.as_mut().poll(cx);
         let spent = thread_cpu_nanos().saturating_sub(start);
         this.usage.cpu_nanos.fetch_add(spent, Ordering::Relaxed);
-        if result.is_pending()
-            && let Some((quota, period)) = this.limits.as_ref().and_then(|l| l.cpu_quota())
-        {
-            let period = std::time::Duration::from_nanos(period);
-            if this.period_start.elapsed() >= period {
-                this.period_start = tokio::time::Instant::now();
-                this.used_in_period = 0;
+        if result.is_pending() {
+            let mut resume_at = None;
+            if let Some((quota, period)) = this.limits.as_ref().and_then(|l| l.cpu_quota()) {
+                let period = std::time::Duration::from_nanos(period);
+                if this.period_start.elapsed() >= period {
+                    this.period_start = tokio::time::Instant::now();
+                    this.used_in_period = 0;
+                }
+                this.used_in_period += spent;
+                if this.used_in_period >= quota {
+                    resume_at = Some(this.period_start + period);
+                }
             }
-            this.used_in_period += spent;
-            if this.used_in_period >= quota {
+            if let Some(pod_until) = this.pod_cpu.as_ref().and_then(|p| p.charge(spent)) {
+                resume_at =
+                    Some(resume_at.map_or(pod_until, |t: tokio::time::Instant| t.max(pod_until)));
+            }
+            if let Some(until) = resume_at {
                 this.usage.throttled_periods.fetch_add(1, Ordering::Relaxed);
-                let mut sleep = Box::pin(tokio::time::sleep_until(this.period_start + period));
+                let mut sleep = Box::pin(tokio::time::sleep_until(until));
                 // Register the wake-up now; the guest's own wake is ignored
                 // until the period ends.
                 if sleep.as_mut().poll(cx).is_ready() {

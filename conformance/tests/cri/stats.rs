@@ -313,3 +313,36 @@ async fn metrics_carry_cadvisor_names_and_labels() {
         assert_eq!(metric.label_values.len(), keys.len(), "{metric:?}");
     }
 }
+
+/// A pod-level CPU quota caps its containers together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_cpu_quota_caps_its_busy_containers_together() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let mut pod_config = wasmlet.pod().build();
+    pod_config.linux = Some(cri::LinuxPodSandboxConfig {
+        resources: Some(cri::LinuxContainerResources {
+            cpu_quota: 10_000,
+            cpu_period: 100_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod = cri.run_pod(pod_config).await.unwrap();
+    let a = cri
+        .start(&pod, ContainerConfigBuilder::new("a", SPIN_P1).build())
+        .await
+        .unwrap();
+    let b = cri
+        .start(&pod, ContainerConfigBuilder::new("b", SPIN_P1).build())
+        .await
+        .unwrap();
+    let start = cpu_nanos(&wasmlet, &a).await + cpu_nanos(&wasmlet, &b).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_nanos(&wasmlet, &a).await + cpu_nanos(&wasmlet, &b).await - start;
+    // Unlimited, two spinners would take most of both cores (~4 s of CPU).
+    assert!(
+        spent < 700_000_000,
+        "a 100m pod's two spinners used {spent} ns in 2 s"
+    );
+}
