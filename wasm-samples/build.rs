@@ -1,5 +1,6 @@
-//! Builds the guest workspace in `guests/` for wasm32-wasip1 (every guest)
-//! and wasm32-wasip2 (`echo` only) with a nested `cargo build --release`,
+//! Builds the guest workspace in `guests/` for wasm32-wasip1 (the command
+//! guests) and wasm32-wasip2 (`echo`, `pong`, `hello-http`) with a nested
+//! `cargo build --release`,
 //! into the fixed, shared target dir `<workspace root>/target/wasm-samples`,
 //! and writes `$OUT_DIR/samples.rs` holding the absolute paths of the
 //! resulting `.wasm` files.
@@ -12,9 +13,24 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Guest crates (directory and package name).
-const GUESTS: &[&str] = &["echo", "ticker", "trap", "spin", "sleeper", "hog"];
+const GUESTS: &[&str] = &[
+    "echo",
+    "ticker",
+    "trap",
+    "spin",
+    "sleeper",
+    "hog",
+    "pong",
+    "hello-http",
+];
 
-/// The constants of the lib: (constant name, target, guest, image reference).
+/// The packages built for WASI preview 1 (core modules).
+const P1_PACKAGES: &[&str] = &["echo", "ticker", "trap", "spin", "sleeper", "hog"];
+/// The packages built for WASI 0.2 (components).
+const P2_PACKAGES: &[&str] = &["echo", "pong", "hello-http"];
+
+/// The constants of the lib: (constant name, target, output file stem,
+/// image reference).
 const SAMPLES: &[(&str, &str, &str, &str)] = &[
     (
         "ECHO_P1",
@@ -57,6 +73,18 @@ const SAMPLES: &[(&str, &str, &str, &str)] = &[
         "wasm32-wasip1",
         "hog",
         "wasmlet.local/samples/hog:p1",
+    ),
+    (
+        "PONG_P2",
+        "wasm32-wasip2",
+        "pong",
+        "wasmlet.local/samples/pong:p2",
+    ),
+    (
+        "HELLO_HTTP_P2",
+        "wasm32-wasip2",
+        "hello_http",
+        "wasmlet.local/samples/hello-http:p2",
     ),
 ];
 
@@ -142,7 +170,7 @@ fn main() {
         &manifest,
         &target_dir,
         "wasm32-wasip1",
-        None,
+        P1_PACKAGES,
         jobs.as_deref(),
     );
     build(
@@ -150,7 +178,7 @@ fn main() {
         &manifest,
         &target_dir,
         "wasm32-wasip2",
-        Some("echo"),
+        P2_PACKAGES,
         jobs.as_deref(),
     );
 
@@ -188,14 +216,14 @@ fn main() {
     fs::write(out_dir.join("samples.rs"), generated).expect("write samples.rs");
 }
 
-/// Runs `cargo build --release --target <target> [-p <package>]` on the guest
+/// Runs `cargo build --release --target <target> -p <package>...` on the guest
 /// workspace, with a clean environment; panics with cargo's output on failure.
 fn build(
     cargo: &OsStr,
     manifest: &Path,
     target_dir: &Path,
     target: &str,
-    package: Option<&str>,
+    packages: &[&str],
     jobs: Option<&str>,
 ) {
     let mut cmd = Command::new(cargo);
@@ -207,7 +235,7 @@ fn build(
         .arg(target)
         .arg("--target-dir")
         .arg(target_dir);
-    if let Some(package) = package {
+    for package in packages {
         cmd.arg("-p").arg(package);
     }
     if let Some(jobs) = jobs {

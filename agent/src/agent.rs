@@ -15,13 +15,15 @@ use crate::container::{
 };
 use crate::engine::{GuestConfig, Preopen, Prepared, WasmEngine};
 use crate::error::{Error, Result};
+use crate::http::{HttpExit, HttpOptions, Metering, StopRequest};
 use crate::ids::{ContainerId, SandboxId};
 use crate::image::{FsUsage, ImageRecord, ImageStore, WasmKind};
 use crate::limits::{LiveLimits, MemoryLimiter, PodCpu, PodMemory};
 use crate::logs::{ContainerLog, Stream};
+use crate::network::{GuestNetwork, InNamespace, NetworkConfig, NetworkRequest, Networks};
 use crate::registry::{Credentials, Registry, RegistryConfig};
 use crate::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
-use crate::stats::{GuestUsage, INSTANCE_OVERHEAD_BYTES, Metered, Usage};
+use crate::stats::{CpuRate, GuestUsage, INSTANCE_OVERHEAD_BYTES, Metered, Usage};
 use crate::store::{Change, StateStore};
 use crate::time::Timestamp;
 
@@ -38,6 +40,13 @@ pub struct AgentConfig {
     pub registry: RegistryConfig,
     /// How many pulled images may compile at once in the background.
     pub compile_parallelism: usize,
+    /// CNI and network namespaces.
+    pub network: NetworkConfig,
+    /// How HTTP functions are served unless a pod says otherwise (`port`
+    /// is the default when the container lists none).
+    pub http: HttpOptions,
+    /// Concurrent HTTP function instances the node has room for.
+    pub http_pool_instances: u32,
 }
 
 type PullResult = std::result::Result<ImageRecord, Arc<Error>>;
@@ -54,7 +63,7 @@ pub struct RuntimeInfo {
 struct ContainerEntry {
     record: Mutex<ContainerRecord>,
     /// Taken by whoever stops the guest; present from start until stop.
-    kill: Mutex<Option<oneshot::Sender<&'static str>>>,
+    kill: Mutex<Option<oneshot::Sender<StopRequest>>>,
     /// Set once, when the container reaches EXITED.
     exited: watch::Sender<bool>,
     /// The image compiled at creation, or why it could not be.
@@ -63,8 +72,8 @@ struct ContainerEntry {
     usage: Mutex<Option<Arc<GuestUsage>>>,
     /// The limits the running guest is held to (updated live).
     limits: Mutex<Option<Arc<LiveLimits>>>,
-    /// The previous CPU reading, for the rate over the interval.
-    last_sample: Mutex<Option<(Timestamp, u64)>>,
+    /// CPU readings, for the rate over the interval.
+    cpu_rate: Mutex<CpuRate>,
 }
 
 impl ContainerEntry {
@@ -77,7 +86,7 @@ impl ContainerEntry {
             prepared: Mutex::new(None),
             usage: Mutex::new(None),
             limits: Mutex::new(None),
-            last_sample: Mutex::new(None),
+            cpu_rate: Mutex::new(CpuRate::default()),
         })
     }
 
@@ -97,9 +106,19 @@ struct GuestRuntime {
 impl GuestRuntime {
     fn new() -> Result<Self> {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        crate::network::netns::remember_host_namespace()
+            .map_err(|e| Error::Internal(e.to_string()))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("wasmlet-guest")
+            // A blocking-pool thread spawned while a guest was polled inside
+            // its pod's network namespace would start there: put it back.
+            .on_thread_start(|| {
+                if let Err(error) = crate::network::netns::return_to_host_namespace() {
+                    tracing::error!(%error, "guest thread cannot leave a pod's network namespace");
+                    std::process::abort();
+                }
+            })
             .enable_all()
             .build()
             .map_err(|e| Error::Internal(format!("starting the guest runtime: {e}")))?;
@@ -142,11 +161,15 @@ struct Inner {
     /// Bounds background compiles of pulled images.
     compile_slots: tokio::sync::Semaphore,
     /// The previous CPU reading of each pod, for its rate.
-    pod_samples: Mutex<HashMap<SandboxId, (Timestamp, u64)>>,
+    pod_samples: Mutex<HashMap<SandboxId, CpuRate>>,
     /// Each pod's memory account, shared by its containers' limiters.
     pod_memory: Mutex<HashMap<SandboxId, Arc<PodMemory>>>,
     /// Each pod's CPU account, when the pod has a CPU quota.
     pod_cpu: Mutex<HashMap<SandboxId, Arc<PodCpu>>>,
+    /// Programs found in compat images.
+    programs: ProgramCache,
+    networks: Networks,
+    http: HttpOptions,
 }
 
 /// WASI preview1 has no current directory: wasi-libc resolves relative
@@ -206,6 +229,7 @@ struct Program {
 /// programs.
 fn program(
     images: &ImageStore,
+    cache: &ProgramCache,
     image: &ImageRecord,
     spec: &ContainerSpec,
 ) -> std::result::Result<Program, String> {
@@ -244,13 +268,41 @@ fn program(
         .first()
         .ok_or("neither the container nor the image names a program to run")?;
     let rootfs = images.rootfs_path(&image.id);
-    let file = crate::rootfs::resolve_program(&rootfs, argv0, config.path_env())?;
+    let key = (image.id.clone(), argv0.clone());
+    let cached = lock(cache).get(&key).map(|p| p.file.clone());
+    let file = match cached {
+        Some(file) => file,
+        None => {
+            let file = crate::rootfs::resolve_program(&rootfs, argv0, config.path_env())?;
+            lock(cache).insert(
+                key,
+                ResolvedProgram {
+                    file: file.clone(),
+                    digest: None,
+                },
+            );
+            file
+        }
+    };
     Ok(Program {
         argv,
         file: Some(file),
         rootfs: Some(rootfs),
     })
 }
+
+/// A program resolved inside a compat image's root, and its digest once
+/// read: image roots never change, so neither is looked up again.
+struct ResolvedProgram {
+    file: PathBuf,
+    digest: Option<(crate::ids::Digest, WasmKind)>,
+}
+
+/// Resolved programs by (image id, `argv[0]`).
+type ProgramCache = Mutex<HashMap<(crate::ids::Digest, String), ResolvedProgram>>;
+
+/// The annotation in which the kubelet lists a container's ports (JSON).
+const CONTAINER_PORTS_ANNOTATION: &str = "io.kubernetes.container.ports";
 
 /// The agent. Cheap to clone; all clones share one state.
 #[derive(Clone)]
@@ -283,7 +335,8 @@ impl Agent {
         let state = Arc::new(StateStore::open(&root.join("state.redb"))?);
         let snapshot = state.load()?;
         let images = ImageStore::open(&root.join("images"), state.clone(), snapshot.images)?;
-        let engine = WasmEngine::new(Some(root.join("compiled"))).map_err(Error::Internal)?;
+        let engine = WasmEngine::with_pool(Some(root.join("compiled")), config.http_pool_instances)
+            .map_err(Error::Internal)?;
 
         let now = Timestamp::now();
         let mut recovered = Vec::new();
@@ -309,8 +362,28 @@ impl Agent {
             let changes: Vec<Change<'_>> = recovered.iter().map(Change::PutContainer).collect();
             state.apply(&changes)?;
         }
-        let sandboxes = snapshot
-            .sandboxes
+        let networks = Networks::new(config.network);
+        let mut lost_networks = Vec::new();
+        for record in &snapshot.sandboxes {
+            let Some(network) = record.network.as_ref().filter(|n| !n.torn_down) else {
+                continue;
+            };
+            if record.state != crate::sandbox::SandboxState::Ready {
+                continue;
+            }
+            if let Err(error) = networks.adopt(&record.id, network) {
+                tracing::warn!(sandbox_id = %record.id, %error, "pod sandbox lost its network; it is now NOTREADY");
+                lost_networks.push(record.id.clone());
+            }
+        }
+        let mut sandbox_records = snapshot.sandboxes;
+        for record in &mut sandbox_records {
+            if lost_networks.contains(&record.id) {
+                record.stop();
+                state.apply(&[Change::PutSandbox(record)])?;
+            }
+        }
+        let sandboxes = sandbox_records
             .into_iter()
             .map(|r| (r.id.clone(), Arc::new(Mutex::new(r))))
             .collect();
@@ -327,6 +400,9 @@ impl Agent {
                 pod_memory: Mutex::new(HashMap::new()),
                 pod_cpu: Mutex::new(HashMap::new()),
                 pod_samples: Mutex::new(HashMap::new()),
+                programs: Mutex::new(HashMap::new()),
+                networks,
+                http: config.http,
                 sandboxes: RwLock::new(sandboxes),
                 containers: RwLock::new(containers),
                 creating: tokio::sync::Mutex::new(()),
@@ -344,6 +420,19 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION"),
             wasmtime_version: "48",
         }
+    }
+
+    /// The name of the CNI network pods get, or why pods get none (the
+    /// node's network is then not ready).
+    pub fn network_status(&self) -> std::result::Result<String, String> {
+        self.inner.networks.status().map(|list| list.name)
+    }
+
+    /// Removes pod network namespaces left by an earlier agent for
+    /// sandboxes it never recorded (it died while setting them up).
+    pub async fn remove_orphaned_networks(&self) {
+        let known: Vec<SandboxId> = read(&self.inner.sandboxes).keys().cloned().collect();
+        self.inner.networks.remove_orphans(&known).await;
     }
 
     // ----- sandboxes -----
@@ -376,9 +465,39 @@ impl Agent {
                 detail: format!("it is sandbox {}; remove it first", existing.id),
             });
         }
-        let record = SandboxRecord::new(spec);
-        self.inner.state.apply(&[Change::PutSandbox(&record)])?;
+        let mut record = SandboxRecord::new(spec);
         let id = record.id.clone();
+        if !record.spec.host_network {
+            match self.inner.networks.configured() {
+                Some(list) => {
+                    let request = NetworkRequest {
+                        namespace: meta.namespace.clone(),
+                        name: meta.name.clone(),
+                        uid: meta.uid.clone(),
+                        port_mappings: record.spec.port_mappings.clone(),
+                    };
+                    let network = self
+                        .inner
+                        .networks
+                        .setup(&id, list, &request)
+                        .await
+                        .map_err(|e| Error::Network(format!("setting up the pod network: {e}")))?;
+                    tracing::info!(sandbox_id = %id, ips = ?network.ips, "pod network ready");
+                    record.network = Some(network);
+                }
+                None => {
+                    tracing::warn!(sandbox_id = %id, "no CNI configuration: the pod has no network");
+                }
+            }
+        }
+        if let Err(e) = self.inner.state.apply(&[Change::PutSandbox(&record)]) {
+            if let Some(network) = &record.network
+                && let Err(error) = self.inner.networks.teardown(&id, network).await
+            {
+                tracing::warn!(sandbox_id = %id, %error, "undoing the pod network");
+            }
+            return Err(e);
+        }
         tracing::info!(sandbox_id = %id, pod = %meta.name, namespace = %meta.namespace, "pod sandbox ready");
         write(&self.inner.sandboxes).insert(id.clone(), Arc::new(Mutex::new(record)));
         Ok(id)
@@ -409,6 +528,20 @@ impl Agent {
         for entry in self.containers_of(id) {
             self.kill_and_wait(&entry, "its pod sandbox was stopped", Duration::ZERO)
                 .await?;
+        }
+        let network = lock(&sandbox).network.clone().filter(|n| !n.torn_down);
+        if let Some(network) = network {
+            self.inner
+                .networks
+                .teardown(id, &network)
+                .await
+                .map_err(|e| Error::Network(format!("tearing down the pod network: {e}")))?;
+            let mut record = lock(&sandbox);
+            if let Some(n) = record.network.as_mut() {
+                n.torn_down = true;
+            }
+            self.inner.state.apply(&[Change::PutSandbox(&record)])?;
+            tracing::info!(sandbox_id = %id, "pod network torn down");
         }
         let mut record = lock(&sandbox);
         let before = record.clone();
@@ -569,11 +702,15 @@ impl Agent {
         image: &ImageRecord,
         spec: &ContainerSpec,
     ) -> std::result::Result<Prepared, String> {
-        let program = program(&self.inner.images, image, spec)?;
-        // The hot path: an artifact image compiled before needs no I/O.
-        if program.file.is_none()
-            && let Some(prepared) = self.inner.engine.cached(&image.wasm_digest)
-        {
+        let program = program(&self.inner.images, &self.inner.programs, image, spec)?;
+        // The hot path: an image compiled before needs no I/O.
+        let known = match &program.file {
+            None => Some(image.wasm_digest.clone()),
+            Some(_) => lock(&self.inner.programs)
+                .get(&(image.id.clone(), program.argv[0].clone()))
+                .and_then(|p| p.digest.as_ref().map(|(d, _)| d.clone())),
+        };
+        if let Some(prepared) = known.and_then(|d| self.inner.engine.cached(&d)) {
             return Ok(prepared);
         }
         let inner = self.inner.clone();
@@ -593,9 +730,14 @@ impl Agent {
                     .map_err(|e| format!("reading {:?}: {e}", program.argv[0]))?;
                 let kind = WasmKind::detect(&bytes)
                     .ok_or_else(|| format!("{:?} is not a WebAssembly program", program.argv[0]))?;
-                inner
-                    .engine
-                    .prepare(&crate::ids::Digest::of(&bytes), kind, &bytes)
+                let digest = crate::ids::Digest::of(&bytes);
+                let prepared = inner.engine.prepare(&digest, kind, &bytes)?;
+                if let Some(p) =
+                    lock(&inner.programs).get_mut(&(image.id.clone(), program.argv[0].clone()))
+                {
+                    p.digest = Some((digest, kind));
+                }
+                Ok(prepared)
             }
         })
         .await
@@ -641,6 +783,7 @@ impl Agent {
         let limiter =
             MemoryLimiter::live(live.clone(), self.pod_memory(&sandbox)).with_usage(usage.clone());
         let oom = limiter.oom_flag();
+        let network = self.guest_network(&sandbox);
         let memory_limit = record.spec.resources.memory_limit_bytes;
         let memory_note = move |message: &str| match memory_limit {
             Some(limit) => format!(
@@ -649,15 +792,65 @@ impl Agent {
             None => format!("the guest reached its pod's memory limit: {message}"),
         };
         match self
-            .instantiate(&entry, &record, log.clone(), limiter)
+            .instantiate(&entry, &record, log.clone(), limiter, network.clone())
             .await
         {
+            Ok(crate::engine::Guest::Http(function)) => {
+                let options = self.http_options(&sandbox, &record.spec);
+                let listener = match function.bind(options.port) {
+                    Ok(listener) => listener,
+                    Err(reason) => {
+                        log.write_line(Stream::Stderr, &format!("wasmlet: {reason}"));
+                        log.close();
+                        self.finish(&entry, ExitStatus::start_error(reason.clone()));
+                        return Err(Error::StartFailed {
+                            id: id.to_string(),
+                            reason,
+                        });
+                    }
+                };
+                let metering = Metering {
+                    usage,
+                    live,
+                    shared: PodCpu::new(&record.spec.resources)
+                        .into_iter()
+                        .chain(pod_cpu)
+                        .collect(),
+                };
+                let agent = self.clone();
+                let entry = entry.clone();
+                tracing::info!(container_id = %id, port = options.port, "HTTP function serving");
+                log.write_line(
+                    Stream::Stderr,
+                    &format!("wasmlet: serving wasi:http on port {}", options.port),
+                );
+                self.inner.guests.handle().spawn(async move {
+                    let status = match function.serve(listener, options, metering, kill_rx).await {
+                        HttpExit::Drained => ExitStatus::guest(0, String::new()),
+                        HttpExit::Interrupted { why, requests } => ExitStatus::killed(&format!(
+                            "{why}; {requests} request(s) still in flight were interrupted"
+                        )),
+                        HttpExit::Failed(message) => {
+                            log.write_line(Stream::Stderr, &format!("wasmlet: {message}"));
+                            ExitStatus::guest(crate::engine::TRAP_EXIT_CODE, message)
+                        }
+                    };
+                    log.close();
+                    agent.finish(&entry, status);
+                });
+                Ok(())
+            }
             Ok(guest) => {
                 let agent = self.clone();
                 let entry = entry.clone();
                 self.inner.guests.handle().spawn(async move {
+                    let run = InNamespace::new(guest.run(), &network);
                     let status = tokio::select! {
-                        exit = Metered::new(guest.run(), usage).with_limits(live).with_pod_cpu(pod_cpu) => {
+                        exit = Metered::new(run, usage).with_limits(live).with_pod_cpu(pod_cpu) => {
+                            let exit = exit.unwrap_or_else(|message| crate::engine::GuestExit {
+                                code: crate::engine::TRAP_EXIT_CODE,
+                                message,
+                            });
                             if !exit.message.is_empty() {
                                 log.write_line(Stream::Stderr, &exit.message);
                             }
@@ -667,7 +860,7 @@ impl Agent {
                                 ExitStatus::guest(exit.code, exit.message)
                             }
                         }
-                        why = kill_rx => ExitStatus::killed(why.unwrap_or("the runtime stopped it")),
+                        stop = kill_rx => ExitStatus::killed(stop.map_or("the runtime stopped it", |s| s.why)),
                     };
                     log.close();
                     agent.finish(&entry, status);
@@ -692,12 +885,67 @@ impl Agent {
         }
     }
 
+    /// How a container's HTTP function is served: the first TCP port the
+    /// kubelet lists for the container (its `ports`), the node's defaults
+    /// for the rest, overridden by the pod annotations
+    /// `wasmlet.dev/http-max-concurrency` and
+    /// `wasmlet.dev/http-request-timeout-seconds`.
+    fn http_options(&self, sandbox: &SandboxRecord, spec: &ContainerSpec) -> HttpOptions {
+        let mut options = self.inner.http.clone();
+        if let Some(port) = spec
+            .annotations
+            .get(CONTAINER_PORTS_ANNOTATION)
+            .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+            .as_ref()
+            .and_then(serde_json::Value::as_array)
+            .and_then(|ports| {
+                ports.iter().find_map(|p| {
+                    let tcp = p
+                        .get("protocol")
+                        .and_then(serde_json::Value::as_str)
+                        .is_none_or(|proto| proto.eq_ignore_ascii_case("tcp"));
+                    let port = p.get("containerPort").and_then(serde_json::Value::as_u64)?;
+                    tcp.then(|| u16::try_from(port).ok()).flatten()
+                })
+            })
+        {
+            options.port = port;
+        }
+        let annotation = |key: &str| {
+            sandbox
+                .spec
+                .annotations
+                .get(key)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|v| *v > 0)
+        };
+        if let Some(n) = annotation("wasmlet.dev/http-max-concurrency") {
+            options.max_concurrency = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(secs) = annotation("wasmlet.dev/http-request-timeout-seconds") {
+            options.request_timeout = Duration::from_secs(secs);
+        }
+        options
+    }
+
+    /// Where a pod's guests open sockets.
+    fn guest_network(&self, sandbox: &SandboxRecord) -> GuestNetwork {
+        if sandbox.spec.host_network {
+            return GuestNetwork::Host;
+        }
+        match self.inner.networks.namespace(&sandbox.id) {
+            Some(ns) => GuestNetwork::Pod(ns),
+            None => GuestNetwork::None,
+        }
+    }
+
     async fn instantiate(
         &self,
         entry: &ContainerEntry,
         record: &ContainerRecord,
         log: ContainerLog,
         limiter: MemoryLimiter,
+        network: GuestNetwork,
     ) -> std::result::Result<crate::engine::Guest, String> {
         let image = self
             .inner
@@ -710,7 +958,7 @@ impl Agent {
             None => self.prepare(&image, &record.spec).await?,
         };
         let spec = &record.spec;
-        let program = program(&self.inner.images, &image, spec)?;
+        let program = program(&self.inner.images, &self.inner.programs, &image, spec)?;
         let mut preopens = Vec::new();
         if let Some(root) = &program.rootfs {
             preopens.push(Preopen {
@@ -749,6 +997,7 @@ impl Agent {
             working_dir: (!working_dir.is_empty()).then_some(working_dir),
             log,
             limiter,
+            network,
         };
         self.inner.engine.instantiate(&prepared, config).await
     }
@@ -878,7 +1127,10 @@ impl Agent {
         timeout: Duration,
     ) -> Result<()> {
         if let Some(kill) = lock(&entry.kill).take() {
-            let _ = kill.send(why);
+            let _ = kill.send(StopRequest {
+                why,
+                grace: timeout,
+            });
         }
         if !lock(&entry.record).state.is_running() {
             return Ok(());
@@ -970,7 +1222,7 @@ impl Agent {
         } else {
             0
         };
-        let nano_cores = crate::stats::nano_cores(&mut lock(&entry.last_sample), now, cpu);
+        let nano_cores = lock(&entry.cpu_rate).observe(now, cpu);
         let available = record
             .spec
             .resources
@@ -986,6 +1238,7 @@ impl Agent {
                 available_bytes: available,
                 running,
                 throttled_periods: guest.as_ref().map_or(0, |u| u.throttled_periods()),
+                http: guest.as_ref().map(|u| u.http()).unwrap_or_default(),
             },
         }
     }
@@ -1020,12 +1273,10 @@ impl Agent {
         let working_set: u64 = containers.iter().map(|c| c.usage.working_set_bytes).sum();
         let nano_cores = {
             let mut samples = lock(&self.inner.pod_samples);
-            let mut last = samples.get(&sandbox.id).copied();
-            let rate = crate::stats::nano_cores(&mut last, now, cpu);
-            if let Some(l) = last {
-                samples.insert(sandbox.id.clone(), l);
-            }
-            rate
+            samples
+                .entry(sandbox.id.clone())
+                .or_default()
+                .observe(now, cpu)
         };
         let limit = sandbox.spec.resources.memory_limit_bytes;
         PodUsage {
@@ -1037,6 +1288,15 @@ impl Agent {
                 available_bytes: limit.map(|l| l.saturating_sub(working_set)),
                 running: containers.iter().any(|c| c.usage.running),
                 throttled_periods: containers.iter().map(|c| c.usage.throttled_periods).sum(),
+                http: containers
+                    .iter()
+                    .fold(crate::stats::HttpUsage::default(), |a, c| {
+                        crate::stats::HttpUsage {
+                            requests: a.requests + c.usage.http.requests,
+                            server_errors: a.server_errors + c.usage.http.server_errors,
+                            latency_micros: a.latency_micros + c.usage.http.latency_micros,
+                        }
+                    }),
             },
             record: sandbox,
             containers,
@@ -1171,6 +1431,7 @@ impl Agent {
         if let Some(image) = self.inner.images.resolve(reference) {
             self.inner.images.remove(image.id.as_str())?;
             self.inner.engine.forget(&image.wasm_digest);
+            lock(&self.inner.programs).retain(|(id, _), _| *id != image.id);
             tracing::info!(image = %image.id, reference, "image removed");
         }
         Ok(())

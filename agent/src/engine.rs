@@ -15,16 +15,23 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker as ComponentLinker, ResourceTable};
-use wasmtime::{Config, Engine, InstancePre, Linker, Module, Store, UpdateDeadline};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, Store, UpdateDeadline,
+};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::artifacts::{ArtifactStore, Compiled};
+use crate::http::{HttpFunction, PodHooks};
 use crate::ids::Digest;
 use crate::image::WasmKind;
 use crate::limits::{LiveLimits, MemoryLimiter};
 use crate::logs::{ContainerLog, Stream};
+use crate::network::GuestNetwork;
 
 /// How often the epoch advances; a running guest yields at least this often.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -38,11 +45,24 @@ pub struct P1State {
     limiter: MemoryLimiter,
 }
 
-/// Store data of a component (WASI 0.2) guest.
+/// Store data of a component (WASI 0.2) guest: a command, or one request
+/// of an HTTP function.
 pub struct P2State {
     wasi: WasiCtx,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    hooks: PodHooks,
     limiter: MemoryLimiter,
+}
+
+impl WasiHttpView for P2State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
 }
 
 impl WasiView for P2State {
@@ -59,6 +79,9 @@ impl WasiView for P2State {
 pub enum Prepared {
     Module(InstancePre<P1State>),
     Component(CommandPre<P2State>),
+    /// A `wasi:http/proxy` component, instantiated per request (on the
+    /// pooling engine).
+    Http(ProxyPre<P2State>),
 }
 
 /// A directory of the host visible to the guest.
@@ -78,6 +101,9 @@ pub struct GuestConfig {
     pub log: ContainerLog,
     /// Charges the guest's memories and tables to its limits.
     pub limiter: MemoryLimiter,
+    /// Whether the guest may open sockets (WASI 0.2 `wasi:sockets`, TCP
+    /// and UDP). The caller polls the guest inside its pod's namespace.
+    pub network: GuestNetwork,
 }
 
 /// How a guest ended by itself.
@@ -114,8 +140,13 @@ pub struct WasmEngine {
     engine: Engine,
     p1_linker: Linker<P1State>,
     p2_linker: ComponentLinker<P2State>,
+    /// HTTP functions get an instance per request: this engine allocates
+    /// them from a pool, which makes instantiation cheap.
+    http_engine: Engine,
+    http_linker: ComponentLinker<P2State>,
     prepared: Mutex<HashMap<Digest, Prepared>>,
     artifacts: Option<ArtifactStore>,
+    http_artifacts: Option<ArtifactStore>,
     /// One lock per digest being made ready, so that an image is compiled
     /// once even when a container start and the puller's precompilation
     /// race.
@@ -132,29 +163,56 @@ impl WasmEngine {
     /// compiling; artifacts of other wasmtime versions or settings found
     /// there are deleted. Without one, every engine compiles afresh.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Arc<Self>, String> {
+        Self::with_pool(cache_dir, HTTP_POOL_INSTANCES)
+    }
+
+    /// As [`new`](Self::new), with room for `pool_instances` concurrent
+    /// HTTP function instances.
+    pub fn with_pool(cache_dir: Option<PathBuf>, pool_instances: u32) -> Result<Arc<Self>, String> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
         let engine =
             Engine::new(&config).map_err(|e| format!("creating wasmtime engine: {e:#}"))?;
+        let mut pool = PoolingAllocationConfig::new();
+        let n = pool_instances.max(1);
+        pool.total_component_instances(n)
+            // A Rust component is a few core instances (its code, the
+            // adapter, shims), each with at most a memory and a table.
+            .total_core_instances(n * 8)
+            .total_memories(n * 2)
+            .total_tables(n * 4)
+            .total_stacks(n)
+            .max_memories_per_module(1)
+            .max_tables_per_module(4);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let http_engine = Engine::new(&config)
+            .map_err(|e| format!("creating the pooling wasmtime engine: {e:#}"))?;
 
         let mut p1_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut p1_linker, |s: &mut P1State| &mut s.wasi)
             .map_err(|e| format!("linking WASI preview1: {e:#}"))?;
-        let mut p2_linker = ComponentLinker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut p2_linker)
-            .map_err(|e| format!("linking WASI 0.2: {e:#}"))?;
-        let artifacts = cache_dir
-            .map(|dir| ArtifactStore::open(&dir, &engine))
-            .transpose()
-            .map_err(|e| format!("opening the precompiled artifact cache: {e}"))?;
+        let p2_linker = make_p2_linker(&engine)?;
+        let http_linker = make_p2_linker(&http_engine)?;
+        let open = |dir: &std::path::Path, engine: &Engine| {
+            ArtifactStore::open(dir, engine)
+                .map_err(|e| format!("opening the precompiled artifact cache: {e}"))
+        };
+        let artifacts = cache_dir.as_deref().map(|d| open(d, &engine)).transpose()?;
+        let http_artifacts = cache_dir
+            .as_deref()
+            .map(|d| open(&d.join("http"), &http_engine))
+            .transpose()?;
 
         let this = Arc::new(Self {
             engine,
             p1_linker,
             p2_linker,
+            http_engine,
+            http_linker,
             prepared: Mutex::new(HashMap::new()),
             artifacts,
+            http_artifacts,
             building: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         });
@@ -164,6 +222,7 @@ impl WasmEngine {
             .spawn(move || {
                 while let Some(engine) = weak.upgrade() {
                     engine.engine.increment_epoch();
+                    engine.http_engine.increment_epoch();
                     drop(engine);
                     std::thread::sleep(EPOCH_TICK);
                 }
@@ -191,10 +250,9 @@ impl WasmEngine {
         if let Some(p) = self.cached(digest) {
             return Ok(p);
         }
-        let loaded = self
-            .artifacts
-            .as_ref()
-            .and_then(|store| store.load(&self.engine, digest, kind));
+        let http = kind == WasmKind::Component && exports_http_handler(bytes);
+        let (engine, artifacts) = self.engine_for(http);
+        let loaded = artifacts.and_then(|store| store.load(engine, digest, kind));
         let compiled = match loaded {
             Some(compiled) => {
                 self.counters
@@ -203,9 +261,9 @@ impl WasmEngine {
                 tracing::debug!(%digest, "loaded precompiled artifact");
                 compiled
             }
-            None => self.compile(digest, kind, bytes)?,
+            None => self.compile(http, digest, kind, bytes)?,
         };
-        let prepared = self.link(compiled)?;
+        let prepared = self.link(compiled, http)?;
         if let Ok(mut m) = self.prepared.lock() {
             m.insert(digest.clone(), prepared.clone());
         }
@@ -219,7 +277,9 @@ impl WasmEngine {
     /// nothing. Errors (the bytes do not compile, the artifact cannot be
     /// written) are written for the user.
     pub fn precompile(&self, digest: &Digest, kind: WasmKind, bytes: &[u8]) -> Result<(), String> {
-        let Some(store) = &self.artifacts else {
+        let http = kind == WasmKind::Component && exports_http_handler(bytes);
+        let (engine, artifacts) = self.engine_for(http);
+        let Some(store) = artifacts else {
             return Ok(());
         };
         let slot = self.building_slot(digest);
@@ -228,12 +288,10 @@ impl WasmEngine {
             return Ok(());
         }
         let artifact = match kind {
-            WasmKind::Module => self
-                .engine
+            WasmKind::Module => engine
                 .precompile_module(bytes)
                 .map_err(|e| format!("invalid Wasm module: {e:#}"))?,
-            WasmKind::Component => self
-                .engine
+            WasmKind::Component => engine
                 .precompile_component(bytes)
                 .map_err(|e| format!("invalid Wasm component: {e:#}"))?,
         };
@@ -254,7 +312,7 @@ impl WasmEngine {
             if let Ok(mut m) = self.prepared.lock() {
                 m.remove(digest);
             }
-            if let Some(store) = &self.artifacts {
+            for store in self.artifacts.iter().chain(&self.http_artifacts) {
                 store.remove(digest);
             }
         }
@@ -297,20 +355,26 @@ impl WasmEngine {
 
     /// Compiles with Cranelift and writes the artifact to the disk cache (a
     /// failure to write is logged: the compiled image is still used).
-    fn compile(&self, digest: &Digest, kind: WasmKind, bytes: &[u8]) -> Result<Compiled, String> {
+    fn compile(
+        &self,
+        http: bool,
+        digest: &Digest,
+        kind: WasmKind,
+        bytes: &[u8],
+    ) -> Result<Compiled, String> {
+        let (engine, artifacts) = self.engine_for(http);
         let compiled = match kind {
             WasmKind::Module => Compiled::Module(
-                Module::new(&self.engine, bytes)
-                    .map_err(|e| format!("invalid Wasm module: {e:#}"))?,
+                Module::new(engine, bytes).map_err(|e| format!("invalid Wasm module: {e:#}"))?,
             ),
             WasmKind::Component => Compiled::Component(
-                Component::new(&self.engine, bytes)
+                Component::new(engine, bytes)
                     .map_err(|e| format!("invalid Wasm component: {e:#}"))?,
             ),
         };
         self.counters.compiled.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%digest, "compiled Wasm");
-        if let Some(store) = &self.artifacts {
+        tracing::info!(%digest, http, "compiled Wasm");
+        if let Some(store) = artifacts {
             let written = compiled
                 .serialize()
                 .map_err(|e| format!("serializing: {e:#}"))
@@ -326,8 +390,18 @@ impl WasmEngine {
         Ok(compiled)
     }
 
+    /// The engine (and its artifact store) for an HTTP function or for
+    /// everything else.
+    fn engine_for(&self, http: bool) -> (&Engine, Option<&ArtifactStore>) {
+        if http {
+            (&self.http_engine, self.http_artifacts.as_ref())
+        } else {
+            (&self.engine, self.artifacts.as_ref())
+        }
+    }
+
     /// Links a compiled image against WASI.
-    fn link(&self, compiled: Compiled) -> Result<Prepared, String> {
+    fn link(&self, compiled: Compiled, http: bool) -> Result<Prepared, String> {
         match compiled {
             Compiled::Module(module) => {
                 if module.get_export("_start").is_none() {
@@ -342,14 +416,23 @@ impl WasmEngine {
                 })?;
                 Ok(Prepared::Module(pre))
             }
+            Compiled::Component(component) if http => {
+                let pre = self.http_linker.instantiate_pre(&component).map_err(|e| {
+                    format!("the component cannot be linked against WASI 0.2 and wasi:http: {e:#}")
+                })?;
+                let pre = ProxyPre::new(pre).map_err(|e| {
+                    format!("the component does not export a usable `wasi:http/incoming-handler` ({e:#})")
+                })?;
+                Ok(Prepared::Http(pre))
+            }
             Compiled::Component(component) => {
                 let pre = self.p2_linker.instantiate_pre(&component).map_err(|e| {
                     format!("the component cannot be linked against WASI 0.2: {e:#}")
                 })?;
                 let pre = CommandPre::new(pre).map_err(|e| {
                     format!(
-                        "unsupported WASI world: the component does not export `wasi:cli/run` \
-                         ({e:#})"
+                        "unsupported WASI world: the component exports neither `wasi:cli/run` \
+                         (a command) nor `wasi:http/incoming-handler` (an HTTP function) ({e:#})"
                     )
                 })?;
                 Ok(Prepared::Component(pre))
@@ -364,28 +447,16 @@ impl WasmEngine {
         prepared: &Prepared,
         config: GuestConfig,
     ) -> Result<Guest, String> {
-        let mut builder = WasiCtxBuilder::new();
-        builder
-            .args(&config.argv)
-            .envs(&config.env)
-            .stdout(config.log.stream(Stream::Stdout))
-            .stderr(config.log.stream(Stream::Stderr));
-        if let Some(cwd) = &config.working_dir {
-            builder.initial_cwd(cwd);
-        }
-        for p in &config.preopens {
-            let perms = if p.readonly {
-                FsPerms::ReadOnly
-            } else {
-                FsPerms::ReadWrite
-            };
-            builder
-                .preopened_dir(&p.host_path, &p.guest_path, perms)
-                .map_err(|e| format!("mounting {:?} at {:?}: {e:#}", p.host_path, p.guest_path))?;
-        }
         let live = config.limiter.live_limits();
         match prepared {
+            Prepared::Http(pre) => {
+                // Checked now so that a bad mount is a start error; each
+                // request builds its own context.
+                wasi_builder(&config)?;
+                Ok(Guest::Http(HttpFunction::new(pre.clone(), config)))
+            }
             Prepared::Module(pre) => {
+                let mut builder = wasi_builder(&config)?;
                 let mut store = Store::new(
                     &self.engine,
                     P1State {
@@ -405,13 +476,10 @@ impl WasmEngine {
                 Ok(Guest::Module { store, start })
             }
             Prepared::Component(pre) => {
+                let mut builder = wasi_builder(&config)?;
                 let mut store = Store::new(
                     &self.engine,
-                    P2State {
-                        wasi: builder.build(),
-                        table: ResourceTable::new(),
-                        limiter: config.limiter,
-                    },
+                    P2State::new(builder.build(), config.limiter, &config.network),
                 );
                 store.limiter(|s| &mut s.limiter);
                 yield_by_shares(&mut store, live.clone());
@@ -423,6 +491,102 @@ impl WasmEngine {
             }
         }
     }
+}
+
+/// The limits of the HTTP engine's pool, unless configured.
+pub const HTTP_POOL_INSTANCES: u32 = 256;
+
+fn make_p2_linker(engine: &Engine) -> Result<ComponentLinker<P2State>, String> {
+    let mut linker = ComponentLinker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(|e| format!("linking WASI 0.2: {e:#}"))?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+        .map_err(|e| format!("linking wasi:http: {e:#}"))?;
+    Ok(linker)
+}
+
+impl P2State {
+    pub(crate) fn new(wasi: WasiCtx, limiter: MemoryLimiter, network: &GuestNetwork) -> Self {
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            hooks: PodHooks::new(network.clone()),
+            limiter,
+        }
+    }
+}
+
+/// A new store for one request of an HTTP function.
+pub(crate) fn http_store(
+    pre: &ProxyPre<P2State>,
+    config: &GuestConfig,
+) -> Result<Store<P2State>, String> {
+    let live = config.limiter.live_limits();
+    let mut builder = wasi_builder(config)?;
+    let mut store = Store::new(
+        pre.engine(),
+        P2State::new(builder.build(), config.limiter.sibling(), &config.network),
+    );
+    store.limiter(|s| &mut s.limiter);
+    yield_by_shares(&mut store, live);
+    Ok(store)
+}
+
+/// Whether a component exports `wasi:http/incoming-handler` (is an HTTP
+/// function). Reads only the outer component's export sections.
+pub fn exports_http_handler(bytes: &[u8]) -> bool {
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let Ok(payload) = payload else {
+            return false;
+        };
+        match payload {
+            wasmparser::Payload::ModuleSection { .. }
+            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            wasmparser::Payload::ComponentExportSection(reader) if depth == 0 => {
+                for export in reader.into_iter().flatten() {
+                    if export.name.name.starts_with("wasi:http/incoming-handler@") {
+                        return true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The WASI context a guest gets: argv, environment, stdio to its log,
+/// its mounts and, with a network, sockets.
+fn wasi_builder(config: &GuestConfig) -> Result<WasiCtxBuilder, String> {
+    let mut builder = WasiCtxBuilder::new();
+    builder
+        .args(&config.argv)
+        .envs(&config.env)
+        .stdout(config.log.stream(Stream::Stdout))
+        .stderr(config.log.stream(Stream::Stderr));
+    if let Some(cwd) = &config.working_dir {
+        builder.initial_cwd(cwd);
+    }
+    if config.network.allows_sockets() {
+        // Any address: the namespace is the boundary. Name lookup stays
+        // off: it would run on the host's resolver threads, outside the
+        // pod's namespace.
+        builder.allow_tcp(true).allow_udp(true).inherit_network();
+    }
+    for p in &config.preopens {
+        let perms = if p.readonly {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
+        builder
+            .preopened_dir(&p.host_path, &p.guest_path, perms)
+            .map_err(|e| format!("mounting {:?} at {:?}: {e:#}", p.host_path, p.guest_path))?;
+    }
+    Ok(builder)
 }
 
 /// Makes the guest yield to the executor every `yield_ticks` epoch ticks,
@@ -442,6 +606,9 @@ pub enum Guest {
         store: Store<P2State>,
         command: wasmtime_wasi::p2::bindings::Command,
     },
+    /// An HTTP function: run by the agent's HTTP server, not by
+    /// [`Guest::run`].
+    Http(HttpFunction),
 }
 
 impl Guest {
@@ -461,6 +628,12 @@ impl Guest {
                     }
                     Err(e) => Err(e),
                 }
+            }
+            Guest::Http(_) => {
+                return GuestExit {
+                    code: TRAP_EXIT_CODE,
+                    message: "an HTTP function is served, not run".to_owned(),
+                };
             }
         };
         match result {
@@ -512,6 +685,7 @@ mod tests {
             working_dir: None,
             log: log.clone(),
             limiter: MemoryLimiter::new(None, crate::limits::PodMemory::new(None)),
+            network: GuestNetwork::None,
         }
     }
 

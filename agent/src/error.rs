@@ -57,6 +57,10 @@ pub enum Error {
 
     #[error("internal error: {0}")]
     Internal(String),
+
+    /// The pod network could not be set up or torn down (CNI, namespaces).
+    #[error("{0}")]
+    Network(String),
 }
 
 impl Error {
@@ -123,6 +127,7 @@ impl Error {
                 to,
             },
             Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
+            Error::Network(m) => Error::Network(m.clone()),
             Error::InvalidImage { reference, reason } => Error::InvalidImage {
                 reference: reference.clone(),
                 reason: reason.clone(),

@@ -168,11 +168,16 @@ impl PodCpu {
     }
 }
 
-/// One guest's limiter, kept in its store.
+/// One guest's limiter, kept in its store. An HTTP function's instances
+/// (one per request) have one each, made with [`MemoryLimiter::sibling`]:
+/// the container's limit then caps their sum.
 pub struct MemoryLimiter {
     live: Arc<LiveLimits>,
     pod: Arc<PodMemory>,
+    /// This store's charged bytes.
     used: u64,
+    /// The container's: the sum over its siblings.
+    container_used: Arc<AtomicU64>,
     oom: Arc<AtomicBool>,
     usage: Option<Arc<GuestUsage>>,
 }
@@ -199,8 +204,22 @@ impl MemoryLimiter {
             live,
             pod,
             used: 0,
+            container_used: Arc::new(AtomicU64::new(0)),
             oom: Arc::new(AtomicBool::new(false)),
             usage: None,
+        }
+    }
+
+    /// A limiter for another store of the same container, charging the
+    /// same container and pod accounts (and reporting to the same usage).
+    pub fn sibling(&self) -> Self {
+        Self {
+            live: self.live.clone(),
+            pod: self.pod.clone(),
+            used: 0,
+            container_used: self.container_used.clone(),
+            oom: self.oom.clone(),
+            usage: self.usage.clone(),
         }
     }
 
@@ -222,17 +241,26 @@ impl MemoryLimiter {
     }
 
     fn charge(&mut self, bytes: u64) -> bool {
-        if self
-            .limit()
-            .is_some_and(|l| self.used.saturating_add(bytes) > l)
-            || !self.pod.try_charge(bytes)
-        {
+        let limit = self.limit();
+        let container_ok = self
+            .container_used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                let total = used.saturating_add(bytes);
+                (limit.is_none_or(|l| total <= l)).then_some(total)
+            })
+            .is_ok();
+        if !container_ok {
+            self.oom.store(true, Ordering::Relaxed);
+            return false;
+        }
+        if !self.pod.try_charge(bytes) {
+            self.container_used.fetch_sub(bytes, Ordering::AcqRel);
             self.oom.store(true, Ordering::Relaxed);
             return false;
         }
         self.used += bytes;
         if let Some(usage) = &self.usage {
-            usage.set_memory(self.used);
+            usage.add_memory(bytes);
         }
         true
     }
@@ -241,8 +269,9 @@ impl MemoryLimiter {
 impl Drop for MemoryLimiter {
     fn drop(&mut self) {
         self.pod.release(self.used);
+        self.container_used.fetch_sub(self.used, Ordering::AcqRel);
         if let Some(usage) = &self.usage {
-            usage.set_memory(0);
+            usage.sub_memory(self.used);
         }
     }
 }
@@ -302,6 +331,24 @@ mod tests {
         assert_eq!(pod.used(), 50);
         assert!(b.memory_growing(50, 90, None).unwrap());
         drop(b);
+        assert_eq!(pod.used(), 0);
+    }
+
+    #[test]
+    fn siblings_share_the_container_limit() {
+        let pod = PodMemory::new(None);
+        let usage = GuestUsage::new();
+        let mut a = MemoryLimiter::new(Some(100), pod.clone()).with_usage(usage.clone());
+        let mut b = a.sibling();
+        assert!(a.memory_growing(0, 60, None).unwrap());
+        assert!(!b.memory_growing(0, 50, None).unwrap(), "60 + 50 > 100");
+        assert!(b.memory_growing(0, 40, None).unwrap());
+        assert_eq!(usage.memory_bytes(), 100);
+        drop(a);
+        assert_eq!(usage.memory_bytes(), 40);
+        assert!(b.memory_growing(40, 100, None).unwrap());
+        drop(b);
+        assert_eq!(usage.memory_bytes(), 0);
         assert_eq!(pod.used(), 0);
     }
 

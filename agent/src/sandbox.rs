@@ -33,6 +33,12 @@ pub struct SandboxSpec {
     /// Pod-level limits (the kubelet's pod resources), over all containers.
     #[serde(default)]
     pub resources: crate::container::Resources,
+    /// The pod shares the node's network namespace (`hostNetwork`).
+    #[serde(default)]
+    pub host_network: bool,
+    /// hostPort mappings, handed to the CNI plugins.
+    #[serde(default)]
+    pub port_mappings: Vec<crate::network::PortMapping>,
 }
 
 /// The states of a sandbox, as CRI names them.
@@ -63,6 +69,9 @@ pub struct SandboxRecord {
     pub spec: SandboxSpec,
     pub state: SandboxState,
     pub created_at: Timestamp,
+    /// The pod's CNI network, when it has one.
+    #[serde(default)]
+    pub network: Option<crate::network::PodNetwork>,
 }
 
 impl SandboxRecord {
@@ -72,6 +81,7 @@ impl SandboxRecord {
             spec,
             state: SandboxState::Ready,
             created_at: Timestamp::now(),
+            network: None,
         }
     }
 

@@ -24,6 +24,20 @@ pub struct GuestUsage {
     cpu_nanos: AtomicU64,
     memory_bytes: AtomicU64,
     throttled_periods: AtomicU64,
+    http_requests: AtomicU64,
+    http_server_errors: AtomicU64,
+    http_latency_micros: AtomicU64,
+}
+
+/// Requests an HTTP function answered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HttpUsage {
+    pub requests: u64,
+    /// Answered with a 5xx status (the function failed, timed out, or was
+    /// busy or stopping).
+    pub server_errors: u64,
+    /// The sum of the requests' latencies (arrival to response headers).
+    pub latency_micros: u64,
 }
 
 impl GuestUsage {
@@ -46,8 +60,36 @@ impl GuestUsage {
         self.memory_bytes.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn set_memory(&self, bytes: u64) {
-        self.memory_bytes.store(bytes, Ordering::Relaxed);
+    /// Counts a request answered with `status` after `latency`.
+    pub fn record_request(&self, status: u16, latency: std::time::Duration) {
+        self.http_requests.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.http_server_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.http_latency_micros.fetch_add(
+            u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn http(&self) -> HttpUsage {
+        HttpUsage {
+            requests: self.http_requests.load(Ordering::Relaxed),
+            server_errors: self.http_server_errors.load(Ordering::Relaxed),
+            latency_micros: self.http_latency_micros.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn add_memory(&self, bytes: u64) {
+        self.memory_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn sub_memory(&self, bytes: u64) {
+        let _ = self
+            .memory_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                Some(m.saturating_sub(bytes))
+            });
     }
 }
 
@@ -65,7 +107,8 @@ pub struct Metered<F> {
     inner: Pin<Box<F>>,
     usage: Arc<GuestUsage>,
     limits: Option<Arc<LiveLimits>>,
-    pod_cpu: Option<Arc<PodCpu>>,
+    /// Shared quotas (the pod's; an HTTP function's over its instances).
+    pod_cpu: Vec<Arc<PodCpu>>,
     period_start: tokio::time::Instant,
     used_in_period: u64,
     throttled: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -77,16 +120,16 @@ impl<F> Metered<F> {
             inner: Box::pin(inner),
             usage,
             limits: None,
-            pod_cpu: None,
+            pod_cpu: Vec::new(),
             period_start: tokio::time::Instant::now(),
             used_in_period: 0,
             throttled: None,
         }
     }
 
-    /// Also throttles the future to its pod's CPU quota.
+    /// Also throttles the future to a shared CPU quota (its pod's).
     pub fn with_pod_cpu(mut self, pod: Option<Arc<PodCpu>>) -> Self {
-        self.pod_cpu = pod;
+        self.pod_cpu.extend(pod);
         self
     }
 
@@ -127,9 +170,11 @@ impl<F: Future> Future for Metered<F> {
                     resume_at = Some(this.period_start + period);
                 }
             }
-            if let Some(pod_until) = this.pod_cpu.as_ref().and_then(|p| p.charge(spent)) {
-                resume_at =
-                    Some(resume_at.map_or(pod_until, |t: tokio::time::Instant| t.max(pod_until)));
+            for account in &this.pod_cpu {
+                if let Some(until) = account.charge(spent) {
+                    resume_at =
+                        Some(resume_at.map_or(until, |t: tokio::time::Instant| t.max(until)));
+                }
             }
             if let Some(until) = resume_at {
                 this.usage.throttled_periods.fetch_add(1, Ordering::Relaxed);
@@ -162,19 +207,55 @@ pub struct Usage {
     pub running: bool,
     /// CPU periods in which the guest used up its quota.
     pub throttled_periods: u64,
+    /// Requests served, for HTTP functions.
+    pub http: HttpUsage,
 }
 
-/// Computes a rate against the previous reading kept in `last`.
-pub(crate) fn nano_cores(last: &mut Option<(Timestamp, u64)>, now: Timestamp, cpu: u64) -> u64 {
-    let rate = match *last {
-        Some((then, then_cpu)) if now.as_nanos() > then.as_nanos() => {
-            let wall = (now.as_nanos() - then.as_nanos()) as u128;
-            (cpu.saturating_sub(then_cpu) as u128 * 1_000_000_000 / wall) as u64
+/// The shortest interval a CPU rate is measured over. Readers calling more
+/// often than this (the kubelet's summary, metrics-server, a `crictl stats`
+/// by hand) see the same rate instead of shortening each other's interval,
+/// as with cAdvisor's housekeeping samples.
+pub const MIN_RATE_INTERVAL_NANOS: i64 = 1_000_000_000;
+
+/// CPU samples of one container or pod, from which `usage_nano_cores` is
+/// computed: the rate between the last two samples at least
+/// [`MIN_RATE_INTERVAL_NANOS`] apart.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuRate {
+    /// The sample before `current`, at least the minimum interval older.
+    previous: Option<(Timestamp, u64)>,
+    current: Option<(Timestamp, u64)>,
+}
+
+fn rate(from: (Timestamp, u64), to: (Timestamp, u64)) -> u64 {
+    let (then, now) = (from.0.as_nanos(), to.0.as_nanos());
+    if now <= then {
+        return 0;
+    }
+    let wall = now.abs_diff(then) as u128;
+    (to.1.saturating_sub(from.1) as u128 * 1_000_000_000 / wall) as u64
+}
+
+impl CpuRate {
+    /// Takes a reading of `cpu` nanoseconds at `now` and returns the rate
+    /// in nanocores (1e9 = one core busy); 0 on the first reading.
+    pub fn observe(&mut self, now: Timestamp, cpu: u64) -> u64 {
+        let Some(current) = self.current else {
+            self.current = Some((now, cpu));
+            return 0;
+        };
+        let since = now.as_nanos().saturating_sub(current.0.as_nanos());
+        if since >= MIN_RATE_INTERVAL_NANOS {
+            self.previous = Some(current);
+            self.current = Some((now, cpu));
+            return rate(current, (now, cpu));
         }
-        _ => 0,
-    };
-    *last = Some((now, cpu));
-    rate
+        match self.previous {
+            Some(previous) => rate(previous, current),
+            // Within the first interval: the rate so far, sample kept.
+            None => rate(current, (now, cpu)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -243,20 +324,18 @@ mod tests {
     }
 
     #[test]
-    fn rate_over_the_interval() {
-        let mut last = None;
-        assert_eq!(
-            nano_cores(&mut last, Timestamp::from_nanos(1_000_000_000), 0),
-            0
-        );
-        // Half a core over two seconds.
-        assert_eq!(
-            nano_cores(
-                &mut last,
-                Timestamp::from_nanos(3_000_000_000),
-                1_000_000_000
-            ),
-            500_000_000
-        );
+    fn rate_over_the_interval_is_not_shortened_by_frequent_readers() {
+        let at = |ms: i64| Timestamp::from_nanos(ms * 1_000_000);
+        let mut r = CpuRate::default();
+        assert_eq!(r.observe(at(1_000), 0), 0);
+        // Half a core over the first 500 ms: a rate so far.
+        assert_eq!(r.observe(at(1_500), 250_000_000), 500_000_000);
+        // Half a core over two seconds: a full interval.
+        assert_eq!(r.observe(at(3_000), 1_000_000_000), 500_000_000);
+        // A reader 10 ms later sees that interval's rate, not its own
+        // 10 ms window (which would read a full core).
+        assert_eq!(r.observe(at(3_010), 1_010_000_000), 500_000_000);
+        // A second later a new interval: a whole core busy.
+        assert_eq!(r.observe(at(4_000), 2_000_000_000), 1_000_000_000);
     }
 }

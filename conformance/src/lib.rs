@@ -16,6 +16,7 @@ mod config;
 mod error;
 pub mod fault_proxy;
 mod log;
+pub mod pod_network;
 pub mod registry;
 pub mod token_server;
 

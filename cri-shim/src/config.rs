@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+use wasmlet_agent::http::HttpOptions;
+use wasmlet_agent::network::{CniPaths, NetworkConfig};
 use wasmlet_agent::registry::RegistryConfig;
 use wasmlet_proto::cri::CgroupDriver;
 
@@ -28,6 +30,36 @@ pub struct FileConfig {
     pub compile_parallelism: Option<usize>,
     #[serde(default)]
     pub registry: RegistrySection,
+    #[serde(default)]
+    pub network: NetworkSection,
+    #[serde(default)]
+    pub http: HttpSection,
+}
+
+/// `[http]`: how `wasi:http` functions are served.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// The port served when a container lists none (8080).
+    pub default_port: Option<u16>,
+    /// Requests one container handles at once (64); more wait.
+    pub max_concurrency: Option<usize>,
+    /// Seconds a request may take (60).
+    pub request_timeout_seconds: Option<u64>,
+    /// Function instances the node's pool has room for at once (256).
+    pub pool_instances: Option<u32>,
+}
+
+/// `[network]`: CNI and pod network namespaces.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Where the CNI network configuration is (`/etc/cni/net.d`).
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Where CNI plugins are (`/opt/cni/bin`, then Debian's `/usr/lib/cni`).
+    pub cni_bin_dirs: Option<Vec<PathBuf>>,
+    /// Where pod network namespaces are pinned (`/run/netns`).
+    pub netns_dir: Option<PathBuf>,
 }
 
 /// `[registry]`: how registries are reached.
@@ -60,6 +92,9 @@ pub struct Settings {
     pub cgroup_driver: CgroupDriver,
     pub registry: RegistryConfig,
     pub compile_parallelism: usize,
+    pub network: NetworkConfig,
+    pub http: HttpOptions,
+    pub http_pool_instances: u32,
 }
 
 fn is_root() -> bool {
@@ -133,6 +168,36 @@ impl Settings {
                 }
             },
             compile_parallelism: file.compile_parallelism.unwrap_or(2),
+            network: {
+                let d = NetworkConfig::default();
+                NetworkConfig {
+                    cni: CniPaths {
+                        conf_dir: file.network.cni_conf_dir.unwrap_or(d.cni.conf_dir),
+                        bin_dirs: file.network.cni_bin_dirs.unwrap_or(d.cni.bin_dirs),
+                    },
+                    netns_dir: file.network.netns_dir.unwrap_or(d.netns_dir),
+                }
+            },
+            http: {
+                let d = HttpOptions::default();
+                HttpOptions {
+                    port: file.http.default_port.unwrap_or(d.port),
+                    max_concurrency: file
+                        .http
+                        .max_concurrency
+                        .unwrap_or(d.max_concurrency)
+                        .max(1),
+                    request_timeout: file
+                        .http
+                        .request_timeout_seconds
+                        .map_or(d.request_timeout, std::time::Duration::from_secs),
+                }
+            },
+            http_pool_instances: file
+                .http
+                .pool_instances
+                .unwrap_or(wasmlet_agent::engine::HTTP_POOL_INSTANCES)
+                .max(1),
         })
     }
 }
@@ -145,15 +210,18 @@ mod tests {
     fn flags_override_file_override_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wasmlet.toml");
-        std::fs::write(&path, "socket = \"/a.sock\"\nroot = \"/a\"\nruntime_handlers = [\"spin\"]\ncgroup_driver = \"cgroupfs\"\n[registry]\ninsecure = [\"127.0.0.1:5000\"]\n").unwrap();
+        std::fs::write(&path, "socket = \"/a.sock\"\nroot = \"/a\"\nruntime_handlers = [\"spin\"]\ncgroup_driver = \"cgroupfs\"\n[registry]\ninsecure = [\"127.0.0.1:5000\"]\n[network]\ncni_conf_dir = \"/cni\"\n").unwrap();
         let s = Settings::resolve(Some(&path), Some("/b.sock".into()), None).unwrap();
         assert_eq!(s.socket, PathBuf::from("/b.sock"));
         assert_eq!(s.root, PathBuf::from("/a"));
         assert_eq!(s.runtime_handlers, vec!["spin"]);
         assert_eq!(s.cgroup_driver, CgroupDriver::Cgroupfs);
         assert_eq!(s.registry.insecure, vec!["127.0.0.1:5000"]);
+        assert_eq!(s.network.cni.conf_dir, PathBuf::from("/cni"));
         let s = Settings::resolve(None, None, None).unwrap();
         assert_eq!(s.runtime_handlers, vec!["wasm", "wasmtime"]);
+        assert_eq!(s.network.cni.conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(s.network.netns_dir, PathBuf::from("/run/netns"));
     }
 
     #[test]

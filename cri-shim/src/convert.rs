@@ -9,6 +9,7 @@ use wasmlet_agent::container::{
 };
 use wasmlet_agent::ids::{ContainerId, SandboxId};
 use wasmlet_agent::image::ImageRecord;
+use wasmlet_agent::network::PortMapping;
 use wasmlet_agent::registry::Credentials;
 use wasmlet_agent::sandbox::{
     PodMetadata, SandboxFilter, SandboxRecord, SandboxSpec, SandboxState,
@@ -52,7 +53,36 @@ pub fn sandbox_spec(
         labels: btree(config.labels),
         annotations: btree(config.annotations),
         runtime_handler,
+        host_network: config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|c| c.namespace_options.as_ref())
+            .is_some_and(|n| n.network == cri::NamespaceMode::Node as i32),
+        port_mappings: config
+            .port_mappings
+            .iter()
+            .filter_map(port_mapping)
+            .collect(),
         resources: resources(config.linux.and_then(|l| l.resources)),
+    })
+}
+
+/// A hostPort mapping for the CNI `portmap` plugin; the kubelet also sends
+/// the ports without a hostPort (0), which need no mapping.
+fn port_mapping(p: &cri::PortMapping) -> Option<PortMapping> {
+    let host_port = u16::try_from(p.host_port).ok().filter(|p| *p > 0)?;
+    let container_port = u16::try_from(p.container_port).ok().filter(|p| *p > 0)?;
+    let protocol = match cri::Protocol::try_from(p.protocol) {
+        Ok(cri::Protocol::Udp) => "udp",
+        Ok(cri::Protocol::Sctp) => "sctp",
+        _ => "tcp",
+    };
+    Some(PortMapping {
+        host_port,
+        container_port,
+        protocol: protocol.to_owned(),
+        host_ip: p.host_ip.clone(),
     })
 }
 
@@ -168,12 +198,29 @@ pub fn pod_sandbox_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
         metadata: pod_metadata(r),
         state: sandbox_state(r.state) as i32,
         created_at: r.created_at.as_nanos(),
-        // Wasm pods have no network of their own yet: no IP to report.
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some(sandbox_network(r)),
         linux: None,
         labels: hash(&r.spec.labels),
         annotations: hash(&r.spec.annotations),
         runtime_handler: r.spec.runtime_handler.clone(),
+    }
+}
+
+/// The pod's IPs while its network is up; none for a pod without one (or
+/// on the host network, where the kubelet uses the node's IP).
+fn sandbox_network(r: &SandboxRecord) -> cri::PodSandboxNetworkStatus {
+    let ips: &[String] = r
+        .network
+        .as_ref()
+        .filter(|n| !n.torn_down)
+        .map_or(&[], |n| &n.ips);
+    cri::PodSandboxNetworkStatus {
+        ip: ips.first().cloned().unwrap_or_default(),
+        additional_ips: ips
+            .iter()
+            .skip(1)
+            .map(|ip| cri::PodIp { ip: ip.clone() })
+            .collect(),
     }
 }
 
@@ -404,6 +451,21 @@ pub const METRICS: &[(&str, &str, cri::MetricType)] = &[
         "Start time of the container since the Unix epoch, in seconds.",
         cri::MetricType::Gauge,
     ),
+    (
+        "wasmlet_http_requests_total",
+        "Requests a wasi:http function answered (0 for other containers).",
+        cri::MetricType::Counter,
+    ),
+    (
+        "wasmlet_http_server_errors_total",
+        "Requests a wasi:http function answered with a 5xx status.",
+        cri::MetricType::Counter,
+    ),
+    (
+        "wasmlet_http_request_duration_microseconds_total",
+        "Sum of the requests' latencies (arrival to response headers), in microseconds.",
+        cri::MetricType::Counter,
+    ),
 ];
 
 /// The labels of every metric, as cAdvisor names them.
@@ -457,6 +519,9 @@ pub fn pod_metrics(p: &PodUsage) -> cri::PodSandboxMetrics {
                 c.record
                     .started_at
                     .map_or(0, |t| (t.as_nanos() / 1_000_000_000) as u64),
+                u.http.requests,
+                u.http.server_errors,
+                u.http.latency_micros,
             ];
             let metrics = METRICS
                 .iter()

@@ -43,6 +43,9 @@ pub fn open_agent(settings: &Settings) -> anyhow::Result<Agent> {
         root: settings.root.clone(),
         registry: settings.registry.clone(),
         compile_parallelism: settings.compile_parallelism,
+        network: settings.network.clone(),
+        http: settings.http.clone(),
+        http_pool_instances: settings.http_pool_instances,
     })
     .with_context(|| format!("opening the state under {:?}", settings.root))
 }
@@ -55,6 +58,7 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    agent.remove_orphaned_networks().await;
     let cri = Cri::new(
         agent,
         CriSettings {

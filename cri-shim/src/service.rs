@@ -368,11 +368,19 @@ impl RuntimeService for Cri {
                 reason: String::new(),
                 message: String::new(),
             },
-            cri::RuntimeCondition {
-                r#type: "NetworkReady".into(),
-                status: true,
-                reason: "NoPodNetwork".into(),
-                message: "Wasm pods run without a network namespace of their own (CNI support is not implemented yet)".into(),
+            match self.agent.network_status() {
+                Ok(network) => cri::RuntimeCondition {
+                    r#type: "NetworkReady".into(),
+                    status: true,
+                    reason: String::new(),
+                    message: format!("CNI network {network:?}"),
+                },
+                Err(why) => cri::RuntimeCondition {
+                    r#type: "NetworkReady".into(),
+                    status: false,
+                    reason: "NetworkPluginNotReady".into(),
+                    message: why,
+                },
             },
         ];
         let mut info = HashMap::new();

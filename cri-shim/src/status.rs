@@ -21,7 +21,9 @@ pub fn code(e: &Error) -> Code {
             RegistryFailure::TooLarge => Code::ResourceExhausted,
             RegistryFailure::NotWasm | RegistryFailure::Invalid => Code::InvalidArgument,
         },
-        Error::Io { .. } | Error::Store(_) | Error::Internal(_) => Code::Internal,
+        Error::Io { .. } | Error::Store(_) | Error::Internal(_) | Error::Network(_) => {
+            Code::Internal
+        }
     }
 }
 

@@ -10,8 +10,10 @@
 //! references listed in [`ALL`].
 //!
 //! `*_P1` constants are core modules built for `wasm32-wasip1` (WASI preview
-//! 1); [`ECHO_P2`] is a component built for `wasm32-wasip2` (WASI 0.2,
-//! exporting `wasi:cli/run`).
+//! 1); `*_P2` constants are components built for `wasm32-wasip2` (WASI
+//! 0.2): [`ECHO_P2`] and [`PONG_P2`] export `wasi:cli/run`,
+//! [`HELLO_HTTP_P2`] exports `wasi:http/incoming-handler` (the
+//! `wasi:http/proxy` world).
 //!
 //! The samples:
 //! - `echo` prints `argc=N`, `arg[i]=VALUE` per argument (argv\[0\]
@@ -32,7 +34,17 @@
 //! - `sleeper` prints `sleeping` and then sleeps forever.
 //! - `hog` allocates memory 1 MiB at a time (printing `holding N MiB`)
 //!   until an allocation fails, or up to `HOG_LIMIT_MIB` and exits 0 (or,
-//!   with `HOG_HOLD`, keeps holding it forever).
+//!   with `HOG_CYCLES=N`, frees it all and allocates it again N times, printing
+//!   `freed N MiB` each time; with `HOG_HOLD`, keeps holding it forever).
+//! - `pong` (WASI 0.2 sockets) connects to `CONNECT_TO=<ip>:<port>` and
+//!   prints `got <first line>` (or `connect error: <err>`); with
+//!   `LISTEN_PORT` it then listens on all addresses, prints `listening on
+//!   <addr>` (or `listen error: <err>`, exit 1) and answers each connection
+//!   with `pong <PONG_NAME>`.
+//! - `hello-http` (a `wasi:http/proxy` component) answers `/healthz` with
+//!   `ok`, `/spin?ms=N` after burning N ms of CPU, `/alloc?mib=N` after
+//!   allocating N MiB, and anything else with `hello from <HELLO_NAME>
+//!   path=<path>`, logging `request <method> <path>`.
 //!
 //! ```
 //! let module = std::fs::read(wasm_samples::ECHO_P1).unwrap();
@@ -69,7 +81,9 @@ mod tests {
             };
             assert_eq!(magic(path), expected, "{image}: {path}");
         }
-        assert_eq!(magic(ECHO_P2), COMPONENT);
+        for path in [ECHO_P2, PONG_P2, HELLO_HTTP_P2] {
+            assert_eq!(magic(path), COMPONENT, "{path}");
+        }
         for path in [ECHO_P1, TICKER_P1, TRAP_P1, SPIN_P1, SLEEPER_P1, HOG_P1] {
             assert_eq!(magic(path), CORE_MODULE, "{path}");
         }
@@ -84,6 +98,6 @@ mod tests {
                 assert_ne!(path, other_path);
             }
         }
-        assert_eq!(ALL.len(), 7);
+        assert_eq!(ALL.len(), 9);
     }
 }

@@ -70,9 +70,13 @@ impl WasmletBuilder {
     pub fn build(self) -> Wasmlet {
         let mut wasmlet = Wasmlet::new();
         if let Some(toml) = self.config {
-            let path = wasmlet.dir.path().join("wasmlet.toml");
-            std::fs::write(&path, toml).expect("writing the daemon's config");
-            wasmlet.config = Some(path);
+            // Without a [network] of its own, the fixture's: no CNI.
+            let toml = if toml.contains("[network]") {
+                toml
+            } else {
+                format!("{toml}\n{}", wasmlet.no_network_config())
+            };
+            wasmlet.write_config(&toml);
         }
         wasmlet.rust_log = self.rust_log;
         wasmlet
@@ -121,6 +125,10 @@ impl Wasmlet {
             rust_log: None,
         };
         std::fs::create_dir(wasmlet.log_root()).expect("creating the pod log root");
+        // Whatever the machine's /etc/cni/net.d holds, pods get no network
+        // unless a test configures one.
+        let toml = wasmlet.no_network_config();
+        wasmlet.write_config(&toml);
         for &(reference, path) in wasm_samples::ALL {
             wasmlet.import(Path::new(path), reference);
         }
@@ -132,6 +140,21 @@ impl Wasmlet {
         let mut wasmlet = Self::new();
         wasmlet.serve().await;
         wasmlet
+    }
+
+    /// A `[network]` section with an empty CNI directory.
+    fn no_network_config(&self) -> String {
+        format!(
+            "[network]\ncni_conf_dir = {:?}\nnetns_dir = {:?}\n",
+            self.dir.path().join("no-cni"),
+            self.dir.path().join("netns")
+        )
+    }
+
+    fn write_config(&mut self, toml: &str) {
+        let path = self.dir.path().join("wasmlet.toml");
+        std::fs::write(&path, toml).expect("writing the daemon's config");
+        self.config = Some(path);
     }
 
     /// Extra config or a fixed log filter; see [`WasmletBuilder`].

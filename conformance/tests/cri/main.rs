@@ -13,9 +13,11 @@ mod compat;
 mod container;
 mod daemon_lifecycle;
 mod exec_wasm;
+mod http_functions;
 mod image;
 mod isolation;
 mod limits;
+mod network;
 mod play;
 mod pull;
 mod registry_fixture;
@@ -34,6 +36,8 @@ const TRAP_P1: &str = "wasmlet.local/samples/trap:p1";
 const SPIN_P1: &str = "wasmlet.local/samples/spin:p1";
 const SLEEPER_P1: &str = "wasmlet.local/samples/sleeper:p1";
 const HOG_P1: &str = "wasmlet.local/samples/hog:p1";
+const PONG_P2: &str = "wasmlet.local/samples/pong:p2";
+const HELLO_HTTP_P2: &str = "wasmlet.local/samples/hello-http:p2";
 
 /// An id in the shape runtimes use that no runtime has handed out.
 const UNKNOWN_ID: &str = "0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de0badc0de";

@@ -126,6 +126,56 @@ async fn memory_working_set_follows_committed_guest_memory() {
     assert_eq!(value(&memory.working_set_bytes), 0);
 }
 
+/// A guest that frees what it allocated and allocates it again: the stats
+/// follow its growth step by step, and its freed memory is reused (Wasm
+/// linear memory never shrinks, but it must not grow by what was freed),
+/// so the working set stays at the high-water mark instead of climbing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_track_a_guest_that_allocates_and_frees() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let config = ContainerConfigBuilder::new("breathe", HOG_P1)
+        .env("HOG_LIMIT_MIB", "16")
+        .env("HOG_CYCLES", "4")
+        .env("HOG_HOLD", "1")
+        .build();
+    let log = pod.container_log(&config);
+    let id = cri.start(&pod, config).await.unwrap();
+    let records = wait_for_log(
+        &log,
+        GUEST_TIMEOUT,
+        "four free/allocate cycles",
+        |records| {
+            stream_lines(records, Stream::Stdout)
+                .iter()
+                .any(|l| l == "done holding 16 MiB")
+        },
+    )
+    .await
+    .unwrap();
+    let freed = stream_lines(&records, Stream::Stdout)
+        .iter()
+        .filter(|l| *l == "freed 16 MiB")
+        .count();
+    assert_eq!(freed, 4);
+    let working_set = value(
+        &container_stats(&wasmlet, &id)
+            .await
+            .memory
+            .unwrap()
+            .working_set_bytes,
+    );
+    // 16 MiB held; 5 × 16 MiB would have been committed had frees leaked.
+    assert!(
+        (16 * MIB..32 * MIB).contains(&working_set),
+        "working set {working_set} after four free/allocate cycles of 16 MiB"
+    );
+    cri.stop_container(&id, 0).await.unwrap();
+    let memory = container_stats(&wasmlet, &id).await.memory.unwrap();
+    assert_eq!(value(&memory.working_set_bytes), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_stats_filter_by_pod_and_label() {
     let wasmlet = Wasmlet::start().await;

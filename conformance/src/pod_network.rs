@@ -1,0 +1,348 @@
+//! A throwaway pod network for the network tests, made of the node's real
+//! CNI plugins (Debian's `containernetworking-plugins`): a configuration
+//! list of `bridge` (with `host-local` IPAM) and `portmap`, with its own
+//! bridge name, its own /24 in 10.0.0.0/8 that nothing on the machine
+//! routes yet, and its own IPAM state directory.
+//!
+//! Traffic to pods must never leave the machine: [`TestNetwork::check_route`]
+//! asks the kernel (`ip route get`) how an address would be reached and
+//! refuses anything that does not go out through this network's bridge;
+//! [`TestNetwork::connect`] checks before every connection.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+/// Where Debian (`/usr/lib/cni`) or the upstream tarball (`/opt/cni/bin`)
+/// put the plugins.
+pub const PLUGIN_DIRS: &[&str] = &["/usr/lib/cni", "/opt/cni/bin"];
+
+/// The plugin directory holding `bridge`, if any.
+pub fn plugin_dir() -> Option<PathBuf> {
+    PLUGIN_DIRS
+        .iter()
+        .map(PathBuf::from)
+        .find(|d| d.join("bridge").is_file() && d.join("host-local").is_file())
+}
+
+fn ip(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running ip {}: {e}", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn random_u32() -> u32 {
+    // Process id and clock: enough to keep parallel tests apart.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut x = nanos ^ std::process::id().rotate_left(16) ^ 0x9e37_79b9;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    x
+}
+
+/// A CNI configuration directory and the network it describes.
+pub struct TestNetwork {
+    dir: TempDir,
+    /// The bridge's name (at most 15 characters).
+    pub bridge: String,
+    /// The CNI network's name.
+    pub name: String,
+    /// The first three octets of the /24, e.g. `10.213.7`.
+    pub prefix: String,
+}
+
+impl TestNetwork {
+    /// Writes the configuration; the bridge itself appears with the first
+    /// pod. Fails (with the reason) where this machine cannot run it: not
+    /// root, or no plugins installed.
+    pub fn create() -> Result<Self, String> {
+        plugin_dir().ok_or_else(|| {
+            format!(
+                "no CNI plugins in {}: install containernetworking-plugins",
+                PLUGIN_DIRS.join(" or ")
+            )
+        })?;
+        let routes = ip(&["-4", "route", "show", "table", "all"])?;
+        let addrs = ip(&["-4", "-o", "addr", "show"])?;
+        let (prefix, tag) = (0..64)
+            .map(|_| {
+                let r = random_u32();
+                let prefix = format!("10.{}.{}", 200 + (r % 50), (r >> 8) % 256);
+                (prefix, format!("{:06x}", (r >> 8) & 0xff_ffff))
+            })
+            .find(|(p, _)| {
+                let dotted = format!("{p}.");
+                !routes.contains(&dotted) && !addrs.contains(&dotted)
+            })
+            .ok_or("no free 10.x.y.0/24 found for a test network")?;
+        let dir = tempfile::Builder::new()
+            .prefix("wasmlet-cni-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let bridge = format!("wlt{tag}");
+        let name = format!("wasmlet-test-{tag}");
+        let conf = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": name,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": bridge,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": dir.path().join("ipam"),
+                        "ranges": [[{"subnet": format!("{prefix}.0/24")}]],
+                        "routes": [{"dst": format!("{prefix}.0/24")}]
+                    }
+                },
+                {"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}
+            ]
+        });
+        let conf_dir = dir.path().join("net.d");
+        std::fs::create_dir_all(&conf_dir).map_err(|e| e.to_string())?;
+        std::fs::write(
+            conf_dir.join("10-wasmlet-test.conflist"),
+            serde_json::to_vec_pretty(&conf).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir.path().join("netns")).map_err(|e| e.to_string())?;
+        Ok(Self {
+            dir,
+            bridge,
+            name,
+            prefix,
+        })
+    }
+
+    pub fn conf_dir(&self) -> PathBuf {
+        self.dir.path().join("net.d")
+    }
+
+    /// Where the runtime under test should pin pod namespaces.
+    pub fn netns_dir(&self) -> PathBuf {
+        self.dir.path().join("netns")
+    }
+
+    /// The `[network]` section of a wasmlet config using this network.
+    pub fn wasmlet_config(&self) -> String {
+        let bins = PLUGIN_DIRS
+            .iter()
+            .map(|d| format!("{d:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "[network]\ncni_conf_dir = {:?}\ncni_bin_dirs = [{bins}]\nnetns_dir = {:?}\n",
+            self.conf_dir(),
+            self.netns_dir()
+        )
+    }
+
+    /// The bridge's own address (the pods' gateway, local to the host).
+    pub fn gateway(&self) -> String {
+        format!("{}.1", self.prefix)
+    }
+
+    /// Whether `addr` is in this network's /24.
+    pub fn contains(&self, addr: &str) -> bool {
+        addr.strip_prefix(&format!("{}.", self.prefix))
+            .and_then(|last| last.parse::<u8>().ok())
+            .is_some()
+    }
+
+    /// Fails unless the kernel would send traffic for `addr` through this
+    /// network's bridge (or it is the bridge's own, local address).
+    pub fn check_route(&self, addr: &str) -> Result<(), String> {
+        if !self.contains(addr) {
+            return Err(format!(
+                "{addr} is outside the test network {}.0/24",
+                self.prefix
+            ));
+        }
+        let route = ip(&["route", "get", addr])?;
+        let via_bridge = route.contains(&format!(" dev {} ", self.bridge))
+            || route.contains(&format!(" dev {}\n", self.bridge));
+        let local = route.starts_with("local ");
+        if via_bridge || local {
+            Ok(())
+        } else {
+            Err(format!(
+                "refusing to send to {addr}: the route does not use the test bridge {}: {}",
+                self.bridge,
+                route.trim()
+            ))
+        }
+    }
+
+    /// Connects to `addr:port` after [`check_route`](Self::check_route).
+    pub fn connect(&self, addr: &str, port: u16, timeout: Duration) -> Result<TcpStream, String> {
+        self.check_route(addr)?;
+        let target: SocketAddr = format!("{addr}:{port}")
+            .parse()
+            .map_err(|e| format!("{addr}:{port}: {e}"))?;
+        let stream = TcpStream::connect_timeout(&target, timeout)
+            .map_err(|e| format!("connecting to {target}: {e}"))?;
+        stream.set_read_timeout(Some(timeout)).ok();
+        stream.set_write_timeout(Some(timeout)).ok();
+        Ok(stream)
+    }
+
+    /// Reads what `addr:port` sends until it closes.
+    pub fn read_all(&self, addr: &str, port: u16, timeout: Duration) -> Result<String, String> {
+        let mut stream = self.connect(addr, port, timeout)?;
+        let mut text = String::new();
+        stream
+            .read_to_string(&mut text)
+            .map_err(|e| format!("reading from {addr}:{port}: {e}"))?;
+        Ok(text)
+    }
+
+    /// `GET path` over HTTP/1.1 (one request, then close); the status and
+    /// the body.
+    pub fn http_get(
+        &self,
+        addr: &str,
+        port: u16,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(u16, String), String> {
+        let mut stream = self.connect(addr, port, timeout)?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}:{port}\r\nConnection: close\r\n\r\n"
+        )
+        .map_err(|e| format!("sending to {addr}:{port}: {e}"))?;
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .map_err(|e| format!("reading from {addr}:{port}: {e}"))?;
+        parse_response(&raw)
+    }
+
+    /// The addresses host-local holds for pods now.
+    pub fn allocated_ips(&self) -> Vec<String> {
+        let dir = self.dir.path().join("ipam").join(&self.name);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut ips: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| self.contains(n))
+            .collect();
+        ips.sort();
+        ips
+    }
+
+    /// The interfaces attached to the bridge (one veth per pod).
+    pub fn bridge_ports(&self) -> Vec<String> {
+        ip(&["-o", "link", "show", "master", &self.bridge])
+            .map(|out| {
+                out.lines()
+                    .filter_map(|l| l.split(':').nth(1))
+                    .map(|n| n.trim().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The files pinned in the namespace directory.
+    pub fn namespaces(&self) -> Vec<String> {
+        list_dir(&self.netns_dir())
+    }
+}
+
+fn list_dir(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Status and body of an HTTP/1.1 response (plain or chunked body).
+pub fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
+    let status = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {head:?}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if !chunked {
+        return Ok((status, body.to_owned()));
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16)
+            .map_err(|e| format!("bad chunk size {size:?}: {e}"))?;
+        if size == 0 {
+            break;
+        }
+        let chunk = after
+            .get(..size)
+            .ok_or_else(|| format!("truncated chunk in {body:?}"))?;
+        out.push_str(chunk);
+        rest = after.get(size + 2..).unwrap_or("");
+    }
+    Ok((status, out))
+}
+
+impl Drop for TestNetwork {
+    fn drop(&mut self) {
+        // The runtime removes the pods' veths; the bridge is the test's.
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_plain_and_chunked() {
+        assert_eq!(
+            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").unwrap(),
+            (200, "ok".to_owned())
+        );
+        assert_eq!(
+            parse_response(
+                b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+            )
+            .unwrap(),
+            (503, "abcde".to_owned())
+        );
+        assert!(parse_response(b"garbage").is_err());
+    }
+}

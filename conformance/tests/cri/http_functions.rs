@@ -1,0 +1,229 @@
+//! `wasi:http` functions served from pods: at the pod's IP on the
+//! container's port, an instance per request, probes, limits per request,
+//! draining on stop, and a neighbour that keeps serving while another pod
+//! dies of its memory limit.
+
+use std::time::Duration;
+
+use wasmlet_conformance::pod_network::TestNetwork;
+use wasmlet_conformance::{
+    Code, ContainerConfigBuilder, Stream, assert_code, cri, stream_lines, wait_for_log,
+};
+
+use crate::daemon::Wasmlet;
+use crate::{GUEST_TIMEOUT, HELLO_HTTP_P2, HOG_P1};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+const MIB: i64 = 1024 * 1024;
+
+fn function(name: &str, port: u16) -> cri::ContainerConfig {
+    ContainerConfigBuilder::new(name, HELLO_HTTP_P2)
+        .env("HELLO_NAME", name)
+        // As the kubelet lists a container's ports.
+        .annotation(
+            "io.kubernetes.container.ports",
+            format!(r#"[{{"name":"http","containerPort":{port},"protocol":"TCP"}}]"#),
+        )
+        .build()
+}
+
+async fn pod_ip(wasmlet: &Wasmlet, pod: &str) -> String {
+    wasmlet
+        .cri()
+        .pod_sandbox_status(pod)
+        .await
+        .unwrap()
+        .network
+        .unwrap_or_default()
+        .ip
+}
+
+/// `GET path`, retried while the function starts listening.
+async fn get(net: &TestNetwork, ip: &str, port: u16, path: &str) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
+    loop {
+        match net.http_get(ip, port, path, IO_TIMEOUT) {
+            Ok(response) => return response,
+            Err(e) if tokio::time::Instant::now() >= deadline => panic!("GET {path}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn networked(net: &TestNetwork) -> Wasmlet {
+    Wasmlet::builder()
+        .config(net.wasmlet_config())
+        .start()
+        .await
+}
+
+fn test_network() -> TestNetwork {
+    TestNetwork::create().unwrap_or_else(|e| panic!("the HTTP function tests need: {e}"))
+}
+
+async fn http_metrics(wasmlet: &Wasmlet, container: &str) -> (u64, u64) {
+    let metrics = wasmlet
+        .cri()
+        .runtime()
+        .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_metrics;
+    let values: Vec<(String, u64)> = metrics
+        .iter()
+        .flat_map(|p| &p.container_metrics)
+        .filter(|c| c.container_id == container)
+        .flat_map(|c| &c.metrics)
+        .map(|m| (m.name.clone(), m.value.as_ref().map_or(0, |v| v.value)))
+        .collect();
+    let value = |name: &str| {
+        values
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no {name} in {values:?}"))
+            .1
+    };
+    (
+        value("wasmlet_http_requests_total"),
+        value("wasmlet_http_server_errors_total"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_answers_at_the_pod_ip_with_an_instance_per_request() {
+    let net = test_network();
+    let wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let ip = pod_ip(&wasmlet, &pod.id).await;
+    let config = function("tenant-a", 8080);
+    let log = pod.container_log(&config);
+    let id = cri.start(&pod, config).await.unwrap();
+
+    // What a kubelet HTTP probe does.
+    assert_eq!(
+        get(&net, &ip, 8080, "/healthz").await,
+        (200, "ok\n".to_owned())
+    );
+    assert_eq!(
+        get(&net, &ip, 8080, "/hello?x=1").await,
+        (200, "hello from tenant-a path=/hello?x=1\n".to_owned())
+    );
+    // A guest's stdout goes to the container's log.
+    let records = wait_for_log(&log, GUEST_TIMEOUT, "the request line", |records| {
+        stream_lines(records, Stream::Stdout)
+            .iter()
+            .any(|l| l == "request GET /hello?x=1")
+    })
+    .await
+    .unwrap();
+    assert!(
+        stream_lines(&records, Stream::Stderr)
+            .iter()
+            .any(|l| l == "wasmlet: serving wasi:http on port 8080"),
+        "{records:?}"
+    );
+    let status = cri.container_status(&id).await.unwrap();
+    assert_eq!(status.state, cri::ContainerState::ContainerRunning as i32);
+    assert_eq!(http_metrics(&wasmlet, &id).await, (2, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_drains_requests_in_flight() {
+    let net = test_network();
+    let wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let ip = pod_ip(&wasmlet, &pod.id).await;
+    let id = cri.start(&pod, function("drained", 8080)).await.unwrap();
+    assert_eq!(get(&net, &ip, 8080, "/healthz").await.0, 200);
+
+    // A request that takes 1.5 s of CPU is in flight when the stop comes.
+    let (response, stopped) = std::thread::scope(|scope| {
+        let request = scope.spawn(|| net.http_get(&ip, 8080, "/spin?ms=1500", IO_TIMEOUT));
+        std::thread::sleep(Duration::from_millis(300));
+        let stopped = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(cri.stop_container(&id, 10))
+        });
+        (request.join().unwrap(), stopped)
+    });
+    stopped.unwrap();
+    assert_eq!(response.unwrap(), (200, "spun 1500\n".to_owned()));
+    let status = cri.container_status(&id).await.unwrap();
+    assert_eq!(status.exit_code, 0, "{status:?}");
+    assert!(
+        net.http_get(&ip, 8080, "/healthz", IO_TIMEOUT).is_err(),
+        "the listener outlived its container"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_without_a_pod_network_does_not_start() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let id = cri
+        .create_container(&pod, function("nowhere", 8080))
+        .await
+        .unwrap();
+    let status = assert_code(cri.start_container(&id).await, Code::FailedPrecondition);
+    assert!(
+        status.message().contains("needs a pod network"),
+        "{status:?}"
+    );
+    let status = cri.container_status(&id).await.unwrap();
+    assert_eq!(status.exit_code, 128);
+    assert_eq!(status.reason, "StartError");
+}
+
+/// One tenant's runaway memory never disturbs another's: a request over its
+/// container's limit fails alone, and a memory bomb in a neighbour pod ends
+/// OOMKilled while the function keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limits_hold_per_request_and_a_neighbour_keeps_serving() {
+    let net = test_network();
+    let wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let ip = pod_ip(&wasmlet, &pod.id).await;
+    let mut config = function("limited", 8080);
+    config.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 32 * MIB,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = cri.start(&pod, config).await.unwrap();
+    assert_eq!(get(&net, &ip, 8080, "/alloc?mib=8").await.0, 200);
+    let (status, body) = get(&net, &ip, 8080, "/alloc?mib=64").await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(get(&net, &ip, 8080, "/healthz").await.0, 200);
+
+    // The bomb, in another pod.
+    let bomb_pod = cri
+        .run_pod(wasmlet.pod().name("bomb").build())
+        .await
+        .unwrap();
+    let mut bomb = ContainerConfigBuilder::new("bomb", HOG_P1).build();
+    bomb.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 48 * MIB,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let bomb_id = cri.start(&bomb_pod, bomb).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(get(&net, &ip, 8080, "/hello").await.0, 200);
+    }
+    let ended = cri.wait_exited(&bomb_id, GUEST_TIMEOUT).await.unwrap();
+    assert_eq!((ended.exit_code, ended.reason.as_str()), (137, "OOMKilled"));
+    assert_eq!(get(&net, &ip, 8080, "/hello").await.0, 200);
+    let status = cri.container_status(&id).await.unwrap();
+    assert_eq!(status.state, cri::ContainerState::ContainerRunning as i32);
+    let (requests, errors) = http_metrics(&wasmlet, &id).await;
+    assert!(requests >= 9, "{requests}");
+    assert_eq!(errors, 1);
+}

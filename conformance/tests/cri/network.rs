@@ -1,0 +1,249 @@
+//! Pod networking through real CNI plugins (Debian's
+//! containernetworking-plugins), in namespaces and on a bridge each test
+//! makes for itself: pod IPs, pod-to-pod and host-to-pod traffic, hostPort
+//! mappings, teardown and recovery, and guests without a network.
+//!
+//! Every address used is in the test's own /24 and checked to route
+//! through its bridge before anything is sent (`TestNetwork::connect`).
+
+use std::time::Duration;
+
+use wasmlet_conformance::pod_network::TestNetwork;
+use wasmlet_conformance::{ContainerConfigBuilder, Stream, cri, stream_lines, wait_for_log};
+
+use crate::daemon::Wasmlet;
+use crate::{GUEST_TIMEOUT, PONG_P2};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A daemon whose pods are networked by `net`.
+async fn networked(net: &TestNetwork) -> Wasmlet {
+    Wasmlet::builder()
+        .config(net.wasmlet_config())
+        .start()
+        .await
+}
+
+fn test_network() -> TestNetwork {
+    TestNetwork::create().unwrap_or_else(|e| panic!("the network tests need: {e}"))
+}
+
+/// A pong server on `port`, answering `pong <name>`.
+fn pong_server(name: &str, port: u16) -> cri::ContainerConfig {
+    ContainerConfigBuilder::new(name, PONG_P2)
+        .env("LISTEN_PORT", port.to_string())
+        .env("PONG_NAME", name)
+        .build()
+}
+
+/// Waits for `what` in the container's stdout.
+async fn wait_stdout(
+    log: &std::path::Path,
+    what: &str,
+    pred: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let records = wait_for_log(log, GUEST_TIMEOUT, what, |records| {
+        stream_lines(records, Stream::Stdout)
+            .iter()
+            .any(|l| pred(l))
+    })
+    .await
+    .unwrap();
+    stream_lines(&records, Stream::Stdout)
+}
+
+async fn pod_ip(wasmlet: &Wasmlet, pod: &str) -> String {
+    wasmlet
+        .cri()
+        .pod_sandbox_status(pod)
+        .await
+        .unwrap()
+        .network
+        .unwrap_or_default()
+        .ip
+}
+
+/// Reads what a pod's server sends, retrying while it starts listening.
+async fn read_from(net: &TestNetwork, ip: &str, port: u16) -> String {
+    let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
+    loop {
+        match net.read_all(ip, port, IO_TIMEOUT) {
+            Ok(text) => return text,
+            Err(e) if tokio::time::Instant::now() >= deadline => panic!("{e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cni_config_the_network_is_not_ready_and_guests_get_no_sockets() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let status = cri.status(false).await.unwrap().status.unwrap();
+    let network = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .unwrap();
+    assert!(!network.status, "{network:?}");
+    assert_eq!(network.reason, "NetworkPluginNotReady");
+    assert!(
+        network.message.contains("no CNI network configuration"),
+        "{network:?}"
+    );
+
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    assert_eq!(pod_ip(&wasmlet, &pod.id).await, "");
+    let config = ContainerConfigBuilder::new("no-sockets", PONG_P2)
+        .env("CONNECT_TO", "127.0.0.1:9")
+        .env("LISTEN_PORT", "7000")
+        .build();
+    let log = pod.container_log(&config);
+    let id = cri.start(&pod, config).await.unwrap();
+    let status = cri.wait_exited(&id, GUEST_TIMEOUT).await.unwrap();
+    assert_eq!(status.exit_code, 1);
+    let lines = wait_stdout(&log, "both socket attempts to fail", |l| {
+        l.starts_with("listen error")
+    })
+    .await;
+    assert!(
+        lines.iter().any(|l| l.starts_with("connect error")),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_get_ips_reach_each_other_and_the_host_and_leave_nothing_behind() {
+    let net = test_network();
+    let wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let status = cri.status(false).await.unwrap().status.unwrap();
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .unwrap();
+    assert!(ready.status, "{ready:?}");
+
+    // A server pod, reached from the host through the bridge.
+    let a = cri.run_pod(wasmlet.pod().name("a").build()).await.unwrap();
+    let a_ip = pod_ip(&wasmlet, &a.id).await;
+    assert!(
+        net.contains(&a_ip),
+        "pod IP {a_ip:?} outside {}",
+        net.prefix
+    );
+    net.check_route(&a_ip).unwrap();
+    let server = pong_server("a", 7000);
+    let a_log = a.container_log(&server);
+    cri.start(&a, server).await.unwrap();
+    wait_stdout(&a_log, "the server to listen", |l| {
+        l.starts_with("listening on")
+    })
+    .await;
+    assert_eq!(read_from(&net, &a_ip, 7000).await, "pong a\n");
+
+    // A second pod reaches the first at its IP.
+    let b = cri.run_pod(wasmlet.pod().name("b").build()).await.unwrap();
+    let b_ip = pod_ip(&wasmlet, &b.id).await;
+    assert!(net.contains(&b_ip) && b_ip != a_ip, "{a_ip} {b_ip}");
+    let client = ContainerConfigBuilder::new("client", PONG_P2)
+        .env("CONNECT_TO", format!("{a_ip}:7000"))
+        .build();
+    let b_log = b.container_log(&client);
+    let id = cri.start(&b, client).await.unwrap();
+    assert_eq!(
+        cri.wait_exited(&id, GUEST_TIMEOUT).await.unwrap().exit_code,
+        0
+    );
+    let lines = wait_stdout(&b_log, "the client's answer", |l| l.starts_with("got")).await;
+    assert_eq!(lines, ["got pong a"]);
+
+    assert_eq!(net.namespaces().len(), 2, "{:?}", net.namespaces());
+    assert_eq!(net.allocated_ips(), {
+        let mut ips = vec![a_ip.clone(), b_ip.clone()];
+        ips.sort();
+        ips
+    });
+    assert_eq!(net.bridge_ports().len(), 2, "{:?}", net.bridge_ports());
+
+    // Stopping tears the network down; stopping again is fine.
+    for pod in [&a, &b] {
+        cri.stop_pod_sandbox(&pod.id).await.unwrap();
+        cri.stop_pod_sandbox(&pod.id).await.unwrap();
+    }
+    assert_eq!(pod_ip(&wasmlet, &a.id).await, "");
+    assert!(net.namespaces().is_empty(), "{:?}", net.namespaces());
+    assert!(net.allocated_ips().is_empty(), "{:?}", net.allocated_ips());
+    assert!(net.bridge_ports().is_empty(), "{:?}", net.bridge_ports());
+    for pod in [&a, &b] {
+        cri.remove_pod_sandbox(&pod.id).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_port_mapping_reaches_the_pod() {
+    let net = test_network();
+    let wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let host_port = 20_000 + (std::process::id() % 20_000) as u16;
+    let mut config = wasmlet.pod().build();
+    config.port_mappings.push(cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 7000,
+        host_port: i32::from(host_port),
+        host_ip: String::new(),
+    });
+    let pod = cri.run_pod(config).await.unwrap();
+    let server = pong_server("mapped", 7000);
+    let log = pod.container_log(&server);
+    cri.start(&pod, server).await.unwrap();
+    wait_stdout(&log, "the server to listen", |l| {
+        l.starts_with("listening on")
+    })
+    .await;
+    // The host's own address on the bridge, at the host port: portmap's
+    // DNAT takes it to the pod.
+    assert_eq!(
+        read_from(&net, &net.gateway(), host_port).await,
+        "pong mapped\n"
+    );
+    cri.stop_pod_sandbox(&pod.id).await.unwrap();
+    assert!(
+        net.read_all(&net.gateway(), host_port, IO_TIMEOUT).is_err(),
+        "the mapping outlived its pod"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_readopts_pod_networks() {
+    let net = test_network();
+    let mut wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let ip = pod_ip(&wasmlet, &pod.id).await;
+    let server = pong_server("before", 7000);
+    let log = pod.container_log(&server);
+    cri.start(&pod, server).await.unwrap();
+    wait_stdout(&log, "the server to listen", |l| {
+        l.starts_with("listening on")
+    })
+    .await;
+
+    wasmlet.kill_9().await;
+    let mut cri = wasmlet.restart().await;
+    let status = cri.pod_sandbox_status(&pod.id).await.unwrap();
+    assert_eq!(status.state, cri::PodSandboxState::SandboxReady as i32);
+    assert_eq!(status.network.unwrap().ip, ip);
+    // The pod's namespace is still there: a new container serves in it.
+    let server = ContainerConfigBuilder::new("after", PONG_P2)
+        .env("LISTEN_PORT", "7001")
+        .env("PONG_NAME", "after")
+        .build();
+    cri.start(&pod, server).await.unwrap();
+    assert_eq!(read_from(&net, &ip, 7001).await, "pong after\n");
+
+    cri.stop_pod_sandbox(&pod.id).await.unwrap();
+    assert!(net.namespaces().is_empty(), "{:?}", net.namespaces());
+    assert!(net.allocated_ips().is_empty(), "{:?}", net.allocated_ips());
+}

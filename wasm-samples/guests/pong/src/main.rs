@@ -1,0 +1,54 @@
+//! `pong`: TCP through `wasi:sockets` (WASI 0.2), for the network tests.
+//!
+//! With `CONNECT_TO=<ip>:<port>` it connects there and prints the first
+//! line it reads as `got <line>`, or `connect error: <error>`. With
+//! `LISTEN_PORT=<port>` it then listens on all addresses (printing
+//! `listening on <address>`, or `listen error: <error>` and exit 1) and
+//! answers every connection with `pong <PONG_NAME>` and a newline.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+
+fn main() {
+    let mut out = std::io::stdout();
+    if let Ok(target) = std::env::var("CONNECT_TO") {
+        match TcpStream::connect(target.as_str()) {
+            Ok(stream) => {
+                let mut line = String::new();
+                match BufReader::new(stream).read_line(&mut line) {
+                    Ok(_) => writeln!(out, "got {}", line.trim_end()).ok(),
+                    Err(e) => writeln!(out, "read error: {e}").ok(),
+                };
+            }
+            Err(e) => {
+                writeln!(out, "connect error: {e}").ok();
+            }
+        }
+    }
+    let Ok(port) = std::env::var("LISTEN_PORT") else {
+        return;
+    };
+    let name = std::env::var("PONG_NAME").unwrap_or_else(|_| "pong".to_owned());
+    let port: u16 = port.parse().expect("LISTEN_PORT is a port number");
+    let listener = match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            writeln!(out, "listen error: {e}").ok();
+            std::process::exit(1);
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) => writeln!(out, "listening on {addr}").ok(),
+        Err(_) => writeln!(out, "listening on port {port}").ok(),
+    };
+    for conn in listener.incoming() {
+        match conn {
+            Ok(mut conn) => {
+                let _ = writeln!(conn, "pong {name}");
+            }
+            Err(e) => {
+                writeln!(out, "accept error: {e}").ok();
+            }
+        }
+    }
+}
