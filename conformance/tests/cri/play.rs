@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use tempfile::TempDir;
 
 use crate::daemon::Wasmlet;
-use crate::{ECHO_P1, ECHO_P2, SLEEPER_P1, TICKER_P1};
+use crate::{ECHO_P1, ECHO_P2, HELLO_HTTP_P2, SLEEPER_P1, TICKER_P1};
 
 /// How long one play may take: start an agent, compile, run, tear down.
 const PLAY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -193,6 +193,36 @@ impl Play {
                 let _ = self.child.kill();
                 panic!(
                     "wasmlet play did not print {needle:?} within {timeout:?}\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (bounded) until a stderr line starts with `prefix`; returns it.
+    fn wait_for_stderr(&mut self, prefix: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .stderr
+                .lock()
+                .unwrap()
+                .lines()
+                .find(|l| l.starts_with(prefix))
+            {
+                return line.to_owned();
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "wasmlet play ended ({status}) before printing {prefix:?}\n{}",
+                    self.output()
+                );
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "wasmlet play did not print {prefix:?} within {timeout:?}\n{}",
                     self.output()
                 );
             }
@@ -499,4 +529,46 @@ async fn a_running_agent_is_used_and_left_clean() {
         containers.is_empty(),
         "play left containers behind: {containers:?}"
     );
+}
+
+/// The repository's HTTP sample manifest, played with a pod network: play
+/// prints the URL it answers at, its readiness probe passes, it serves
+/// there, and Ctrl-C leaves no namespace or address behind.
+#[test]
+fn the_http_sample_serves_at_its_pod_ip_and_its_probes_pass() {
+    let net = wasmlet_conformance::pod_network::TestNetwork::create()
+        .unwrap_or_else(|e| panic!("this test needs: {e}"));
+    let scene = Scene::new();
+    let config = scene.path("wasmlet.toml");
+    std::fs::write(&config, net.wasmlet_config()).unwrap();
+    let manifest =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../wasm-samples/pods/hello-http.yaml");
+    let mut args = vec![
+        "--config".to_owned(),
+        config.display().to_string(),
+        "--socket".to_owned(),
+        scene.no_socket().display().to_string(),
+    ];
+    args.extend(images(&[(HELLO_HTTP_P2, wasm_samples::HELLO_HTTP_P2)]));
+    let mut play = Play::spawn(&args, &manifest);
+    let line = play.wait_for_stderr("[hello] reachable at http://", PLAY_TIMEOUT);
+    let url = line.trim_start_matches("[hello] reachable at http://");
+    let (ip, port) = url.trim_end_matches('/').split_once(':').unwrap();
+    assert!(net.contains(ip), "{line}");
+    assert_eq!(port, "8080");
+    play.wait_for_stderr("[hello] ready: readiness probe passed", PLAY_TIMEOUT);
+    let (status, body) = net
+        .http_get(ip, 8080, "/from-the-host", Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from hello-http path=/from-the-host\n")
+    );
+    play.wait_for_stdout("[hello] request GET /from-the-host", PLAY_TIMEOUT);
+    play.signal(Signal::SIGINT);
+    let played = play.finish(PLAY_TIMEOUT);
+    played.assert_code(130);
+    assert!(!played.stderr.contains("liveness probe failed"), "{played}");
+    assert!(net.namespaces().is_empty(), "{:?}", net.namespaces());
+    assert!(net.allocated_ips().is_empty(), "{:?}", net.allocated_ips());
 }

@@ -19,6 +19,8 @@ pub const CONTAINER_NAME_LABEL: &str = "io.kubernetes.container.name";
 /// Annotations the kubelet puts on every container.
 const RESTART_COUNT_ANNOTATION: &str = "io.kubernetes.container.restartCount";
 const GRACE_PERIOD_ANNOTATION: &str = "io.kubernetes.pod.terminationGracePeriod";
+/// The container's declared ports, as JSON.
+const PORTS_ANNOTATION: &str = "io.kubernetes.container.ports";
 
 /// A pod as this run knows it: the manifest and the uid the API server
 /// would have given it.
@@ -68,6 +70,25 @@ impl PodIdentity<'_> {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            // Every declared port, as the kubelet lists them; the CNI
+            // portmap plugin maps those with a hostPort.
+            port_mappings: self
+                .pod
+                .spec
+                .containers
+                .iter()
+                .flat_map(|c| &c.ports)
+                .map(|p| cri::PortMapping {
+                    protocol: match p.protocol.to_ascii_uppercase().as_str() {
+                        "UDP" => cri::Protocol::Udp,
+                        "SCTP" => cri::Protocol::Sctp,
+                        _ => cri::Protocol::Tcp,
+                    } as i32,
+                    container_port: i32::from(p.container_port),
+                    host_port: i32::from(p.host_port),
+                    host_ip: String::new(),
+                })
+                .collect(),
             linux: Some(cri::LinuxPodSandboxConfig::default()),
             ..Default::default()
         }
@@ -85,13 +106,36 @@ impl PodIdentity<'_> {
         let (command, args) = container.command_and_args();
         let mut labels = self.pod_labels();
         labels.insert(CONTAINER_NAME_LABEL.to_owned(), container.name.clone());
-        let annotations = HashMap::from([
+        let mut annotations = HashMap::from([
             (RESTART_COUNT_ANNOTATION.to_owned(), attempt.to_string()),
             (
                 GRACE_PERIOD_ANNOTATION.to_owned(),
                 self.pod.spec.grace_period_seconds().to_string(),
             ),
         ]);
+        if !container.ports.is_empty() {
+            let ports: Vec<serde_json::Value> = container
+                .ports
+                .iter()
+                .map(|p| {
+                    let mut port = serde_json::json!({
+                        "containerPort": p.container_port,
+                        "protocol": p.protocol.to_ascii_uppercase(),
+                    });
+                    if !p.name.is_empty() {
+                        port["name"] = p.name.clone().into();
+                    }
+                    if p.host_port != 0 {
+                        port["hostPort"] = p.host_port.into();
+                    }
+                    port
+                })
+                .collect();
+            annotations.insert(
+                PORTS_ANNOTATION.to_owned(),
+                serde_json::Value::from(ports).to_string(),
+            );
+        }
         Ok(cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata {
                 name: container.name.clone(),
@@ -198,6 +242,7 @@ spec:
       args: ['$(WHO)']
       env: [{name: WHO, value: me}]
       volumeMounts: [{name: data, mountPath: /data, readOnly: true}]
+      ports: [{name: http, containerPort: 8080}, {containerPort: 53, hostPort: 5353, protocol: UDP}]
   volumes: [{name: data, emptyDir: {}}]
 ",
         )
@@ -228,6 +273,18 @@ spec:
         assert_eq!(config.labels["app"], "web");
         assert_eq!(config.labels[POD_UID_LABEL], "u-1");
         assert_eq!(config.annotations["a"], "b");
+        let ports: Vec<(i32, i32, i32)> = config
+            .port_mappings
+            .iter()
+            .map(|p| (p.protocol, p.container_port, p.host_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (cri::Protocol::Tcp as i32, 8080, 0),
+                (cri::Protocol::Udp as i32, 53, 5353)
+            ]
+        );
     }
 
     #[test]
@@ -256,6 +313,15 @@ spec:
         assert_eq!(config.labels[CONTAINER_NAME_LABEL], "main");
         assert_eq!(config.labels[POD_NAME_LABEL], "web");
         assert_eq!(config.annotations[RESTART_COUNT_ANNOTATION], "2");
+        let ports: serde_json::Value =
+            serde_json::from_str(&config.annotations[PORTS_ANNOTATION]).unwrap();
+        assert_eq!(
+            ports,
+            serde_json::json!([
+                {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                {"containerPort": 53, "hostPort": 5353, "protocol": "UDP"}
+            ])
+        );
         assert!(
             id.container_config(&pod.spec.containers[0], 0, "x", &BTreeMap::new())
                 .is_err()

@@ -105,6 +105,87 @@ pub struct Container {
     #[serde(default, deserialize_with = "null_is_default")]
     pub volume_mounts: Vec<VolumeMount>,
     pub working_dir: Option<String>,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub ports: Vec<ContainerPort>,
+    pub readiness_probe: Option<Probe>,
+    pub liveness_probe: Option<Probe>,
+}
+
+/// A `ports` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default)]
+    pub name: String,
+    pub container_port: u16,
+    #[serde(default)]
+    pub host_port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "TCP".to_owned()
+}
+
+/// A port given by number or by the name of one of the container's ports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+/// A readiness or liveness probe, with the API server's defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    pub http_get: Option<HttpGetAction>,
+    pub tcp_socket: Option<TcpSocketAction>,
+    pub exec: Option<IgnoredAny>,
+    #[serde(default)]
+    pub initial_delay_seconds: u64,
+    #[serde(default = "ten")]
+    pub period_seconds: u64,
+    #[serde(default = "one")]
+    pub timeout_seconds: u64,
+    #[serde(default = "three")]
+    pub failure_threshold: u32,
+    #[serde(default = "one_u32")]
+    pub success_threshold: u32,
+}
+
+fn ten() -> u64 {
+    10
+}
+fn one() -> u64 {
+    1
+}
+fn three() -> u32 {
+    3
+}
+fn one_u32() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpGetAction {
+    #[serde(default = "root_path")]
+    pub path: String,
+    pub port: PortRef,
+    /// Only HTTP (play has no TLS client for probes).
+    pub scheme: Option<String>,
+}
+
+fn root_path() -> String {
+    "/".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpSocketAction {
+    pub port: PortRef,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +336,14 @@ impl Pod {
                     );
                 }
             }
+            for (kind, probe) in [
+                ("readinessProbe", &c.readiness_probe),
+                ("livenessProbe", &c.liveness_probe),
+            ] {
+                if let Some(probe) = probe {
+                    c.check_probe(kind, probe)?;
+                }
+            }
             for m in &c.volume_mounts {
                 if !m.mount_path.starts_with('/') {
                     bail!(
@@ -335,6 +424,55 @@ impl Container {
         let env = self.env();
         let expand_all = |words: &[String]| words.iter().map(|w| expand(w, &env)).collect();
         (expand_all(&self.command), expand_all(&self.args))
+    }
+}
+
+impl Container {
+    /// The port number `port` names for this container.
+    pub fn port_number(&self, port: &PortRef) -> Option<u16> {
+        match port {
+            PortRef::Number(n) => Some(*n),
+            PortRef::Name(name) => self
+                .ports
+                .iter()
+                .find(|p| p.name == *name)
+                .map(|p| p.container_port),
+        }
+    }
+
+    fn check_probe(&self, kind: &str, probe: &Probe) -> anyhow::Result<()> {
+        let port = match (&probe.http_get, &probe.tcp_socket) {
+            (Some(get), None) => {
+                if get
+                    .scheme
+                    .as_deref()
+                    .is_some_and(|s| !s.eq_ignore_ascii_case("http"))
+                {
+                    bail!(
+                        "container {:?}: {kind}: play probes only over HTTP, not {:?}",
+                        self.name,
+                        get.scheme
+                    );
+                }
+                &get.port
+            }
+            (None, Some(tcp)) => &tcp.port,
+            _ if probe.exec.is_some() => bail!(
+                "container {:?}: {kind}: exec probes need ExecSync, which wasmlet does not implement yet; use httpGet or tcpSocket",
+                self.name
+            ),
+            _ => bail!(
+                "container {:?}: {kind}: play runs httpGet and tcpSocket probes only",
+                self.name
+            ),
+        };
+        if self.port_number(port).is_none() {
+            bail!(
+                "container {:?}: {kind}: port {port:?} is not one of the container's ports",
+                self.name
+            );
+        }
+        Ok(())
     }
 }
 
@@ -463,6 +601,37 @@ spec:
 
     fn parse_err(text: &str) -> String {
         format!("{:#}", Pod::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn probes_need_an_http_or_tcp_action_on_a_declared_port() {
+        let pod = |probe: &str| {
+            format!(
+                "kind: Pod\nmetadata: {{name: p}}\nspec:\n  containers:\n    - name: c\n      image: i\n      ports: [{{name: http, containerPort: 8080}}]\n      readinessProbe: {probe}\n"
+            )
+        };
+        let ok = Pod::parse(&pod("{httpGet: {path: /healthz, port: http}}")).unwrap();
+        let c = &ok.spec.containers[0];
+        let probe = c.readiness_probe.as_ref().unwrap();
+        assert_eq!(
+            (
+                probe.period_seconds,
+                probe.timeout_seconds,
+                probe.failure_threshold
+            ),
+            (10, 1, 3)
+        );
+        assert_eq!(
+            c.port_number(&probe.http_get.as_ref().unwrap().port),
+            Some(8080)
+        );
+        Pod::parse(&pod("{tcpSocket: {port: 8080}}")).unwrap();
+        assert!(parse_err(&pod("{exec: {command: [ls]}}")).contains("exec probes need ExecSync"));
+        assert!(
+            parse_err(&pod("{httpGet: {port: admin}}"))
+                .contains("not one of the container's ports")
+        );
+        assert!(parse_err(&pod("{httpGet: {port: 1, scheme: HTTPS}}")).contains("only over HTTP"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use wasmlet_proto::cri::{
 
 use super::kubelet::{self, PodIdentity};
 use super::logs::{Line, LogFollower, Stream};
-use super::manifest::Pod;
+use super::manifest::{Container, Pod, Probe};
 
 /// How often the containers' log files are read.
 const LOG_POLL: Duration = Duration::from_millis(50);
@@ -61,6 +61,17 @@ enum Phase {
     Done,
 }
 
+/// Where a container's probes stand in its current run.
+#[derive(Debug, Default)]
+struct Probes {
+    next_readiness: Option<Instant>,
+    next_liveness: Option<Instant>,
+    ready: bool,
+    readiness_successes: u32,
+    readiness_failures: u32,
+    liveness_failures: u32,
+}
+
 /// One container of the pod across its runs.
 #[derive(Debug)]
 struct Slot {
@@ -72,6 +83,7 @@ struct Slot {
     phase: Phase,
     backoff: Duration,
     log: Option<LogFollower>,
+    probes: Probes,
 }
 
 /// A pod being played against one CRI endpoint.
@@ -84,6 +96,8 @@ pub struct PodRun {
     /// Credentials for PullImage, if the user gave any.
     auth: Option<cri::AuthConfig>,
     sandbox_id: Option<String>,
+    /// The pod's IP, once its sandbox runs (empty without a pod network).
+    pod_ip: String,
     log_directory: PathBuf,
     volumes: BTreeMap<String, PathBuf>,
     slots: Vec<Slot>,
@@ -122,6 +136,7 @@ impl PodRun {
                 phase: Phase::Pending,
                 backoff: INITIAL_BACKOFF,
                 log: None,
+                probes: Probes::default(),
             })
             .collect();
         Ok(Self {
@@ -132,6 +147,7 @@ impl PodRun {
             sandbox_config,
             auth,
             sandbox_id: None,
+            pod_ip: String::new(),
             log_directory,
             volumes,
             slots,
@@ -167,6 +183,7 @@ impl PodRun {
                 self.poll_exits().await?;
             }
             self.restart_due().await?;
+            self.run_probes().await;
             if self.slots.iter().all(|s| matches!(s.phase, Phase::Done)) {
                 return Ok(self.finals.iter().copied().find(|&c| c != 0).unwrap_or(0));
             }
@@ -183,7 +200,24 @@ impl PodRun {
             .map_err(rpc_error("RunPodSandbox"))?
             .into_inner()
             .pod_sandbox_id;
+        let request = cri::PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        };
+        let response = self.runtime.pod_sandbox_status(request).await;
+        self.pod_ip = response
+            .map_err(rpc_error("PodSandboxStatus"))?
+            .into_inner()
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default();
         self.sandbox_id = Some(id);
+        if self.pod_ip.is_empty() {
+            eprintln!("wasmlet play: the pod has no IP (the runtime has no pod network)");
+        } else {
+            eprintln!("wasmlet play: pod IP {}", self.pod_ip);
+        }
         Ok(())
     }
 
@@ -250,6 +284,35 @@ impl PodRun {
             container_id: container_id.clone(),
         };
         let Err(status) = self.runtime.start_container(request).await else {
+            let now = Instant::now();
+            let container = &self.pod.spec.containers[i];
+            let delay = |p: &Option<Probe>| {
+                p.as_ref()
+                    .map(|p| now + Duration::from_secs(p.initial_delay_seconds))
+            };
+            slot.probes = Probes {
+                next_readiness: delay(&container.readiness_probe),
+                next_liveness: delay(&container.liveness_probe),
+                // Without a readiness probe a running container is ready.
+                ready: container.readiness_probe.is_none(),
+                ..Probes::default()
+            };
+            if !self.pod_ip.is_empty() {
+                for port in container
+                    .ports
+                    .iter()
+                    .filter(|p| p.protocol.eq_ignore_ascii_case("tcp"))
+                {
+                    say(
+                        Stream::Stderr,
+                        &slot.name,
+                        &format!(
+                            "reachable at http://{}:{}/",
+                            self.pod_ip, port.container_port
+                        ),
+                    );
+                }
+            }
             return Ok(());
         };
         say(
@@ -359,6 +422,98 @@ impl PodRun {
         Ok(())
     }
 
+    /// Runs the probes that are due, as the kubelet's prober does: a
+    /// readiness change is shown; a liveness probe failing
+    /// `failureThreshold` times in a row stops the container, which the
+    /// restart policy then restarts.
+    async fn run_probes(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            let Phase::Running { id } = &self.slots[i].phase else {
+                continue;
+            };
+            let id = id.clone();
+            let container = self.pod.spec.containers[i].clone();
+            if let Some(probe) = &container.readiness_probe
+                && self.slots[i]
+                    .probes
+                    .next_readiness
+                    .is_some_and(|t| t <= now)
+            {
+                let result = probe_once(&self.pod_ip, &container, probe).await;
+                let slot = &mut self.slots[i];
+                slot.probes.next_readiness =
+                    Some(now + Duration::from_secs(probe.period_seconds.max(1)));
+                match result {
+                    Ok(what) => {
+                        slot.probes.readiness_failures = 0;
+                        slot.probes.readiness_successes += 1;
+                        if !slot.probes.ready
+                            && slot.probes.readiness_successes >= probe.success_threshold.max(1)
+                        {
+                            slot.probes.ready = true;
+                            say(
+                                Stream::Stderr,
+                                &slot.name,
+                                &format!("ready: readiness probe passed ({what})"),
+                            );
+                        }
+                    }
+                    Err(why) => {
+                        slot.probes.readiness_successes = 0;
+                        slot.probes.readiness_failures += 1;
+                        if slot.probes.readiness_failures >= probe.failure_threshold.max(1) {
+                            if slot.probes.ready {
+                                say(
+                                    Stream::Stderr,
+                                    &slot.name,
+                                    &format!("not ready: readiness probe failed ({why})"),
+                                );
+                            }
+                            slot.probes.ready = false;
+                        }
+                    }
+                }
+            }
+            if let Some(probe) = &container.liveness_probe
+                && self.slots[i].probes.next_liveness.is_some_and(|t| t <= now)
+            {
+                let result = probe_once(&self.pod_ip, &container, probe).await;
+                let slot = &mut self.slots[i];
+                slot.probes.next_liveness =
+                    Some(now + Duration::from_secs(probe.period_seconds.max(1)));
+                match result {
+                    Ok(_) => slot.probes.liveness_failures = 0,
+                    Err(why) => {
+                        slot.probes.liveness_failures += 1;
+                        let failures = slot.probes.liveness_failures;
+                        if failures >= probe.failure_threshold.max(1) {
+                            say(
+                                Stream::Stderr,
+                                &slot.name,
+                                &format!(
+                                    "liveness probe failed {failures} times ({why}): stopping the container"
+                                ),
+                            );
+                            slot.probes.next_liveness = None;
+                            let request = cri::StopContainerRequest {
+                                container_id: id.clone(),
+                                timeout: self.pod.spec.grace_period_seconds(),
+                            };
+                            if let Err(status) = self.runtime.stop_container(request).await {
+                                say(
+                                    Stream::Stderr,
+                                    &self.slots[i].name,
+                                    &format!("{:#}", rpc_error("StopContainer")(status)),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn show_logs(&mut self) {
         for slot in &mut self.slots {
             if let (Phase::Running { .. }, Some(log)) = (&slot.phase, slot.log.as_mut()) {
@@ -438,6 +593,63 @@ impl PodRun {
             .items;
         Ok(items.into_iter().next().map(|s| s.id))
     }
+}
+
+/// One probe against the pod's IP: `Ok` with what it saw, or why it failed.
+/// HTTP probes pass on a status from 200 to 399, as the kubelet's do.
+async fn probe_once(pod_ip: &str, container: &Container, probe: &Probe) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if pod_ip.is_empty() {
+        return Err("the pod has no IP".to_owned());
+    }
+    let timeout = Duration::from_secs(probe.timeout_seconds.max(1));
+    let (port, path) = match (&probe.http_get, &probe.tcp_socket) {
+        (Some(get), _) => (container.port_number(&get.port), Some(get.path.as_str())),
+        (None, Some(tcp)) => (container.port_number(&tcp.port), None),
+        (None, None) => return Err("no httpGet or tcpSocket action".to_owned()),
+    };
+    let port = port.ok_or("the probe's port is not one of the container's")?;
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect((pod_ip, port))
+            .await
+            .map_err(|e| format!("connecting to {pod_ip}:{port}: {e}"))?;
+        let Some(path) = path else {
+            return Ok(format!("connected to {pod_ip}:{port}"));
+        };
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {pod_ip}:{port}\r\nUser-Agent: kube-probe/wasmlet-play\r\nConnection: close\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("GET http://{pod_ip}:{port}{path}: {e}"))?;
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 8192 {
+            let n = stream
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("GET http://{pod_ip}:{port}{path}: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let status: u16 = String::from_utf8_lossy(&head)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("GET http://{pod_ip}:{port}{path}: no HTTP status"))?;
+        let seen = format!("GET http://{pod_ip}:{port}{path}: {status}");
+        if (200..400).contains(&status) {
+            Ok(seen)
+        } else {
+            Err(seen)
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer from {pod_ip}:{port} within {timeout:?}")))
 }
 
 /// Prints `[container] text` on the stream the container wrote to.
