@@ -792,7 +792,14 @@ impl Agent {
             None => format!("the guest reached its pod's memory limit: {message}"),
         };
         match self
-            .instantiate(&entry, &record, log.clone(), limiter, network.clone())
+            .instantiate(
+                &entry,
+                &record,
+                log.clone(),
+                limiter,
+                network.clone(),
+                sandbox.spec.dns.clone(),
+            )
             .await
         {
             Ok(crate::engine::Guest::Http(function)) => {
@@ -946,6 +953,7 @@ impl Agent {
         log: ContainerLog,
         limiter: MemoryLimiter,
         network: GuestNetwork,
+        dns: crate::network::DnsSettings,
     ) -> std::result::Result<crate::engine::Guest, String> {
         let image = self
             .inner
@@ -998,6 +1006,7 @@ impl Agent {
             log,
             limiter,
             network,
+            dns: Arc::new(dns),
         };
         self.inner.engine.instantiate(&prepared, config).await
     }

@@ -31,7 +31,8 @@ use crate::ids::Digest;
 use crate::image::WasmKind;
 use crate::limits::{LiveLimits, MemoryLimiter};
 use crate::logs::{ContainerLog, Stream};
-use crate::network::GuestNetwork;
+use crate::network::dns::{Lookup, LookupError};
+use crate::network::{DnsSettings, GuestNetwork, Resolver};
 
 /// How often the epoch advances; a running guest yields at least this often.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -52,6 +53,7 @@ pub struct P2State {
     table: ResourceTable,
     http: WasiHttpCtx,
     hooks: PodHooks,
+    resolver: Resolver,
     limiter: MemoryLimiter,
 }
 
@@ -104,6 +106,8 @@ pub struct GuestConfig {
     /// Whether the guest may open sockets (WASI 0.2 `wasi:sockets`, TCP
     /// and UDP). The caller polls the guest inside its pod's namespace.
     pub network: GuestNetwork,
+    /// The pod's DNS settings, for `wasi:sockets/ip-name-lookup`.
+    pub dns: Arc<DnsSettings>,
 }
 
 /// How a guest ended by itself.
@@ -479,7 +483,12 @@ impl WasmEngine {
                 let mut builder = wasi_builder(&config)?;
                 let mut store = Store::new(
                     &self.engine,
-                    P2State::new(builder.build(), config.limiter, &config.network),
+                    P2State::new(
+                        builder.build(),
+                        config.limiter,
+                        &config.network,
+                        &config.dns,
+                    ),
                 );
                 store.limiter(|s| &mut s.limiter);
                 yield_by_shares(&mut store, live.clone());
@@ -502,19 +511,107 @@ fn make_p2_linker(engine: &Engine) -> Result<ComponentLinker<P2State>, String> {
         .map_err(|e| format!("linking WASI 0.2: {e:#}"))?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
         .map_err(|e| format!("linking wasi:http: {e:#}"))?;
+    link_name_lookup(&mut linker).map_err(|e| format!("linking name lookup: {e:#}"))?;
     Ok(linker)
 }
 
 impl P2State {
-    pub(crate) fn new(wasi: WasiCtx, limiter: MemoryLimiter, network: &GuestNetwork) -> Self {
+    pub(crate) fn new(
+        wasi: WasiCtx,
+        limiter: MemoryLimiter,
+        network: &GuestNetwork,
+        dns: &Arc<DnsSettings>,
+    ) -> Self {
         Self {
             wasi,
             table: ResourceTable::new(),
             http: WasiHttpCtx::new(),
             hooks: PodHooks::new(network.clone()),
+            resolver: Resolver {
+                network: network.clone(),
+                dns: dns.clone(),
+            },
             limiter,
         }
     }
+}
+
+/// Replaces wasmtime-wasi's `wasi:sockets/ip-name-lookup` (which asks the
+/// host's resolver, from the host's namespace) with lookups through the
+/// pod's own DNS settings and namespace.
+fn link_name_lookup(linker: &mut ComponentLinker<P2State>) -> wasmtime::Result<()> {
+    use wasmtime::component::{Resource, ResourceType};
+    use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode, IpAddress};
+    use wasmtime_wasi::p2::{DynPollable, Network};
+
+    fn code(e: &LookupError) -> ErrorCode {
+        match e {
+            LookupError::InvalidName => ErrorCode::InvalidArgument,
+            LookupError::NotFound => ErrorCode::NameUnresolvable,
+            LookupError::Temporary => ErrorCode::TemporaryResolverFailure,
+            LookupError::Permanent => ErrorCode::PermanentResolverFailure,
+        }
+    }
+    fn ip(addr: std::net::IpAddr) -> IpAddress {
+        match addr {
+            std::net::IpAddr::V4(a) => {
+                let [a, b, c, d] = a.octets();
+                IpAddress::Ipv4((a, b, c, d))
+            }
+            std::net::IpAddr::V6(a) => {
+                let [a, b, c, d, e, f, g, h] = a.segments();
+                IpAddress::Ipv6((a, b, c, d, e, f, g, h))
+            }
+        }
+    }
+
+    linker.allow_shadowing(true);
+    let mut lookup = linker.instance("wasi:sockets/ip-name-lookup@0.2.12")?;
+    lookup.resource(
+        "resolve-address-stream",
+        ResourceType::host::<Lookup>(),
+        |mut store, rep| {
+            store
+                .data_mut()
+                .table
+                .delete(Resource::<Lookup>::new_own(rep))?;
+            Ok(())
+        },
+    )?;
+    lookup.func_wrap(
+        "resolve-addresses",
+        |mut store, (network, name): (Resource<Network>, String)| {
+            let state = store.data_mut();
+            state.table.get(&network)?;
+            if !state.resolver.network.allows_sockets() {
+                return Ok((Err(ErrorCode::PermanentResolverFailure),));
+            }
+            let started = Lookup::start(state.resolver.clone(), name);
+            Ok((Ok(state.table.push(started)?),))
+        },
+    )?;
+    lookup.func_wrap(
+        "[method]resolve-address-stream.resolve-next-address",
+        |mut store, (this,): (Resource<Lookup>,)| {
+            let lookup = store.data_mut().table.get_mut(&this)?;
+            Ok((match lookup.next_address() {
+                Ok(addr) => Ok(addr.map(ip)),
+                Err(None) => Err(ErrorCode::WouldBlock),
+                Err(Some(e)) => Err(code(&e)),
+            },))
+        },
+    )?;
+    lookup.func_wrap(
+        "[method]resolve-address-stream.subscribe",
+        |mut store, (this,): (Resource<Lookup>,)| -> wasmtime::Result<(Resource<DynPollable>,)> {
+            Ok((wasmtime_wasi::p2::subscribe(
+                &mut store.data_mut().table,
+                this,
+            )?,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 /// A new store for one request of an HTTP function.
@@ -526,7 +623,12 @@ pub(crate) fn http_store(
     let mut builder = wasi_builder(config)?;
     let mut store = Store::new(
         pre.engine(),
-        P2State::new(builder.build(), config.limiter.sibling(), &config.network),
+        P2State::new(
+            builder.build(),
+            config.limiter.sibling(),
+            &config.network,
+            &config.dns,
+        ),
     );
     store.limiter(|s| &mut s.limiter);
     yield_by_shares(&mut store, live);
@@ -686,6 +788,7 @@ mod tests {
             log: log.clone(),
             limiter: MemoryLimiter::new(None, crate::limits::PodMemory::new(None)),
             network: GuestNetwork::None,
+            dns: Arc::default(),
         }
     }
 

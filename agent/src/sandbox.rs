@@ -39,6 +39,9 @@ pub struct SandboxSpec {
     /// hostPort mappings, handed to the CNI plugins.
     #[serde(default)]
     pub port_mappings: Vec<crate::network::PortMapping>,
+    /// How the pod's guests look names up.
+    #[serde(default)]
+    pub dns: crate::network::DnsSettings,
 }
 
 /// The states of a sandbox, as CRI names them.

@@ -281,6 +281,93 @@ fn list_dir(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A tiny authoritative DNS server for the tests' pods, on a UDP address of
+/// the test's own (the bridge's): it answers A queries for the names it is
+/// given, NXDOMAIN for everything else, and records who asked what.
+pub struct DnsServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    queries: std::sync::Arc<std::sync::Mutex<Vec<(SocketAddr, String)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DnsServer {
+    /// Serves `records` (fully qualified names without the trailing dot)
+    /// on `addr` port 53.
+    pub fn start(
+        addr: &str,
+        records: std::collections::HashMap<String, std::net::Ipv4Addr>,
+    ) -> Result<Self, String> {
+        use hickory_proto::op::{Message, MessageType, ResponseCode};
+        use hickory_proto::rr::{RData, Record, RecordType, rdata::A};
+
+        let socket = std::net::UdpSocket::bind((addr, 53))
+            .map_err(|e| format!("binding a DNS server on {addr}:53: {e}"))?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queries = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop2, queries2) = (stop.clone(), queries.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(q) = query.queries.first().cloned() else {
+                    continue;
+                };
+                let name = q.name().to_ascii().trim_end_matches('.').to_owned();
+                queries2.lock().unwrap().push((from, name.clone()));
+                let mut reply = Message::new(
+                    query.metadata.id,
+                    MessageType::Response,
+                    query.metadata.op_code,
+                );
+                reply.metadata.recursion_desired = query.metadata.recursion_desired;
+                reply.add_query(q.clone());
+                match records.get(&name) {
+                    Some(ip) => {
+                        if q.query_type() == RecordType::A {
+                            reply.add_answer(Record::from_rdata(
+                                q.name().clone(),
+                                30,
+                                RData::A(A(*ip)),
+                            ));
+                        }
+                    }
+                    None => reply.metadata.response_code = ResponseCode::NXDomain,
+                }
+                if let Ok(bytes) = reply.to_vec() {
+                    let _ = socket.send_to(&bytes, from);
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            queries,
+            thread: Some(thread),
+        })
+    }
+
+    /// (who asked, the name asked), in order.
+    pub fn queries(&self) -> Vec<(SocketAddr, String)> {
+        self.queries.lock().unwrap().clone()
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Status and body of an HTTP/1.1 response (plain or chunked body).
 pub fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
     let text = String::from_utf8_lossy(raw);

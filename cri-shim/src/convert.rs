@@ -9,7 +9,7 @@ use wasmlet_agent::container::{
 };
 use wasmlet_agent::ids::{ContainerId, SandboxId};
 use wasmlet_agent::image::ImageRecord;
-use wasmlet_agent::network::PortMapping;
+use wasmlet_agent::network::{DnsSettings, PortMapping};
 use wasmlet_agent::registry::Credentials;
 use wasmlet_agent::sandbox::{
     PodMetadata, SandboxFilter, SandboxRecord, SandboxSpec, SandboxState,
@@ -64,6 +64,15 @@ pub fn sandbox_spec(
             .iter()
             .filter_map(port_mapping)
             .collect(),
+        dns: config
+            .dns_config
+            .as_ref()
+            .map(|d| DnsSettings {
+                servers: d.servers.clone(),
+                searches: d.searches.clone(),
+                options: d.options.clone(),
+            })
+            .unwrap_or_default(),
         resources: resources(config.linux.and_then(|l| l.resources)),
     })
 }

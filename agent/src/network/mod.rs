@@ -7,6 +7,7 @@
 //! record, so that DEL can run with it at stop, also after a restart.
 
 pub mod cni;
+pub mod dns;
 pub mod netns;
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,6 +20,7 @@ use std::task::{Context, Poll};
 use serde::{Deserialize, Serialize};
 
 pub use cni::{CniPaths, NetworkList, PortMapping};
+pub use dns::{DnsSettings, Resolver};
 pub use netns::NetNs;
 
 use crate::ids::SandboxId;

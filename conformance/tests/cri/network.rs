@@ -247,3 +247,74 @@ async fn a_restarted_agent_readopts_pod_networks() {
     assert!(net.namespaces().is_empty(), "{:?}", net.namespaces());
     assert!(net.allocated_ips().is_empty(), "{:?}", net.allocated_ips());
 }
+
+/// A guest looks a name up with its pod's DNS settings (search domains,
+/// ndots), from inside its pod: the query reaches the pod's name server
+/// from the pod's own address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_resolve_names_with_the_pods_dns_settings_from_the_pod() {
+    use wasmlet_conformance::pod_network::DnsServer;
+    let net = test_network();
+    let wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let a = cri.run_pod(wasmlet.pod().name("a").build()).await.unwrap();
+    let a_ip = pod_ip(&wasmlet, &a.id).await;
+    let server = pong_server("a", 7000);
+    let a_log = a.container_log(&server);
+    cri.start(&a, server).await.unwrap();
+    wait_stdout(&a_log, "the server to listen", |l| {
+        l.starts_with("listening on")
+    })
+    .await;
+
+    // The bridge exists now: a name server on its address.
+    let dns = DnsServer::start(
+        &net.gateway(),
+        [("pong-a.svc.test".to_owned(), a_ip.parse().unwrap())].into(),
+    )
+    .unwrap();
+    let mut config = wasmlet.pod().name("b").build();
+    config.dns_config = Some(cri::DnsConfig {
+        servers: vec![net.gateway()],
+        searches: vec!["ns.svc.test".into(), "svc.test".into()],
+        options: vec!["ndots:2".into(), "timeout:2".into()],
+    });
+    let b = cri.run_pod(config).await.unwrap();
+    let b_ip = pod_ip(&wasmlet, &b.id).await;
+    let client = ContainerConfigBuilder::new("client", PONG_P2)
+        .env("CONNECT_TO", "pong-a:7000")
+        .build();
+    let b_log = b.container_log(&client);
+    let id = cri.start(&b, client).await.unwrap();
+    cri.wait_exited(&id, GUEST_TIMEOUT).await.unwrap();
+    let lines = wait_stdout(&b_log, "the client's answer", |l| {
+        l.starts_with("got") || l.starts_with("connect error")
+    })
+    .await;
+    assert_eq!(lines, ["got pong a"]);
+    let queries = dns.queries();
+    let names: Vec<&str> = queries.iter().map(|(_, n)| n.as_str()).collect();
+    // Search domains in order (ndots:2 > 0 dots), the first one missing.
+    assert_eq!(names.first(), Some(&"pong-a.ns.svc.test"), "{queries:?}");
+    assert!(names.contains(&"pong-a.svc.test"), "{queries:?}");
+    for (from, _) in &queries {
+        assert_eq!(
+            from.ip().to_string(),
+            b_ip,
+            "a query left from outside pod b: {queries:?}"
+        );
+    }
+
+    // An unknown name fails the connect.
+    let client = ContainerConfigBuilder::new("lost", PONG_P2)
+        .env("CONNECT_TO", "nowhere:7000")
+        .build();
+    let log = b.container_log(&client);
+    let id = cri.start(&b, client).await.unwrap();
+    cri.wait_exited(&id, GUEST_TIMEOUT).await.unwrap();
+    let lines = wait_stdout(&log, "the failed lookup", |l| {
+        l.starts_with("connect error")
+    })
+    .await;
+    assert_eq!(lines.len(), 1, "{lines:?}");
+}
