@@ -40,7 +40,8 @@
 //!   prints `got <first line>` (or `connect error: <err>`); with
 //!   `LISTEN_PORT` it then listens on all addresses, prints `listening on
 //!   <addr>` (or `listen error: <err>`, exit 1) and answers each connection
-//!   with `pong <PONG_NAME>`.
+//!   with `pong <PONG_NAME>`; with `UDP_PORT` it instead answers each UDP
+//!   datagram with `pong <PONG_NAME> <datagram>`.
 //! - `hello-http` (a `wasi:http/proxy` component) answers `/healthz` with
 //!   `ok`, `/spin?ms=N` after burning N ms of CPU, `/alloc?mib=N` after
 //!   allocating N MiB, and anything else with `hello from <HELLO_NAME>

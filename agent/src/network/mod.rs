@@ -171,6 +171,12 @@ impl Networks {
             args: network.args.clone(),
             port_mappings: network.port_mappings.clone(),
         };
+        if NetNs::open(&network.netns).is_ok_and(|ns| ns.is_host()) {
+            return Err(format!(
+                "{} is the host's network namespace: refusing to run CNI DEL in it",
+                network.netns.display()
+            ));
+        }
         self.cni
             .del(&network.list, &at, Some(&network.result))
             .await?;
@@ -213,6 +219,21 @@ impl Networks {
                 continue;
             }
             let path = entry.path();
+            match NetNs::open(&path) {
+                Ok(ns) if ns.is_host() => {
+                    // Never run plugins (DEL would remove eth0) against the
+                    // host's namespace, whatever a file claims.
+                    tracing::error!(netns = %path.display(), "a pinned pod namespace is the host's own: unpinning it without running CNI");
+                    let _ = NetNs::remove(&path);
+                    continue;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    // Nothing mounted there (any more): only the file.
+                    let _ = NetNs::remove(&path);
+                    continue;
+                }
+            }
             if let Some(list) = &list {
                 let at = cni::Attachment {
                     container_id: id.to_owned(),

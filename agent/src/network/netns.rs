@@ -114,6 +114,17 @@ impl NetNs {
         &self.path
     }
 
+    /// Whether this is the agent's own namespace (a pinned file can point
+    /// anywhere; plugins must never be run against the host's).
+    pub fn is_host(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |f: &File| f.metadata().map(|m| (m.dev(), m.ino())).ok();
+        match host() {
+            Ok(host) => ino(host) == ino(&self.file),
+            Err(_) => true,
+        }
+    }
+
     /// Switches the calling thread into this namespace until the guard is
     /// dropped. Nothing in between may await: the guard must be dropped on
     /// the thread that made it.
@@ -194,7 +205,12 @@ mod tests {
         }
         assert_eq!(inode("/proc/thread-self/ns/net"), host_ns);
         // Pinned: it can be opened again by path, as after a restart.
-        NetNs::open(&dir.path().join("pod")).unwrap();
+        assert!(!NetNs::open(&dir.path().join("pod")).unwrap().is_host());
+        assert!(
+            NetNs::open(Path::new("/proc/self/ns/net"))
+                .unwrap()
+                .is_host()
+        );
         NetNs::remove(&dir.path().join("pod")).unwrap();
         assert!(!dir.path().join("pod").exists());
         NetNs::remove(&dir.path().join("pod")).unwrap();

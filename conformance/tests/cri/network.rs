@@ -318,3 +318,66 @@ async fn guests_resolve_names_with_the_pods_dns_settings_from_the_pod() {
     .await;
     assert_eq!(lines.len(), 1, "{lines:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_serve_udp_in_their_pod() {
+    let net = test_network();
+    let wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let ip = pod_ip(&wasmlet, &pod.id).await;
+    let server = ContainerConfigBuilder::new("udp", PONG_P2)
+        .env("UDP_PORT", "7053")
+        .env("PONG_NAME", "udp")
+        .build();
+    let log = pod.container_log(&server);
+    cri.start(&pod, server).await.unwrap();
+    wait_stdout(&log, "the UDP server", |l| l.starts_with("udp listening")).await;
+    net.check_route(&ip).unwrap();
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    socket.send_to(b"ping", (ip.as_str(), 7053)).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = socket.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"pong udp ping");
+    assert_eq!(from.ip().to_string(), ip);
+}
+
+/// A namespace pinned by an agent that died before recording its sandbox
+/// is released and removed when the next agent starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_pod_namespaces_are_removed_at_start() {
+    let net = test_network();
+    let mut wasmlet = networked(&net).await;
+    wasmlet.kill_9().await;
+    // A namespace of our own (never the host's), pinned where the agent
+    // pins pods' namespaces, under a sandbox id it never recorded.
+    let name = format!("wasmlet-orphan-test-{}", std::process::id());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["ip", "netns", "add", &name]);
+    let orphan = net.netns_dir().join("wasmlet-0rphan");
+    std::fs::write(&orphan, b"").unwrap();
+    let source = format!("/run/netns/{name}");
+    run(&["mount", "--bind", &source, orphan.to_str().unwrap()]);
+    run(&["ip", "netns", "del", &name]);
+    assert_eq!(net.namespaces(), ["wasmlet-0rphan"]);
+    wasmlet.restart().await;
+    assert!(net.namespaces().is_empty(), "{:?}", net.namespaces());
+    assert!(
+        wasmlet
+            .daemon_log()
+            .contains("removed an orphaned pod network namespace"),
+        "{}",
+        wasmlet.daemon_log()
+    );
+}
