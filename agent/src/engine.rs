@@ -522,15 +522,16 @@ impl P2State {
         network: &GuestNetwork,
         dns: &Arc<DnsSettings>,
     ) -> Self {
+        let resolver = Resolver {
+            network: network.clone(),
+            dns: dns.clone(),
+        };
         Self {
             wasi,
             table: ResourceTable::new(),
             http: WasiHttpCtx::new(),
-            hooks: PodHooks::new(network.clone()),
-            resolver: Resolver {
-                network: network.clone(),
-                dns: dns.clone(),
-            },
+            hooks: PodHooks::new(resolver.clone()),
+            resolver,
             limiter,
         }
     }

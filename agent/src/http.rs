@@ -30,7 +30,7 @@ use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks, WasiHttpView};
 use crate::engine::{GuestConfig, P2State, http_store};
 use crate::limits::{LiveLimits, PodCpu};
 use crate::logs::Stream;
-use crate::network::{GuestNetwork, InNamespace};
+use crate::network::{GuestNetwork, InNamespace, Resolver};
 use crate::stats::{GuestUsage, Metered};
 
 /// How an HTTP function is served.
@@ -369,21 +369,29 @@ impl Server {
 }
 
 /// `wasi:http` hooks for a pod's instances: outgoing requests leave from
-/// the pod's network namespace, or not at all without a network.
+/// the pod's network namespace (names resolved with the pod's DNS
+/// settings), or not at all without a network.
 pub struct PodHooks {
-    network: GuestNetwork,
+    resolver: Resolver,
 }
 
 impl PodHooks {
-    pub(crate) fn new(network: GuestNetwork) -> Self {
-        Self { network }
+    pub(crate) fn new(resolver: Resolver) -> Self {
+        Self { resolver }
+    }
+}
+
+fn dns_error(message: String) -> wasmtime_wasi_http::Error {
+    wasmtime_wasi_http::Error::DnsError {
+        rcode: Some(message),
+        info_code: None,
     }
 }
 
 impl WasiHttpHooks for PodHooks {
     fn send_request(
         &mut self,
-        request: hyper::Request<WasiBody>,
+        mut request: hyper::Request<WasiBody>,
         options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> Box<
@@ -395,31 +403,48 @@ impl WasiHttpHooks for PodHooks {
             > + Send,
     > {
         drop(fut);
-        let network = self.network.clone();
+        let resolver = self.resolver.clone();
         Box::new(async move {
-            if !network.allows_sockets() {
+            if !resolver.network.allows_sockets() {
                 return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
             }
-            let host = request
-                .uri()
+            let uri = request.uri().clone();
+            let host = uri
                 .host()
                 .unwrap_or("")
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_owned();
             if host.parse::<IpAddr>().is_err() {
-                // Resolving would use the agent's resolver, outside the
-                // pod's namespace.
-                return Err(wasmtime_wasi_http::Error::DnsError {
-                    rcode: Some(format!(
-                        "name lookup is not available to Wasm pods yet: use an IP address, not {host:?}"
-                    )),
-                    info_code: None,
-                });
+                // Connect to the address the pod's resolver gives; the URI
+                // keeps the name for the Host header, which is already set.
+                let https = uri.scheme() == Some(&hyper::http::uri::Scheme::HTTPS);
+                if https {
+                    return Err(dns_error(format!(
+                        "HTTPS to a host name ({host}) is not supported from Wasm pods yet: use http or an address"
+                    )));
+                }
+                let ips = resolver
+                    .resolve(&host)
+                    .await
+                    .map_err(|e| dns_error(format!("looking up {host}: {e:?}")))?;
+                let ip = ips
+                    .first()
+                    .ok_or_else(|| dns_error(format!("{host} has no address")))?;
+                let port = uri.port_u16().unwrap_or(80);
+                let authority = SocketAddr::new(*ip, port).to_string();
+                let mut parts = uri.into_parts();
+                parts.authority = Some(
+                    authority
+                        .parse()
+                        .map_err(|_| wasmtime_wasi_http::Error::HttpRequestUriInvalid)?,
+                );
+                *request.uri_mut() = hyper::Uri::from_parts(parts)
+                    .map_err(|_| wasmtime_wasi_http::Error::HttpRequestUriInvalid)?;
             }
             let sent = InNamespace::new(
                 wasmtime_wasi_http::default_send_request(request, options),
-                &network,
+                &resolver.network,
             )
             .await
             .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e)))?;

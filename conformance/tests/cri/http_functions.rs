@@ -227,3 +227,43 @@ async fn memory_limits_hold_per_request_and_a_neighbour_keeps_serving() {
     assert!(requests >= 9, "{requests}");
     assert_eq!(errors, 1);
 }
+
+/// A function's outgoing request leaves from its pod: the name is looked up
+/// with the pod's DNS settings, from the pod's address, and the request
+/// reaches a function in another pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outgoing_requests_resolve_and_leave_from_the_pod() {
+    use wasmlet_conformance::pod_network::DnsServer;
+    let net = test_network();
+    let wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let a = cri.run_pod(wasmlet.pod().name("a").build()).await.unwrap();
+    let a_ip = pod_ip(&wasmlet, &a.id).await;
+    cri.start(&a, function("a", 8080)).await.unwrap();
+    assert_eq!(get(&net, &a_ip, 8080, "/healthz").await.0, 200);
+    let dns = DnsServer::start(
+        &net.gateway(),
+        [("svc-a.test".to_owned(), a_ip.parse().unwrap())].into(),
+    )
+    .unwrap();
+    let mut config = wasmlet.pod().name("b").build();
+    config.dns_config = Some(cri::DnsConfig {
+        servers: vec![net.gateway()],
+        searches: vec!["test".into()],
+        options: vec![],
+    });
+    let b = cri.run_pod(config).await.unwrap();
+    let b_ip = pod_ip(&wasmlet, &b.id).await;
+    cri.start(&b, function("b", 8080)).await.unwrap();
+    assert_eq!(
+        get(&net, &b_ip, 8080, "/fetch?url=http://svc-a:8080/hi").await,
+        (200, "fetched 200 hello from a path=/hi\n".to_owned())
+    );
+    let queries = dns.queries();
+    assert!(!queries.is_empty());
+    for (from, _) in &queries {
+        assert_eq!(from.ip().to_string(), b_ip, "{queries:?}");
+    }
+    let (status, body) = get(&net, &b_ip, 8080, "/fetch?url=http://nowhere:8080/").await;
+    assert_eq!(status, 502, "{body}");
+}

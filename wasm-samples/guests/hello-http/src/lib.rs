@@ -5,26 +5,75 @@
 //! - `GET /spin?ms=N` burns N milliseconds of CPU, then answers `spun N`;
 //! - `GET /alloc?mib=N` allocates and touches N MiB, then answers
 //!   `allocated N`;
+//! - `GET /fetch?url=http://HOST[:PORT]/PATH` makes that request through
+//!   `wasi:http/outgoing-handler` and answers `fetched <status> <body>`
+//!   (or 502 with the error);
 //! - anything else answers `hello from <HELLO_NAME> path=<path>` (the
 //!   name from the container's environment, default `wasmlet`), and prints
 //!   `request <method> <path>` to stdout (the container's log).
 
 use wasip2::exports::http::incoming_handler::Guest;
+use wasip2::http::outgoing_handler;
 use wasip2::http::types::{
-    Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+    Fields, IncomingRequest, Method, OutgoingBody, OutgoingRequest, OutgoingResponse,
+    ResponseOutparam, Scheme,
 };
+use wasip2::io::streams::StreamError;
 
 struct Hello;
 
 wasip2::http::proxy::export!(Hello);
 
-fn query(path: &str, key: &str) -> Option<u64> {
+fn query_str<'a>(path: &'a str, key: &str) -> Option<&'a str> {
     let (_, query) = path.split_once('?')?;
     query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.parse().ok())
+        .map(|(_, v)| v)
+}
+
+fn query(path: &str, key: &str) -> Option<u64> {
+    query_str(path, key).and_then(|v| v.parse().ok())
+}
+
+/// GET `url` (plain HTTP) through the host; its status and body.
+fn fetch(url: &str) -> Result<(u16, String), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("only http:// URLs: {url}"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let request = OutgoingRequest::new(Fields::new());
+    request.set_method(&Method::Get).map_err(|()| "method")?;
+    request.set_scheme(Some(&Scheme::Http)).map_err(|()| "scheme")?;
+    request
+        .set_authority(Some(authority))
+        .map_err(|()| format!("authority {authority}"))?;
+    request
+        .set_path_with_query(Some(path))
+        .map_err(|()| format!("path {path}"))?;
+    let pending = outgoing_handler::handle(request, None).map_err(|e| format!("{e:?}"))?;
+    pending.subscribe().block();
+    let response = pending
+        .get()
+        .ok_or("no response")?
+        .map_err(|()| "response taken")?
+        .map_err(|e| format!("{e:?}"))?;
+    let status = response.status();
+    let body = response.consume().map_err(|()| "body taken")?;
+    let stream = body.stream().map_err(|()| "stream taken")?;
+    let mut bytes = Vec::new();
+    loop {
+        match stream.blocking_read(4096) {
+            Ok(chunk) => bytes.extend(chunk),
+            Err(StreamError::Closed) => break,
+            Err(e) => return Err(format!("reading the body: {e:?}")),
+        }
+    }
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 fn respond(out: ResponseOutparam, status: u16, text: &str) {
@@ -63,6 +112,10 @@ impl Guest for Hello {
                 }
                 respond(out, 200, &format!("spun {ms}\n"));
             }
+            "/fetch" => match fetch(query_str(&path, "url").unwrap_or("")) {
+                Ok((status, body)) => respond(out, 200, &format!("fetched {status} {body}")),
+                Err(e) => respond(out, 502, &format!("fetch failed: {e}\n")),
+            },
             "/alloc" => {
                 let mib = query(&path, "mib").unwrap_or(1) as usize;
                 let held = vec![1u8; mib * 1024 * 1024];
