@@ -267,3 +267,26 @@ async fn outgoing_requests_resolve_and_leave_from_the_pod() {
     let (status, body) = get(&net, &b_ip, 8080, "/fetch?url=http://nowhere:8080/").await;
     assert_eq!(status, 502, "{body}");
 }
+
+/// The pod's annotations set a function's request timeout and concurrency:
+/// a request over the deadline is answered 504 and its instance ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_its_deadline_gets_504() {
+    let net = test_network();
+    let wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let config = wasmlet
+        .pod()
+        .annotation("wasmlet.dev/http-request-timeout-seconds", "1")
+        .annotation("wasmlet.dev/http-max-concurrency", "1")
+        .build();
+    let pod = cri.run_pod(config).await.unwrap();
+    let ip = pod_ip(&wasmlet, &pod.id).await;
+    let id = cri.start(&pod, function("slow", 8080)).await.unwrap();
+    assert_eq!(get(&net, &ip, 8080, "/healthz").await.0, 200);
+    let (status, body) = get(&net, &ip, 8080, "/spin?ms=5000").await;
+    assert_eq!(status, 504, "{body}");
+    // The slot is free again: the next request is served.
+    assert_eq!(get(&net, &ip, 8080, "/healthz").await.0, 200);
+    assert_eq!(http_metrics(&wasmlet, &id).await, (3, 1));
+}
