@@ -9,6 +9,7 @@ use std::time::Duration;
 
 mod daemon;
 
+mod bench;
 mod compat;
 mod container;
 mod daemon_lifecycle;

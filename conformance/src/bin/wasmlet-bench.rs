@@ -1,0 +1,782 @@
+//! `wasmlet-bench`: measures a CRI runtime the way operators would, through
+//! its socket, with the conformance harness: pod start latency, density
+//! (memory per idle pod, list latency at that density), churn, and the
+//! `wasi:http` function's throughput. Writes a JSON file and a Markdown
+//! table into the output directory (`bench/results/` by default), with the
+//! machine's description and the exact command.
+//!
+//! By default it starts the `wasmlet` binary next to itself on a private
+//! root (importing the sample guests); `--endpoint` measures a runtime that
+//! already serves a socket instead (with `--pid` for its memory). Timings
+//! are reported, never asserted: `--smoke` runs every scenario at a tiny
+//! scale, for CI to check that the benchmark itself works.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use wasmlet_conformance::pod_network::TestNetwork;
+use wasmlet_conformance::{ContainerConfigBuilder, CriClient, PodSandboxConfigBuilder, cri};
+
+const SLEEPER: &str = "wasmlet.local/samples/sleeper:p1";
+const HELLO_HTTP: &str = "wasmlet.local/samples/hello-http:p2";
+
+#[derive(Debug, Clone)]
+struct Options {
+    smoke: bool,
+    out: PathBuf,
+    endpoint: Option<PathBuf>,
+    pid: Option<u32>,
+    wasmlet: Option<PathBuf>,
+    start_pods: usize,
+    density_pods: usize,
+    churn_seconds: u64,
+    http_seconds: u64,
+    http_concurrency: usize,
+    wasmtime: Option<PathBuf>,
+    command: String,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: wasmlet-bench [--smoke] [--out DIR] [--endpoint SOCKET --pid PID | --wasmlet BIN]\n\
+         \x20                    [--start-pods N] [--density-pods N] [--churn-seconds S]\n\
+         \x20                    [--http-seconds S] [--http-concurrency C] [--wasmtime BIN]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let mut o = Options {
+        smoke: false,
+        out: PathBuf::from("bench/results"),
+        endpoint: None,
+        pid: None,
+        wasmlet: None,
+        start_pods: 1000,
+        density_pods: 10_000,
+        churn_seconds: 60,
+        http_seconds: 10,
+        http_concurrency: 16,
+        wasmtime: None,
+        command: args.join(" "),
+    };
+    let mut it = args.into_iter().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--smoke" => o.smoke = true,
+            "--out" => o.out = PathBuf::from(value()),
+            "--endpoint" => o.endpoint = Some(PathBuf::from(value())),
+            "--pid" => o.pid = Some(value().parse().unwrap_or_else(|_| usage())),
+            "--wasmlet" => o.wasmlet = Some(PathBuf::from(value())),
+            "--start-pods" => o.start_pods = value().parse().unwrap_or_else(|_| usage()),
+            "--density-pods" => o.density_pods = value().parse().unwrap_or_else(|_| usage()),
+            "--churn-seconds" => o.churn_seconds = value().parse().unwrap_or_else(|_| usage()),
+            "--http-seconds" => o.http_seconds = value().parse().unwrap_or_else(|_| usage()),
+            "--http-concurrency" => {
+                o.http_concurrency = value().parse().unwrap_or_else(|_| usage())
+            }
+            "--wasmtime" => o.wasmtime = Some(PathBuf::from(value())),
+            _ => usage(),
+        }
+    }
+    if o.smoke {
+        o.start_pods = o.start_pods.min(5);
+        o.density_pods = o.density_pods.min(10);
+        o.churn_seconds = o.churn_seconds.min(2);
+        o.http_seconds = o.http_seconds.min(1);
+        o.http_concurrency = o.http_concurrency.min(2);
+    }
+    o
+}
+
+/// The runtime under test: a socket, the pid whose memory is measured, and
+/// (when the bench started it) the daemon itself.
+struct Runtime {
+    socket: PathBuf,
+    pid: Option<u32>,
+    daemon: Option<Child>,
+    _dir: tempfile::TempDir,
+    log_root: PathBuf,
+    description: String,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+}
+
+fn wasmlet_binary(o: &Options) -> PathBuf {
+    o.wasmlet.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("wasmlet")))
+            .unwrap_or_else(|| PathBuf::from("wasmlet"))
+    })
+}
+
+async fn start_runtime(o: &Options, network: Option<&TestNetwork>) -> Result<Runtime, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("wasmlet-bench-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let log_root = dir.path().join("logs");
+    std::fs::create_dir_all(&log_root).map_err(|e| e.to_string())?;
+    if let Some(socket) = &o.endpoint {
+        return Ok(Runtime {
+            socket: socket.clone(),
+            pid: o.pid,
+            daemon: None,
+            _dir: dir,
+            log_root,
+            description: format!("the runtime on {}", socket.display()),
+        });
+    }
+    let bin = wasmlet_binary(o);
+    let root = dir.path().join("root");
+    for (reference, file) in [
+        (SLEEPER, wasm_samples::SLEEPER_P1),
+        (HELLO_HTTP, wasm_samples::HELLO_HTTP_P2),
+    ] {
+        let out = Command::new(&bin)
+            .args(["image", "import", "--root"])
+            .arg(&root)
+            .arg(file)
+            .arg(reference)
+            .output()
+            .map_err(|e| format!("running {}: {e}", bin.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "importing {reference}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    let config = dir.path().join("wasmlet.toml");
+    let network_config = match network {
+        Some(net) => net.wasmlet_config(),
+        None => format!(
+            "[network]\ncni_conf_dir = {:?}\n",
+            dir.path().join("no-cni")
+        ),
+    };
+    std::fs::write(
+        &config,
+        format!("{network_config}\n[http]\npool_instances = 1000\nmax_concurrency = 256\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    let socket = dir.path().join("wasmlet.sock");
+    let log = std::fs::File::create(dir.path().join("daemon.log")).map_err(|e| e.to_string())?;
+    let daemon = Command::new(&bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("--root")
+        .arg(&root)
+        .arg("--socket")
+        .arg(&socket)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    let pid = daemon.id();
+    Ok(Runtime {
+        socket,
+        pid: Some(pid),
+        daemon: Some(daemon),
+        _dir: dir,
+        log_root,
+        description: format!("{} (started by the bench)", bin.display()),
+    })
+}
+
+async fn connect(socket: &Path) -> Result<CriClient, String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match CriClient::connect(socket, Duration::from_millis(500)).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => return Err(e.to_string()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn open_fds(pid: Option<u32>) -> Option<u64> {
+    std::fs::read_dir(format!("/proc/{}/fd", pid?))
+        .ok()
+        .map(|d| d.count() as u64)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+fn latency_summary(mut samples: Vec<Duration>) -> Value {
+    samples.sort();
+    json!({
+        "count": samples.len(),
+        "p50_ms": percentile(&samples, 0.50),
+        "p99_ms": percentile(&samples, 0.99),
+        "max_ms": samples.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+    })
+}
+
+/// RunPodSandbox, CreateContainer, StartContainer of a sleeper, then
+/// waits until its first log line is on disk. Returns the pod id.
+async fn start_pod(
+    cri: &mut CriClient,
+    log_root: &Path,
+    image: &str,
+    n: usize,
+) -> Result<(String, String), String> {
+    let config = PodSandboxConfigBuilder::new(log_root)
+        .name(format!("bench-{n}"))
+        .build();
+    let pod = cri.run_pod(config).await.map_err(|e| e.to_string())?;
+    let container = ContainerConfigBuilder::new("idle", image).build();
+    let log = pod.container_log(&container);
+    let id = cri
+        .start(&pod, container)
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&log).map_or(true, |m| m.len() == 0) {
+        if Instant::now() > deadline {
+            return Err(format!("no log line from pod {n} within 30 s"));
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    Ok((pod.id, id))
+}
+
+async fn remove_pod(cri: &mut CriClient, pod: &str) -> Result<(), String> {
+    cri.stop_pod_sandbox(pod).await.map_err(|e| e.to_string())?;
+    cri.remove_pod_sandbox(pod).await.map_err(|e| e.to_string())
+}
+
+async fn pod_start(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value, String> {
+    // Warm up: the image is compiled once before timing.
+    let (warm, _) = start_pod(cri, &rt.log_root, SLEEPER, usize::MAX).await?;
+    remove_pod(cri, &warm).await?;
+    let mut samples = Vec::with_capacity(o.start_pods);
+    let mut pods = Vec::with_capacity(o.start_pods);
+    for n in 0..o.start_pods {
+        let started = Instant::now();
+        let (pod, _) = start_pod(cri, &rt.log_root, SLEEPER, n).await?;
+        samples.push(started.elapsed());
+        pods.push(pod);
+    }
+    for pod in &pods {
+        remove_pod(cri, pod).await?;
+    }
+    Ok(json!({"pods": o.start_pods, "start_to_first_log_line": latency_summary(samples)}))
+}
+
+async fn density(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value, String> {
+    let before = rss_kib(rt.pid);
+    let mut pods = Vec::with_capacity(o.density_pods);
+    let mut last_starts = Vec::new();
+    for n in 0..o.density_pods {
+        let started = Instant::now();
+        let (pod, _) = start_pod(cri, &rt.log_root, SLEEPER, 1_000_000 + n).await?;
+        if n + 100 >= o.density_pods {
+            last_starts.push(started.elapsed());
+        }
+        pods.push(pod);
+    }
+    let at_density = rss_kib(rt.pid);
+    let mut list_containers = Vec::new();
+    let mut list_stats = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        cri.list_containers(None).await.map_err(|e| e.to_string())?;
+        list_containers.push(t.elapsed());
+        let t = Instant::now();
+        cri.runtime()
+            .list_pod_sandbox_stats(cri::ListPodSandboxStatsRequest { filter: None })
+            .await
+            .map_err(|e| e.to_string())?;
+        list_stats.push(t.elapsed());
+    }
+    for pod in &pods {
+        remove_pod(cri, pod).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(rt.pid);
+    let per_pod = match (before, at_density) {
+        (Some(b), Some(d)) if !pods.is_empty() => {
+            Some((d.saturating_sub(b)) as f64 / pods.len() as f64)
+        }
+        _ => None,
+    };
+    Ok(json!({
+        "pods": pods.len(),
+        "rss_kib_before": before,
+        "rss_kib_at_density": at_density,
+        "rss_kib_after_removal": after,
+        "rss_kib_per_idle_pod": per_pod,
+        "start_at_density": latency_summary(last_starts),
+        "list_containers": latency_summary(list_containers),
+        "list_pod_sandbox_stats": latency_summary(list_stats),
+    }))
+}
+
+async fn churn(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value, String> {
+    let samples = |label: &str| json!({"at": label, "rss_kib": rss_kib(rt.pid), "open_fds": open_fds(rt.pid)});
+    let mut trace = vec![samples("start")];
+    let started = Instant::now();
+    let end = started + Duration::from_secs(o.churn_seconds);
+    let mut cycles = 0usize;
+    let mut next_sample = started + Duration::from_secs(1);
+    while Instant::now() < end {
+        let (pod, _) = start_pod(cri, &rt.log_root, SLEEPER, 2_000_000 + cycles).await?;
+        remove_pod(cri, &pod).await?;
+        cycles += 1;
+        if Instant::now() >= next_sample {
+            trace.push(samples(&format!("{:.0}s", started.elapsed().as_secs_f64())));
+            next_sample += Duration::from_secs(1);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    trace.push(samples("end"));
+    Ok(json!({
+        "seconds": elapsed,
+        "pods": cycles,
+        "pods_per_second": cycles as f64 / elapsed,
+        "samples": trace,
+    }))
+}
+
+/// Keeps `concurrency` HTTP/1.1 keep-alive connections busy with `GET /`
+/// for `seconds`; requests per second and latency percentiles.
+async fn load(
+    addr: std::net::SocketAddr,
+    concurrency: usize,
+    seconds: u64,
+) -> Result<Value, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream.set_nodelay(true).ok();
+            let mut stream = BufReader::new(stream);
+            while Instant::now() < end {
+                let t = Instant::now();
+                stream
+                    .get_mut()
+                    .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut status = String::new();
+                stream
+                    .read_line(&mut status)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut length = 0usize;
+                let mut chunked = false;
+                loop {
+                    let mut line = String::new();
+                    stream
+                        .read_line(&mut line)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let l = line.trim_end().to_ascii_lowercase();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = l.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+                        chunked = true;
+                    }
+                }
+                if chunked {
+                    loop {
+                        let mut size = String::new();
+                        stream
+                            .read_line(&mut size)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let n =
+                            usize::from_str_radix(size.trim(), 16).map_err(|e| e.to_string())?;
+                        let mut chunk = vec![0u8; n + 2];
+                        stream
+                            .read_exact(&mut chunk)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                } else {
+                    let mut body = vec![0u8; length];
+                    stream
+                        .read_exact(&mut body)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                if !status.contains(" 200 ") {
+                    errors += 1;
+                }
+                latencies.push(t.elapsed());
+            }
+            Ok::<_, String>((latencies, errors))
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.map_err(|e| e.to_string())??;
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64().max(seconds as f64);
+    let requests = all.len();
+    Ok(json!({
+        "concurrency": concurrency,
+        "requests": requests,
+        "non_200": errors,
+        "requests_per_second": requests as f64 / elapsed,
+        "latency": latency_summary(all),
+    }))
+}
+
+async fn functions(
+    o: &Options,
+    rt: &Runtime,
+    cri: &mut CriClient,
+    net: &TestNetwork,
+) -> Result<Value, String> {
+    let config = PodSandboxConfigBuilder::new(&rt.log_root)
+        .name("bench-http")
+        .annotation("wasmlet.dev/http-max-concurrency", "256")
+        .build();
+    let pod = cri.run_pod(config).await.map_err(|e| e.to_string())?;
+    let ip = cri
+        .pod_sandbox_status(&pod.id)
+        .await
+        .map_err(|e| e.to_string())?
+        .network
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    net.check_route(&ip)?;
+    let container = ContainerConfigBuilder::new("hello", HELLO_HTTP).build();
+    cri.start(&pod, container)
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while net
+        .http_get(&ip, 8080, "/healthz", Duration::from_secs(2))
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            return Err("the function did not answer".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let addr = format!("{ip}:8080").parse().map_err(|e| format!("{e}"))?;
+    let wasmlet = load(addr, o.http_concurrency, o.http_seconds).await?;
+    remove_pod(cri, &pod.id).await?;
+    let baseline = match &o.wasmtime {
+        Some(wasmtime) => Some(wasmtime_serve(wasmtime, o).await?),
+        None => None,
+    };
+    let ratio = baseline.as_ref().and_then(|b| {
+        let ours = wasmlet["requests_per_second"].as_f64()?;
+        let theirs = b["requests_per_second"].as_f64()?;
+        (theirs > 0.0).then(|| ours / theirs)
+    });
+    Ok(json!({
+        "wasmlet": wasmlet,
+        "wasmtime_serve": baseline.unwrap_or(Value::String(
+            "not measured: pass --wasmtime BIN (wasmtime-cli 48, `cargo install wasmtime-cli@48`)".into()
+        )),
+        "throughput_ratio_to_wasmtime_serve": ratio,
+    }))
+}
+
+/// The same component under `wasmtime serve` on loopback.
+async fn wasmtime_serve(bin: &Path, o: &Options) -> Result<Value, String> {
+    let port = 18_000 + (std::process::id() % 1000) as u16;
+    let mut child = Command::new(bin)
+        .args(["serve", "-S", "cli", "--addr"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(wasm_samples::HELLO_HTTP_P2)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("wasmtime serve did not listen".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let result = load(addr, o.http_concurrency, o.http_seconds).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned())
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpu": model,
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_kib": mem.parse::<u64>().ok(),
+        "kernel": kernel.trim(),
+    })
+}
+
+fn markdown(report: &Value) -> String {
+    let mut md = String::new();
+    let get = |path: &[&str]| {
+        let mut v = report;
+        for p in path {
+            v = &v[*p];
+        }
+        match v {
+            Value::Number(n) => {
+                let f = n.as_f64().unwrap_or(0.0);
+                if f.fract() == 0.0 {
+                    format!("{f:.0}")
+                } else {
+                    format!("{f:.2}")
+                }
+            }
+            Value::Null => "—".to_owned(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    };
+    md.push_str(&format!(
+        "# wasmlet benchmark{}\n\nCommand: `{}`  \nRuntime: {}  \nMachine: {} × {}, {} KiB, Linux {}  \nWhen: {}\n\n",
+        if report["smoke"].as_bool() == Some(true) { " (smoke run: tiny scale, not a measurement)" } else { "" },
+        get(&["command"]),
+        get(&["runtime"]),
+        get(&["machine", "cpus"]),
+        get(&["machine", "cpu"]),
+        get(&["machine", "memory_kib"]),
+        get(&["machine", "kernel"]),
+        get(&["unix_time"]),
+    ));
+    md.push_str("| scenario | measure | value |\n|---|---|---|\n");
+    let rows: &[(&str, &str, &[&str])] = &[
+        ("pod start", "pods", &["pod_start", "pods"]),
+        (
+            "pod start",
+            "p50 ms (to first log line)",
+            &["pod_start", "start_to_first_log_line", "p50_ms"],
+        ),
+        (
+            "pod start",
+            "p99 ms",
+            &["pod_start", "start_to_first_log_line", "p99_ms"],
+        ),
+        (
+            "pod start",
+            "max ms",
+            &["pod_start", "start_to_first_log_line", "max_ms"],
+        ),
+        ("density", "idle pods", &["density", "pods"]),
+        (
+            "density",
+            "agent RSS KiB before",
+            &["density", "rss_kib_before"],
+        ),
+        (
+            "density",
+            "agent RSS KiB at density",
+            &["density", "rss_kib_at_density"],
+        ),
+        (
+            "density",
+            "agent RSS KiB per idle pod",
+            &["density", "rss_kib_per_idle_pod"],
+        ),
+        (
+            "density",
+            "agent RSS KiB after removal",
+            &["density", "rss_kib_after_removal"],
+        ),
+        (
+            "density",
+            "pod start p50 ms at density",
+            &["density", "start_at_density", "p50_ms"],
+        ),
+        (
+            "density",
+            "ListContainers p50 ms",
+            &["density", "list_containers", "p50_ms"],
+        ),
+        (
+            "density",
+            "ListPodSandboxStats p50 ms",
+            &["density", "list_pod_sandbox_stats", "p50_ms"],
+        ),
+        (
+            "churn",
+            "pods created+started+stopped+removed per s",
+            &["churn", "pods_per_second"],
+        ),
+        (
+            "functions",
+            "wasmlet requests/s",
+            &["functions", "wasmlet", "requests_per_second"],
+        ),
+        (
+            "functions",
+            "wasmlet p99 ms",
+            &["functions", "wasmlet", "latency", "p99_ms"],
+        ),
+        (
+            "functions",
+            "wasmtime serve requests/s",
+            &["functions", "wasmtime_serve", "requests_per_second"],
+        ),
+        (
+            "functions",
+            "ratio to wasmtime serve",
+            &["functions", "throughput_ratio_to_wasmtime_serve"],
+        ),
+        (
+            "baseline runtime",
+            "containerd + runc",
+            &["baseline_runtime"],
+        ),
+    ];
+    for (scenario, measure, path) in rows {
+        md.push_str(&format!("| {scenario} | {measure} | {} |\n", get(path)));
+    }
+    if let Some(samples) = report["churn"]["samples"].as_array() {
+        md.push_str("\nChurn samples (agent RSS KiB / open descriptors): ");
+        let parts: Vec<String> = samples
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {}/{}",
+                    s["at"].as_str().unwrap_or(""),
+                    s["rss_kib"],
+                    s["open_fds"]
+                )
+            })
+            .collect();
+        md.push_str(&parts.join(", "));
+        md.push('\n');
+    }
+    md
+}
+
+async fn run(o: Options) -> Result<PathBuf, String> {
+    let net = TestNetwork::create().ok();
+    let rt = start_runtime(&o, net.as_ref()).await?;
+    let mut cri = connect(&rt.socket).await?;
+    let mut report = BTreeMap::new();
+    report.insert("command", json!(o.command));
+    report.insert("smoke", json!(o.smoke));
+    report.insert("runtime", json!(rt.description));
+    report.insert("machine", machine());
+    report.insert(
+        "unix_time",
+        json!(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        ),
+    );
+    eprintln!("wasmlet-bench: pod start ({} pods)", o.start_pods);
+    report.insert("pod_start", pod_start(&o, &rt, &mut cri).await?);
+    eprintln!("wasmlet-bench: density ({} idle pods)", o.density_pods);
+    report.insert("density", density(&o, &rt, &mut cri).await?);
+    eprintln!("wasmlet-bench: churn ({} s)", o.churn_seconds);
+    report.insert("churn", churn(&o, &rt, &mut cri).await?);
+    let functions = match &net {
+        Some(net) if o.endpoint.is_none() => {
+            eprintln!("wasmlet-bench: functions ({} s)", o.http_seconds);
+            functions(&o, &rt, &mut cri, net).await?
+        }
+        _ => json!("not measured: needs root and the CNI plugins (containernetworking-plugins)"),
+    };
+    report.insert("functions", functions);
+    report.insert(
+        "baseline_runtime",
+        json!("not measured yet: containerd + runc is set up with the delegation work (issue #7)"),
+    );
+    let report = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&o.out).map_err(|e| format!("creating {}: {e}", o.out.display()))?;
+    let stem = format!(
+        "{}{}",
+        report["unix_time"],
+        if o.smoke { "-smoke" } else { "" }
+    );
+    let json_path = o.out.join(format!("{stem}.json"));
+    std::fs::write(
+        &json_path,
+        serde_json::to_vec_pretty(&report).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(o.out.join(format!("{stem}.md")), markdown(&report))
+        .map_err(|e| e.to_string())?;
+    Ok(json_path)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let o = parse_options();
+    match run(o).await {
+        Ok(path) => println!("{}", path.display()),
+        Err(e) => {
+            eprintln!("wasmlet-bench: {e}");
+            std::process::exit(1);
+        }
+    }
+}
