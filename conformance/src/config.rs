@@ -213,6 +213,16 @@ impl ContainerConfigBuilder {
         self
     }
 
+    /// `resources.limits.memory`, as the kubelet passes it.
+    pub fn memory_limit(mut self, bytes: i64) -> Self {
+        let linux = self.config.linux.get_or_insert_with(Default::default);
+        linux
+            .resources
+            .get_or_insert_with(Default::default)
+            .memory_limit_in_bytes = bytes;
+        self
+    }
+
     pub fn build(mut self) -> cri::ContainerConfig {
         if !self.explicit_log_path {
             let metadata = self.config.metadata.clone().unwrap_or_default();

@@ -11,12 +11,13 @@ use wasmlet_conformance::{
 };
 
 use crate::daemon::Wasmlet;
+use crate::networked::{networked, pod_ip, test_network};
 use crate::{GUEST_TIMEOUT, HELLO_HTTP_P2, HOG_P1};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const MIB: i64 = 1024 * 1024;
 
-fn function(name: &str, port: u16) -> cri::ContainerConfig {
+fn function_builder(name: &str, port: u16) -> ContainerConfigBuilder {
     ContainerConfigBuilder::new(name, HELLO_HTTP_P2)
         .env("HELLO_NAME", name)
         // As the kubelet lists a container's ports.
@@ -24,18 +25,10 @@ fn function(name: &str, port: u16) -> cri::ContainerConfig {
             "io.kubernetes.container.ports",
             format!(r#"[{{"name":"http","containerPort":{port},"protocol":"TCP"}}]"#),
         )
-        .build()
 }
 
-async fn pod_ip(wasmlet: &Wasmlet, pod: &str) -> String {
-    wasmlet
-        .cri()
-        .pod_sandbox_status(pod)
-        .await
-        .unwrap()
-        .network
-        .unwrap_or_default()
-        .ip
+fn function(name: &str, port: u16) -> cri::ContainerConfig {
+    function_builder(name, port).build()
 }
 
 /// `GET path`, retried while the function starts listening.
@@ -48,17 +41,6 @@ async fn get(net: &TestNetwork, ip: &str, port: u16, path: &str) -> (u16, String
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
-}
-
-async fn networked(net: &TestNetwork) -> Wasmlet {
-    Wasmlet::builder()
-        .config(net.wasmlet_config())
-        .start()
-        .await
-}
-
-fn test_network() -> TestNetwork {
-    TestNetwork::create().unwrap_or_else(|e| panic!("the HTTP function tests need: {e}"))
 }
 
 async fn http_metrics(wasmlet: &Wasmlet, container: &str) -> (u64, u64) {
@@ -187,14 +169,9 @@ async fn memory_limits_hold_per_request_and_a_neighbour_keeps_serving() {
     let mut cri = wasmlet.cri();
     let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
     let ip = pod_ip(&wasmlet, &pod.id).await;
-    let mut config = function("limited", 8080);
-    config.linux = Some(cri::LinuxContainerConfig {
-        resources: Some(cri::LinuxContainerResources {
-            memory_limit_in_bytes: 32 * MIB,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let config = function_builder("limited", 8080)
+        .memory_limit(32 * MIB)
+        .build();
     let id = cri.start(&pod, config).await.unwrap();
     assert_eq!(get(&net, &ip, 8080, "/alloc?mib=8").await.0, 200);
     let (status, body) = get(&net, &ip, 8080, "/alloc?mib=64").await;
@@ -206,14 +183,9 @@ async fn memory_limits_hold_per_request_and_a_neighbour_keeps_serving() {
         .run_pod(wasmlet.pod().name("bomb").build())
         .await
         .unwrap();
-    let mut bomb = ContainerConfigBuilder::new("bomb", HOG_P1).build();
-    bomb.linux = Some(cri::LinuxContainerConfig {
-        resources: Some(cri::LinuxContainerResources {
-            memory_limit_in_bytes: 48 * MIB,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let bomb = ContainerConfigBuilder::new("bomb", HOG_P1)
+        .memory_limit(48 * MIB)
+        .build();
     let bomb_id = cri.start(&bomb_pod, bomb).await.unwrap();
     for _ in 0..5 {
         assert_eq!(get(&net, &ip, 8080, "/hello").await.0, 200);

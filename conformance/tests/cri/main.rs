@@ -19,6 +19,7 @@ mod image;
 mod isolation;
 mod limits;
 mod network;
+mod networked;
 mod play;
 mod pull;
 mod registry_fixture;

@@ -12,21 +12,10 @@ use wasmlet_conformance::pod_network::TestNetwork;
 use wasmlet_conformance::{ContainerConfigBuilder, Stream, cri, stream_lines, wait_for_log};
 
 use crate::daemon::Wasmlet;
+use crate::networked::{networked, pod_ip, test_network};
 use crate::{GUEST_TIMEOUT, PONG_P2};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A daemon whose pods are networked by `net`.
-async fn networked(net: &TestNetwork) -> Wasmlet {
-    Wasmlet::builder()
-        .config(net.wasmlet_config())
-        .start()
-        .await
-}
-
-fn test_network() -> TestNetwork {
-    TestNetwork::create().unwrap_or_else(|e| panic!("the network tests need: {e}"))
-}
 
 /// A pong server on `port`, answering `pong <name>`.
 fn pong_server(name: &str, port: u16) -> cri::ContainerConfig {
@@ -50,17 +39,6 @@ async fn wait_stdout(
     .await
     .unwrap();
     stream_lines(&records, Stream::Stdout)
-}
-
-async fn pod_ip(wasmlet: &Wasmlet, pod: &str) -> String {
-    wasmlet
-        .cri()
-        .pod_sandbox_status(pod)
-        .await
-        .unwrap()
-        .network
-        .unwrap_or_default()
-        .ip
 }
 
 /// Reads what a pod's server sends, retrying while it starts listening.

@@ -76,17 +76,11 @@ async fn memory_working_set_follows_committed_guest_memory() {
     let wasmlet = Wasmlet::start().await;
     let mut cri = wasmlet.cri();
     let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
-    let mut config = ContainerConfigBuilder::new("hog", HOG_P1)
+    let config = ContainerConfigBuilder::new("hog", HOG_P1)
         .env("HOG_LIMIT_MIB", "20")
         .env("HOG_HOLD", "1")
+        .memory_limit((64 * MIB) as i64)
         .build();
-    config.linux = Some(cri::LinuxContainerConfig {
-        resources: Some(cri::LinuxContainerResources {
-            memory_limit_in_bytes: (64 * MIB) as i64,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
     let log = pod.container_log(&config);
     let id = cri.start(&pod, config).await.unwrap();
     wait_for_log(&log, GUEST_TIMEOUT, "the hog to hold 20 MiB", |records| {
