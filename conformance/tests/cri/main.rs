@@ -22,6 +22,7 @@ mod network;
 mod networked;
 mod play;
 mod pull;
+mod registry_common;
 mod registry_fixture;
 mod restart;
 mod runtime_info;

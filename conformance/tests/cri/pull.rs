@@ -26,6 +26,7 @@ use wasmlet_conformance::{
 
 use crate::GUEST_TIMEOUT;
 use crate::daemon::{Wasmlet, is_image_id};
+use crate::registry_common::{bounded, tagged_wasm};
 
 /// Bounds each test: registry and daemon start-up, pushes, pulls (a failing
 /// pull retries for about 1.4 s), and guests run to exit.
@@ -59,12 +60,6 @@ const HELM_CHART_LAYER: &str = "application/vnd.cncf.helm.chart.content.v1.tar+g
 /// The arguments the echo guest is run with; it prints `arg[i]=VALUE`.
 const ECHO_ARGS: [&str; 2] = ["hello", "from the registry"];
 
-async fn bounded<F: Future>(test: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("test did not finish in time")
-}
-
 async fn anonymous_registry() -> Registry {
     Registry::start(RegistryOptions::default())
         .await
@@ -92,33 +87,6 @@ async fn daemon_for(hosts: &[&str]) -> Wasmlet {
         .config(registry_config(hosts, ""))
         .start()
         .await
-}
-
-/// `bytes` (a module or a component) with a custom section named
-/// `wasmlet-conformance` holding `tag` appended: the same program, another
-/// digest.
-fn tagged_wasm(bytes: &[u8], tag: &str) -> Vec<u8> {
-    fn leb128(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    let name = b"wasmlet-conformance";
-    let mut payload = Vec::new();
-    leb128(name.len(), &mut payload);
-    payload.extend_from_slice(name);
-    payload.extend_from_slice(tag.as_bytes());
-    let mut wasm = bytes.to_vec();
-    wasm.push(0);
-    leb128(payload.len(), &mut wasm);
-    wasm.extend_from_slice(&payload);
-    wasm
 }
 
 /// A sample made unique to `tag`, written into `dir`.
@@ -243,39 +211,37 @@ async fn layer_media_type_is_pulled_and_runs(sample: &str, os: &str, layer_media
 
 #[tokio::test]
 async fn a_module_pushed_by_image_push_is_pulled_with_its_id_tag_and_digest_and_runs() {
-    bounded(pushed_sample_is_pulled_and_runs(
-        wasm_samples::ECHO_P1,
-        "pushed-p1",
-    ))
+    bounded(
+        TEST_TIMEOUT,
+        pushed_sample_is_pulled_and_runs(wasm_samples::ECHO_P1, "pushed-p1"),
+    )
     .await;
 }
 
 #[tokio::test]
 async fn a_component_pushed_by_image_push_is_pulled_with_its_id_tag_and_digest_and_runs() {
-    bounded(pushed_sample_is_pulled_and_runs(
-        wasm_samples::ECHO_P2,
-        "pushed-p2",
-    ))
+    bounded(
+        TEST_TIMEOUT,
+        pushed_sample_is_pulled_and_runs(wasm_samples::ECHO_P2, "pushed-p2"),
+    )
     .await;
 }
 
 #[tokio::test]
 async fn a_wasm_content_layer_is_pulled_and_runs() {
-    bounded(layer_media_type_is_pulled_and_runs(
-        wasm_samples::ECHO_P1,
-        "wasip1",
-        WASM_CONTENT_LAYER,
-    ))
+    bounded(
+        TEST_TIMEOUT,
+        layer_media_type_is_pulled_and_runs(wasm_samples::ECHO_P1, "wasip1", WASM_CONTENT_LAYER),
+    )
     .await;
 }
 
 #[tokio::test]
 async fn a_bytecodealliance_component_layer_is_pulled_and_runs() {
-    bounded(layer_media_type_is_pulled_and_runs(
-        wasm_samples::ECHO_P2,
-        "wasip2",
-        COMPONENT_LAYER,
-    ))
+    bounded(
+        TEST_TIMEOUT,
+        layer_media_type_is_pulled_and_runs(wasm_samples::ECHO_P2, "wasip2", COMPONENT_LAYER),
+    )
     .await;
 }
 
@@ -327,7 +293,7 @@ async fn auth_registry_with_echo(tag: &str) -> (Registry, Wasmlet, String) {
 
 #[tokio::test]
 async fn image_push_to_a_basic_auth_registry_needs_credentials() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = auth_registry().await;
         let dir = tempfile::tempdir().unwrap();
         let (file, _) = sample_file(dir.path(), wasm_samples::ECHO_P1, "push-auth");
@@ -351,7 +317,7 @@ async fn image_push_to_a_basic_auth_registry_needs_credentials() {
 
 #[tokio::test]
 async fn pull_without_credentials_from_a_basic_auth_registry_is_permission_denied_naming_it() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (registry, wasmlet, reference) = auth_registry_with_echo("anonymous").await;
         let before = wasmlet.cri().list_images(None).await.unwrap();
         let status = assert_code(
@@ -369,7 +335,7 @@ async fn pull_without_credentials_from_a_basic_auth_registry_is_permission_denie
 
 #[tokio::test]
 async fn pull_with_username_and_password_from_a_basic_auth_registry_succeeds() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (registry, wasmlet, reference) = auth_registry_with_echo("user-password").await;
         let mut cri = wasmlet.cri();
         let id = cri
@@ -386,7 +352,7 @@ async fn pull_with_username_and_password_from_a_basic_auth_registry_succeeds() {
 
 #[tokio::test]
 async fn pull_with_base64_auth_from_a_basic_auth_registry_succeeds() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (registry, wasmlet, reference) = auth_registry_with_echo("base64-auth").await;
         let mut cri = wasmlet.cri();
         let id = cri
@@ -402,7 +368,7 @@ async fn pull_with_base64_auth_from_a_basic_auth_registry_succeeds() {
 
 #[tokio::test]
 async fn pull_with_a_wrong_password_is_permission_denied() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (registry, wasmlet, reference) = auth_registry_with_echo("wrong-password").await;
         let status = assert_code(
             wasmlet
@@ -421,7 +387,7 @@ async fn pull_with_a_wrong_password_is_permission_denied() {
 /// an earlier pull from the same registry.
 #[tokio::test]
 async fn a_pull_with_credentials_after_an_anonymous_one_is_authorized() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (registry, wasmlet, reference) = auth_registry_with_echo("anonymous-first").await;
         let mut cri = wasmlet.cri();
         assert_code(cri.pull_image(&reference).await, Code::PermissionDenied);
@@ -439,7 +405,7 @@ async fn a_pull_with_credentials_after_an_anonymous_one_is_authorized() {
 /// pod's pull had it.
 #[tokio::test]
 async fn a_pull_without_credentials_after_an_authorized_one_is_permission_denied() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (_registry, wasmlet, reference) = auth_registry_with_echo("authorized-first").await;
         let mut cri = wasmlet.cri();
         cri.pull_image_with_auth(&reference, user_password(PASSWORD))
@@ -459,7 +425,7 @@ async fn a_pull_without_credentials_after_an_authorized_one_is_permission_denied
 
 #[tokio::test]
 async fn pull_of_an_unknown_tag_is_not_found_naming_the_reference() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = anonymous_registry().await;
         let wasmlet = daemon_for(&[&registry.host()]).await;
         push_echo(&wasmlet, &registry, "known");
@@ -472,7 +438,7 @@ async fn pull_of_an_unknown_tag_is_not_found_naming_the_reference() {
 
 #[tokio::test]
 async fn pull_from_a_registry_refusing_connections_is_unavailable() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let wasmlet = daemon_for(&["127.0.0.1:1"]).await;
         let reference = "127.0.0.1:1/conformance/echo:p1";
         let before = wasmlet.cri().list_images(None).await.unwrap();
@@ -506,7 +472,7 @@ async fn push_linux_image(registry: &Registry, tag: &str) -> Descriptor {
 /// may carry `.wasm` programs): a Linux image with zstd layers, a Helm chart.
 #[tokio::test]
 async fn an_image_without_wasm_or_tar_layers_is_invalid_argument_naming_its_media_types() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = anonymous_registry().await;
         let wasmlet = daemon_for(&[&registry.host()]).await;
         let junk: Vec<u8> = (0..2048u32).map(|i| (i * 31 % 253) as u8).collect();
@@ -551,7 +517,7 @@ async fn an_image_without_wasm_or_tar_layers_is_invalid_argument_naming_its_medi
 /// is kept.
 #[tokio::test]
 async fn an_image_whose_tar_layer_is_not_an_archive_is_invalid_argument_and_stores_nothing() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = anonymous_registry().await;
         let wasmlet = daemon_for(&[&registry.host()]).await;
         push_linux_image(&registry, "linux").await;
@@ -569,7 +535,7 @@ async fn an_image_whose_tar_layer_is_not_an_archive_is_invalid_argument_and_stor
 
 #[tokio::test]
 async fn an_index_resolves_to_its_wasm_platform_entry() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = anonymous_registry().await;
         let wasmlet = daemon_for(&[&registry.host()]).await;
         let linux = push_linux_image(&registry, "linux").await;
@@ -597,7 +563,7 @@ async fn an_index_resolves_to_its_wasm_platform_entry() {
 
 #[tokio::test]
 async fn an_index_without_a_wasm_platform_is_invalid_argument_naming_its_platforms() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = anonymous_registry().await;
         let wasmlet = daemon_for(&[&registry.host()]).await;
         let linux = push_linux_image(&registry, "linux").await;
@@ -709,7 +675,7 @@ impl Faulty {
 
 #[tokio::test]
 async fn corrupt_blobs_fail_the_pull_with_data_loss_and_leave_the_store_as_it_was() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let faulty = Faulty::start("corrupt", "").await;
         let before = Store::snapshot(&faulty.wasmlet).await;
         faulty
@@ -734,7 +700,7 @@ async fn corrupt_blobs_fail_the_pull_with_data_loss_and_leave_the_store_as_it_wa
 /// the blobs fail, and must not be kept either.
 #[tokio::test]
 async fn corrupt_blobs_under_an_index_fail_the_pull_and_leave_the_store_as_it_was() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let faulty = Faulty::start("corrupt-under-index", "").await;
         let (_, wasm) = manifest(&faulty.registry, "corrupt-under-index").await;
         faulty
@@ -759,7 +725,7 @@ async fn corrupt_blobs_under_an_index_fail_the_pull_and_leave_the_store_as_it_wa
 
 #[tokio::test]
 async fn truncated_blobs_fail_the_pull_and_leave_the_store_as_it_was() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let faulty = Faulty::start("truncated", "").await;
         let before = Store::snapshot(&faulty.wasmlet).await;
         faulty
@@ -784,7 +750,7 @@ async fn truncated_blobs_fail_the_pull_and_leave_the_store_as_it_was() {
 
 #[tokio::test]
 async fn a_503_once_is_retried_and_the_pull_succeeds() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let faulty = Faulty::start("retry-503", "").await;
         faulty
             .proxy
@@ -810,7 +776,7 @@ async fn a_503_once_is_retried_and_the_pull_succeeds() {
 
 #[tokio::test]
 async fn a_registry_answering_503_always_is_unavailable() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let faulty = Faulty::start("always-503", "").await;
         let before = Store::snapshot(&faulty.wasmlet).await;
         faulty
@@ -834,7 +800,7 @@ async fn a_registry_answering_503_always_is_unavailable() {
 
 #[tokio::test]
 async fn a_connection_reset_once_is_retried_and_the_pull_succeeds() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let faulty = Faulty::start("reset", "").await;
         faulty
             .proxy
@@ -859,7 +825,7 @@ async fn a_connection_reset_once_is_retried_and_the_pull_succeeds() {
 
 #[tokio::test]
 async fn a_401_from_the_registry_is_permission_denied() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let faulty = Faulty::start("unauthorized", "").await;
         faulty
             .proxy
@@ -878,7 +844,7 @@ async fn a_401_from_the_registry_is_permission_denied() {
 
 #[tokio::test]
 async fn a_layer_over_max_blob_bytes_is_resource_exhausted_without_downloading() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         // The pushed layer is the echo module plus a custom section: over 70 KiB.
         let limit = 64 * 1024;
         let faulty = Faulty::start("too-large", &format!("max_blob_bytes = {limit}\n")).await;
@@ -906,7 +872,7 @@ async fn a_layer_over_max_blob_bytes_is_resource_exhausted_without_downloading()
 
 #[tokio::test]
 async fn a_manifest_over_max_manifest_bytes_is_resource_exhausted() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let faulty = Faulty::start("big-manifest", "max_manifest_bytes = 64\n").await;
         let before = Store::snapshot(&faulty.wasmlet).await;
         assert_code(
@@ -928,7 +894,7 @@ async fn a_manifest_over_max_manifest_bytes_is_resource_exhausted() {
 
 #[tokio::test]
 async fn concurrent_pulls_of_one_reference_share_one_download() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let faulty = Faulty::start("concurrent", "").await;
         faulty.proxy.set_fault(
             Fault::Delay(Duration::from_millis(500)),
@@ -993,7 +959,7 @@ fn log_lines(log: &str, message: &str, digest: &str) -> usize {
 
 #[tokio::test]
 async fn a_pulled_image_is_compiled_once_in_the_background_and_reused_after_restart() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = anonymous_registry().await;
         let mut wasmlet = Wasmlet::builder()
             .config(registry_config(&[&registry.host()], ""))
@@ -1060,7 +1026,7 @@ fn stdout_of(output: std::process::Output, what: &str) -> String {
 
 #[tokio::test]
 async fn image_pull_ls_and_rm_drive_the_daemon_through_its_socket() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = anonymous_registry().await;
         let wasmlet = daemon_for(&[&registry.host()]).await;
         let (reference, _) = push_echo(&wasmlet, &registry, "cli");
@@ -1101,7 +1067,7 @@ async fn image_pull_ls_and_rm_drive_the_daemon_through_its_socket() {
 
 #[tokio::test]
 async fn image_pull_passes_the_credentials_read_from_stdin() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (registry, wasmlet, reference) = auth_registry_with_echo("cli-auth").await;
         let pulled = stdout_of(
             wasmlet.cli(
@@ -1125,7 +1091,7 @@ async fn image_pull_passes_the_credentials_read_from_stdin() {
 
 #[tokio::test]
 async fn play_with_a_config_pulls_the_pod_image_from_its_registry() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = anonymous_registry().await;
         let dir = tempfile::tempdir().unwrap();
         let dir = dir.path();
@@ -1188,7 +1154,7 @@ spec:
 /// from a registry that requires them is refused.
 #[tokio::test]
 async fn play_pulls_from_a_registry_with_credentials() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = auth_registry().await;
         let dir = tempfile::tempdir().unwrap();
         let dir = dir.path();

@@ -10,7 +10,7 @@
 //! them over TLS.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use wasmlet_conformance::{
 
 use crate::GUEST_TIMEOUT;
 use crate::daemon::{Wasmlet, is_image_id};
+use crate::registry_common::{bounded, unique_echo};
 
 /// Bounds each test: certificates, registry and daemon start-up, a push, a
 /// pull (a failing one retries for about 1.4 s), and a guest run to exit.
@@ -35,12 +36,6 @@ const REPO_TAG: &str = "tls/echo:v1";
 /// The arguments the echo guest is run with; it prints `arg[i]=VALUE`.
 const ECHO_ARGS: [&str; 2] = ["hello", "over tls"];
 
-async fn bounded<F: Future>(test: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("test did not finish in time")
-}
-
 async fn tls_registry() -> Registry {
     Registry::start_tls(RegistryOptions::default())
         .await
@@ -53,20 +48,6 @@ fn ca_config(registry: &Registry) -> String {
     let ca = registry.ca_pem_path().expect("a TLS registry has a CA");
     // A TOML literal string: the temp dir path holds no `'`.
     format!("[registry]\nca_file = '{}'\n", ca.display())
-}
-
-/// The echo sample with a custom section `wasmlet-conformance-tls` appended:
-/// the same program, blobs of its own.
-fn unique_echo(dir: &Path) -> PathBuf {
-    let mut wasm = std::fs::read(wasm_samples::ECHO_P1).expect("reading the echo sample");
-    let name = b"wasmlet-conformance-tls";
-    let payload_len = 1 + name.len();
-    // Lengths under 128 are one LEB128 byte.
-    wasm.extend([0, payload_len as u8, name.len() as u8]);
-    wasm.extend(name);
-    let path = dir.join("echo-tls.wasm");
-    std::fs::write(&path, wasm).expect("writing the tagged echo sample");
-    path
 }
 
 /// Runs `wasmlet --config CONFIG image push FILE REFERENCE`, where CONFIG
@@ -89,7 +70,7 @@ fn push_with_config(dir: &Path, toml: &str, file: &Path, reference: &str) -> Out
 /// CA; returns the reference and the manifest digest.
 fn push_echo(wasmlet: &Wasmlet, registry: &Registry) -> (String, String) {
     let scratch = wasmlet.scratch("tls");
-    let file = unique_echo(&scratch);
+    let file = unique_echo(&scratch, "echo-tls");
     let reference = format!("{}/{REPO_TAG}", registry.host());
     let output = push_with_config(&scratch, &ca_config(registry), &file, &reference);
     assert!(
@@ -112,7 +93,7 @@ fn push_echo(wasmlet: &Wasmlet, registry: &Registry) -> (String, String) {
 
 #[tokio::test]
 async fn with_the_registry_ca_configured_push_pull_and_run_succeed() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = tls_registry().await;
         let wasmlet = Wasmlet::builder()
             .config(ca_config(&registry))
@@ -153,7 +134,7 @@ async fn with_the_registry_ca_configured_push_pull_and_run_succeed() {
 
 #[tokio::test]
 async fn without_the_registry_ca_push_and_pull_are_refused_and_nothing_is_stored() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let registry = tls_registry().await;
         // No `ca_file`: only the system roots, which never signed the
         // registry's certificate.
@@ -161,7 +142,7 @@ async fn without_the_registry_ca_push_and_pull_are_refused_and_nothing_is_stored
         let (reference, _) = push_echo(&wasmlet, &registry);
 
         let scratch = wasmlet.scratch("no-ca");
-        let file = unique_echo(&scratch);
+        let file = unique_echo(&scratch, "echo-tls");
         let output = push_with_config(&scratch, "", &file, &reference);
         assert!(
             !output.status.success(),

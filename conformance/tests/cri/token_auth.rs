@@ -22,6 +22,7 @@ use wasmlet_conformance::{
 
 use crate::GUEST_TIMEOUT;
 use crate::daemon::{Wasmlet, is_image_id};
+use crate::registry_common::{bounded, unique_echo};
 
 /// Bounds each test: key, registry and daemon start-up, a push, pulls (a
 /// failing one retries for about 1.4 s), and a guest run to exit.
@@ -39,12 +40,6 @@ const PASSWORD: &str = "t0ken-pass";
 const IDENTITY_TOKEN: &str = "identity-token-of-the-pusher";
 
 const ECHO_ARGS: [&str; 2] = ["hello", "with a token"];
-
-async fn bounded<F: Future>(test: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("test did not finish in time")
-}
 
 /// A token server knowing [`USER`], granting anonymous pulls if
 /// `anonymous_pull`, and a registry trusting it.
@@ -71,20 +66,6 @@ async fn daemon_for(registry: &Registry) -> Wasmlet {
         ))
         .start()
         .await
-}
-
-/// The echo sample with a custom section `wasmlet-conformance` holding `tag`
-/// appended, written into `dir`: the same program, blobs of its own.
-fn unique_echo(dir: PathBuf, tag: &str) -> PathBuf {
-    let mut wasm = std::fs::read(wasm_samples::ECHO_P1).expect("reading the echo sample");
-    let name = b"wasmlet-conformance";
-    let payload = [&[name.len() as u8][..], name, tag.as_bytes()].concat();
-    assert!(payload.len() < 128, "one LEB128 byte holds the length");
-    wasm.extend([0, payload.len() as u8]);
-    wasm.extend(payload);
-    let path = dir.join(format!("{tag}.wasm"));
-    std::fs::write(&path, wasm).expect("writing the tagged echo sample");
-    path
 }
 
 /// Runs `wasmlet image push --insecure FILE REFERENCE` with `login`, on a
@@ -114,7 +95,7 @@ async fn push(
 /// credentials, asserting success; returns the reference and the manifest
 /// digest.
 async fn push_echo(wasmlet: &Wasmlet, registry: &Registry, tag: &str) -> (String, String) {
-    let file = unique_echo(wasmlet.scratch("token"), tag);
+    let file = unique_echo(&wasmlet.scratch("token"), tag);
     let reference = format!("{}/{REPO}:{tag}", registry.host());
     let (pushed, digest, stderr) = push(file, &reference, Some((USER, PASSWORD))).await;
     assert!(
@@ -181,7 +162,7 @@ fn pull_scope() -> String {
 /// grants and nothing more.
 #[tokio::test]
 async fn the_registry_accepts_the_token_servers_tokens() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (tokens, registry) = token_registry(true).await;
         let tags = format!("/v2/{REPO}/tags/list");
 
@@ -270,10 +251,10 @@ async fn the_registry_accepts_the_token_servers_tokens() {
 
 #[tokio::test]
 async fn image_push_gets_a_push_token_with_the_users_credentials() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (tokens, registry) = token_registry(true).await;
         let dir = tempfile::tempdir().unwrap();
-        let file = unique_echo(dir.path().to_owned(), "token-push");
+        let file = unique_echo(dir.path(), "token-push");
         let reference = format!("{}/{REPO}:token-push", registry.host());
 
         let (anonymous, stdout, _) = push(file.clone(), &reference, None).await;
@@ -312,7 +293,7 @@ async fn image_push_gets_a_push_token_with_the_users_credentials() {
 
 #[tokio::test]
 async fn an_anonymous_pull_gets_a_pull_token_and_the_image_runs() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (tokens, registry) = token_registry(true).await;
         let wasmlet = daemon_for(&registry).await;
         let (reference, manifest_digest) = push_echo(&wasmlet, &registry, "anonymous").await;
@@ -341,7 +322,7 @@ async fn an_anonymous_pull_gets_a_pull_token_and_the_image_runs() {
 
 #[tokio::test]
 async fn without_credentials_a_private_repository_is_permission_denied() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (tokens, registry) = token_registry(false).await;
         let wasmlet = daemon_for(&registry).await;
         let (reference, _) = push_echo(&wasmlet, &registry, "private-anonymous").await;
@@ -372,7 +353,7 @@ async fn without_credentials_a_private_repository_is_permission_denied() {
 
 #[tokio::test]
 async fn with_username_and_password_a_private_repository_is_pulled_and_runs() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (tokens, registry) = token_registry(false).await;
         let wasmlet = daemon_for(&registry).await;
         let (reference, manifest_digest) = push_echo(&wasmlet, &registry, "private-user").await;
@@ -404,7 +385,7 @@ async fn with_username_and_password_a_private_repository_is_pulled_and_runs() {
 
 #[tokio::test]
 async fn with_a_wrong_password_a_private_repository_is_permission_denied() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (tokens, registry) = token_registry(false).await;
         let wasmlet = daemon_for(&registry).await;
         let (reference, _) = push_echo(&wasmlet, &registry, "private-wrong").await;
@@ -445,7 +426,7 @@ fn identity(token: &str) -> cri::AuthConfig {
 /// (OAuth2 `grant_type=refresh_token`) for an access token, as Docker does.
 #[tokio::test]
 async fn with_an_identity_token_a_private_repository_is_pulled_and_runs() {
-    bounded(async {
+    bounded(TEST_TIMEOUT, async {
         let (tokens, registry) = token_registry(false).await;
         let wasmlet = daemon_for(&registry).await;
         let (reference, manifest_digest) = push_echo(&wasmlet, &registry, "private-identity").await;
