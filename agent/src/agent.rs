@@ -453,8 +453,8 @@ impl Agent {
         let _guard = self.inner.creating.lock().await;
         if let Some(existing) = read(&self.inner.sandboxes)
             .values()
+            .find(|s| lock(s).spec.metadata.as_ref() == Some(&meta))
             .map(|s| lock(s).clone())
-            .find(|s| s.spec.metadata.as_ref() == Some(&meta))
         {
             return Err(Error::AlreadyExists {
                 kind: SandboxId::KIND,
@@ -597,8 +597,10 @@ impl Agent {
     pub fn list_pod_sandboxes(&self, filter: &SandboxFilter) -> Vec<SandboxRecord> {
         let mut out: Vec<SandboxRecord> = read(&self.inner.sandboxes)
             .values()
-            .map(|s| lock(s).clone())
-            .filter(|s| filter.matches(s))
+            .filter_map(|s| {
+                let record = lock(s);
+                filter.matches(&record).then(|| record.clone())
+            })
             .collect();
         out.sort_by_key(|s| s.created_at);
         out
@@ -658,8 +660,8 @@ impl Agent {
         if let Some(existing) = self
             .containers_of(sandbox_id)
             .iter()
+            .find(|c| lock(&c.record).spec.metadata.as_ref() == Some(&meta))
             .map(|c| c.snapshot())
-            .find(|c| c.spec.metadata.as_ref() == Some(&meta))
         {
             return Err(Error::AlreadyExists {
                 kind: ContainerId::KIND,
@@ -1190,10 +1192,22 @@ impl Agent {
 
     /// Containers matching `filter`, oldest first.
     pub fn list_containers(&self, filter: &ContainerFilter) -> Vec<ContainerRecord> {
-        let mut out: Vec<ContainerRecord> = read(&self.inner.containers)
-            .values()
-            .map(|c| c.snapshot())
-            .filter(|c| filter.matches(c))
+        let containers = read(&self.inner.containers);
+        // The kubelet often asks for one id: no scan then.
+        let by_id = filter.id.as_deref().map(|id| {
+            ContainerId::parse(id)
+                .ok()
+                .and_then(|id| containers.get(&id))
+        });
+        let candidates: Box<dyn Iterator<Item = &Arc<ContainerEntry>>> = match by_id {
+            Some(one) => Box::new(one.into_iter()),
+            None => Box::new(containers.values()),
+        };
+        let mut out: Vec<ContainerRecord> = candidates
+            .filter_map(|c| {
+                let record = lock(&c.record);
+                filter.matches(&record).then(|| record.clone())
+            })
             .collect();
         out.sort_by_key(|c| c.created_at);
         out
