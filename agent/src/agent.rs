@@ -1286,11 +1286,13 @@ impl Agent {
     }
 
     fn pod_usage(&self, sandbox: SandboxRecord) -> PodUsage {
-        let containers: Vec<ContainerUsage> = self
-            .containers_of(&sandbox.id)
-            .iter()
-            .map(|e| self.usage_of(e))
-            .collect();
+        let entries = self.containers_of(&sandbox.id);
+        self.pod_usage_of(sandbox, &entries)
+    }
+
+    /// A pod's usage from its containers' entries.
+    fn pod_usage_of(&self, sandbox: SandboxRecord, entries: &[Arc<ContainerEntry>]) -> PodUsage {
+        let containers: Vec<ContainerUsage> = entries.iter().map(|e| self.usage_of(e)).collect();
         let now = Timestamp::now();
         let cpu: u64 = containers.iter().map(|c| c.usage.cpu_nanos).sum();
         let working_set: u64 = containers.iter().map(|c| c.usage.working_set_bytes).sum();
@@ -1333,9 +1335,19 @@ impl Agent {
 
     /// Resource use of the pods matching `filter`.
     pub fn list_pod_sandbox_stats(&self, filter: &SandboxFilter) -> Vec<PodUsage> {
+        // Containers grouped by pod in one pass: asking per pod would scan
+        // every container once per pod.
+        let mut by_pod: HashMap<SandboxId, Vec<Arc<ContainerEntry>>> = HashMap::new();
+        for entry in read(&self.inner.containers).values() {
+            let sandbox = lock(&entry.record).sandbox_id.clone();
+            by_pod.entry(sandbox).or_default().push(entry.clone());
+        }
         self.list_pod_sandboxes(filter)
             .into_iter()
-            .map(|s| self.pod_usage(s))
+            .map(|s| {
+                let entries = by_pod.remove(&s.id).unwrap_or_default();
+                self.pod_usage_of(s, &entries)
+            })
             .collect()
     }
 

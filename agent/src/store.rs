@@ -41,16 +41,24 @@ pub enum Change<'a> {
     DeleteImage(&'a str),
 }
 
+/// The state database's page cache.
+const STATE_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 impl StateStore {
     /// Opens (creating if needed) the database at `path`. Fails if another
     /// process holds it open.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Error::FailedPrecondition(format!(
-                "state database {path:?} is in use by another wasmlet process"
-            )),
-            other => Error::Store(format!("opening {path:?}: {other}")),
-        })?;
+        // redb caches up to 1 GiB by default, which an agent would keep
+        // resident; the state of thousands of pods is a few MiB.
+        let db = Database::builder()
+            .set_cache_size(STATE_CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => Error::FailedPrecondition(format!(
+                    "state database {path:?} is in use by another wasmlet process"
+                )),
+                other => Error::Store(format!("opening {path:?}: {other}")),
+            })?;
         let txn = db.begin_write()?;
         txn.open_table(SANDBOXES)?;
         txn.open_table(CONTAINERS)?;

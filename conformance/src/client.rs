@@ -22,6 +22,10 @@ pub const KUBELET_API_VERSION: &str = "0.1.0";
 /// How often the wait helpers poll.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// The largest message the kubelet's CRI client accepts (16 MiB): list
+/// answers on a dense node are larger than gRPC's 4 MiB default.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// A client of one CRI endpoint on a unix socket. Cloning is cheap and shares
 /// the connection.
 #[derive(Debug, Clone)]
@@ -65,8 +69,12 @@ impl CriClient {
             .map_err(|e| format!("connecting: {e:?}"))?;
         let mut client = CriClient {
             socket: socket.to_owned(),
-            runtime: RuntimeServiceClient::new(channel.clone()),
-            images: ImageServiceClient::new(channel),
+            runtime: RuntimeServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            images: ImageServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         };
         client
             .version()

@@ -219,6 +219,20 @@ fn rss_kib(pid: Option<u32>) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Memory mappings of the process: each instance costs a few, and the
+/// kernel caps them per process (`vm.max_map_count`).
+fn maps(pid: Option<u32>) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{}/maps", pid?))
+        .ok()
+        .map(|m| m.lines().count() as u64)
+}
+
+fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+}
+
 fn open_fds(pid: Option<u32>) -> Option<u64> {
     std::fs::read_dir(format!("/proc/{}/fd", pid?))
         .ok()
@@ -243,6 +257,15 @@ fn latency_summary(mut samples: Vec<Duration>) -> Value {
     })
 }
 
+/// How long each step of a pod start took.
+#[derive(Debug, Default, Clone, Copy)]
+struct Phases {
+    run_pod_sandbox: Duration,
+    create_container: Duration,
+    start_container: Duration,
+    first_log_line: Duration,
+}
+
 /// RunPodSandbox, CreateContainer, StartContainer of a sleeper, then
 /// waits until its first log line is on disk. Returns the pod id.
 async fn start_pod(
@@ -250,17 +273,25 @@ async fn start_pod(
     log_root: &Path,
     image: &str,
     n: usize,
-) -> Result<(String, String), String> {
+) -> Result<(String, Phases), String> {
     let config = PodSandboxConfigBuilder::new(log_root)
         .name(format!("bench-{n}"))
         .build();
+    let t = Instant::now();
     let pod = cri.run_pod(config).await.map_err(|e| e.to_string())?;
+    let run_pod_sandbox = t.elapsed();
     let container = ContainerConfigBuilder::new("idle", image).build();
     let log = pod.container_log(&container);
+    let t = Instant::now();
     let id = cri
-        .start(&pod, container)
+        .create_container(&pod, container)
         .await
         .map_err(|e| e.to_string())?;
+    let create_container = t.elapsed();
+    let t = Instant::now();
+    cri.start_container(&id).await.map_err(|e| e.to_string())?;
+    let start_container = t.elapsed();
+    let t = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::fs::metadata(&log).map_or(true, |m| m.len() == 0) {
         if Instant::now() > deadline {
@@ -268,7 +299,29 @@ async fn start_pod(
         }
         std::thread::sleep(Duration::from_micros(50));
     }
-    Ok((pod.id, id))
+    Ok((
+        pod.id,
+        Phases {
+            run_pod_sandbox,
+            create_container,
+            start_container,
+            first_log_line: t.elapsed(),
+        },
+    ))
+}
+
+fn phases_summary(phases: &[Phases]) -> Value {
+    let p50 = |f: fn(&Phases) -> Duration| {
+        let mut v: Vec<Duration> = phases.iter().map(f).collect();
+        v.sort();
+        percentile(&v, 0.5)
+    };
+    json!({
+        "run_pod_sandbox_p50_ms": p50(|p| p.run_pod_sandbox),
+        "create_container_p50_ms": p50(|p| p.create_container),
+        "start_container_p50_ms": p50(|p| p.start_container),
+        "first_log_line_after_start_p50_ms": p50(|p| p.first_log_line),
+    })
 }
 
 async fn remove_pod(cri: &mut CriClient, pod: &str) -> Result<(), String> {
@@ -282,20 +335,27 @@ async fn pod_start(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Val
     remove_pod(cri, &warm).await?;
     let mut samples = Vec::with_capacity(o.start_pods);
     let mut pods = Vec::with_capacity(o.start_pods);
+    let mut phases = Vec::with_capacity(o.start_pods);
     for n in 0..o.start_pods {
         let started = Instant::now();
-        let (pod, _) = start_pod(cri, &rt.log_root, SLEEPER, n).await?;
+        let (pod, p) = start_pod(cri, &rt.log_root, SLEEPER, n).await?;
         samples.push(started.elapsed());
         pods.push(pod);
+        phases.push(p);
     }
     for pod in &pods {
         remove_pod(cri, pod).await?;
     }
-    Ok(json!({"pods": o.start_pods, "start_to_first_log_line": latency_summary(samples)}))
+    Ok(json!({
+        "pods": o.start_pods,
+        "start_to_first_log_line": latency_summary(samples),
+        "phases": phases_summary(&phases),
+    }))
 }
 
 async fn density(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value, String> {
     let before = rss_kib(rt.pid);
+    let maps_before = maps(rt.pid);
     let mut pods = Vec::with_capacity(o.density_pods);
     let mut last_starts = Vec::new();
     for n in 0..o.density_pods {
@@ -307,6 +367,7 @@ async fn density(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value
         pods.push(pod);
     }
     let at_density = rss_kib(rt.pid);
+    let maps_at_density = maps(rt.pid);
     let mut list_containers = Vec::new();
     let mut list_stats = Vec::new();
     for _ in 0..5 {
@@ -337,6 +398,9 @@ async fn density(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value
         "rss_kib_at_density": at_density,
         "rss_kib_after_removal": after,
         "rss_kib_per_idle_pod": per_pod,
+        "memory_maps_before": maps_before,
+        "memory_maps_at_density": maps_at_density,
+        "vm_max_map_count": max_map_count(),
         "start_at_density": latency_summary(last_starts),
         "list_containers": latency_summary(list_containers),
         "list_pod_sandbox_stats": latency_summary(list_stats),
@@ -627,6 +691,41 @@ fn markdown(report: &Value) -> String {
             "max ms",
             &["pod_start", "start_to_first_log_line", "max_ms"],
         ),
+        (
+            "pod start",
+            "RunPodSandbox p50 ms",
+            &["pod_start", "phases", "run_pod_sandbox_p50_ms"],
+        ),
+        (
+            "pod start",
+            "CreateContainer p50 ms",
+            &["pod_start", "phases", "create_container_p50_ms"],
+        ),
+        (
+            "pod start",
+            "StartContainer p50 ms",
+            &["pod_start", "phases", "start_container_p50_ms"],
+        ),
+        (
+            "pod start",
+            "StartContainer to first log line p50 ms",
+            &["pod_start", "phases", "first_log_line_after_start_p50_ms"],
+        ),
+        (
+            "pod start with CNI (bridge, host-local, portmap)",
+            "pods",
+            &["pod_start_with_cni", "pods"],
+        ),
+        (
+            "pod start with CNI (bridge, host-local, portmap)",
+            "p50 ms",
+            &["pod_start_with_cni", "start_to_first_log_line", "p50_ms"],
+        ),
+        (
+            "pod start with CNI (bridge, host-local, portmap)",
+            "RunPodSandbox p50 ms",
+            &["pod_start_with_cni", "phases", "run_pod_sandbox_p50_ms"],
+        ),
         ("density", "idle pods", &["density", "pods"]),
         (
             "density",
@@ -642,6 +741,16 @@ fn markdown(report: &Value) -> String {
             "density",
             "agent RSS KiB per idle pod",
             &["density", "rss_kib_per_idle_pod"],
+        ),
+        (
+            "density",
+            "memory maps at density (vm.max_map_count)",
+            &["density", "memory_maps_at_density"],
+        ),
+        (
+            "density",
+            "vm.max_map_count",
+            &["density", "vm_max_map_count"],
         ),
         (
             "density",
@@ -717,8 +826,12 @@ fn markdown(report: &Value) -> String {
 }
 
 async fn run(o: Options) -> Result<PathBuf, String> {
+    // Pod lifecycle scenarios run without a pod network (CNI plugins are
+    // processes the runtime execs, milliseconds per pod whatever the
+    // runtime); pod start with CNI and the functions run on a second
+    // runtime with a network of the bench's own.
     let net = TestNetwork::create().ok();
-    let rt = start_runtime(&o, net.as_ref()).await?;
+    let rt = start_runtime(&o, None).await?;
     let mut cri = connect(&rt.socket).await?;
     let mut report = BTreeMap::new();
     report.insert("command", json!(o.command));
@@ -739,13 +852,33 @@ async fn run(o: Options) -> Result<PathBuf, String> {
     report.insert("density", density(&o, &rt, &mut cri).await?);
     eprintln!("wasmlet-bench: churn ({} s)", o.churn_seconds);
     report.insert("churn", churn(&o, &rt, &mut cri).await?);
-    let functions = match &net {
+    drop(cri);
+    drop(rt);
+    let (functions, cni_start) = match &net {
         Some(net) if o.endpoint.is_none() => {
+            let rt = start_runtime(&o, Some(net)).await?;
+            let mut cri = connect(&rt.socket).await?;
+            let pods = o.start_pods.min(100);
+            eprintln!("wasmlet-bench: pod start with a CNI network ({pods} pods)");
+            let cni_start = pod_start(
+                &Options {
+                    start_pods: pods,
+                    ..o.clone()
+                },
+                &rt,
+                &mut cri,
+            )
+            .await?;
             eprintln!("wasmlet-bench: functions ({} s)", o.http_seconds);
-            functions(&o, &rt, &mut cri, net).await?
+            (functions(&o, &rt, &mut cri, net).await?, cni_start)
         }
-        _ => json!("not measured: needs root and the CNI plugins (containernetworking-plugins)"),
+        _ => {
+            let why =
+                json!("not measured: needs root and the CNI plugins (containernetworking-plugins)");
+            (why.clone(), why)
+        }
     };
+    report.insert("pod_start_with_cni", cni_start);
     report.insert("functions", functions);
     report.insert(
         "baseline_runtime",
