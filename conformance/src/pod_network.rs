@@ -80,11 +80,15 @@ impl TestNetwork {
         })?;
         let routes = ip(&["-4", "route", "show", "table", "all"])?;
         let addrs = ip(&["-4", "-o", "addr", "show"])?;
+        // A process-wide sequence from a random start: networks of one test
+        // run never pick the same /24, whatever runs in parallel.
+        static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+        let next = NEXT.get_or_init(|| std::sync::atomic::AtomicU32::new(random_u32() % 12_800));
         let (prefix, tag) = (0..64)
             .map(|_| {
-                let r = random_u32();
-                let prefix = format!("10.{}.{}", 200 + (r % 50), (r >> 8) % 256);
-                (prefix, format!("{:06x}", (r >> 8) & 0xff_ffff))
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 12_800;
+                let prefix = format!("10.{}.{}", 200 + n / 256, n % 256);
+                (prefix, format!("{:06x}", random_u32() & 0xff_ffff))
             })
             .find(|(p, _)| {
                 let dotted = format!("{p}.");
