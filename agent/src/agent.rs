@@ -220,6 +220,9 @@ struct Program {
     argv: Vec<String>,
     /// `None` for a Wasm artifact (the program is the image's Wasm layer).
     file: Option<PathBuf>,
+    /// The program's digest when known without reading it (an artifact's
+    /// layer, or a compat program read before).
+    digest: Option<crate::ids::Digest>,
     rootfs: Option<PathBuf>,
 }
 
@@ -244,6 +247,7 @@ fn program(
         return Ok(Program {
             argv: std::iter::once(argv0).chain(rest).collect(),
             file: None,
+            digest: Some(image.wasm_digest.clone()),
             rootfs: None,
         });
     };
@@ -269,9 +273,11 @@ fn program(
         .ok_or("neither the container nor the image names a program to run")?;
     let rootfs = images.rootfs_path(&image.id);
     let key = (image.id.clone(), argv0.clone());
-    let cached = lock(cache).get(&key).map(|p| p.file.clone());
-    let file = match cached {
-        Some(file) => file,
+    let cached = lock(cache)
+        .get(&key)
+        .map(|p| (p.file.clone(), p.digest.clone()));
+    let (file, digest) = match cached {
+        Some(hit) => hit,
         None => {
             let file = crate::rootfs::resolve_program(&rootfs, argv0, config.path_env())?;
             lock(cache).insert(
@@ -281,12 +287,13 @@ fn program(
                     digest: None,
                 },
             );
-            file
+            (file, None)
         }
     };
     Ok(Program {
         argv,
         file: Some(file),
+        digest,
         rootfs: Some(rootfs),
     })
 }
@@ -295,7 +302,7 @@ fn program(
 /// read: image roots never change, so neither is looked up again.
 struct ResolvedProgram {
     file: PathBuf,
-    digest: Option<(crate::ids::Digest, WasmKind)>,
+    digest: Option<crate::ids::Digest>,
 }
 
 /// Resolved programs by (image id, `argv[0]`).
@@ -363,8 +370,8 @@ impl Agent {
             state.apply(&changes)?;
         }
         let networks = Networks::new(config.network);
-        let mut lost_networks = Vec::new();
-        for record in &snapshot.sandboxes {
+        let mut sandbox_records = snapshot.sandboxes;
+        for record in &mut sandbox_records {
             let Some(network) = record.network.as_ref().filter(|n| !n.torn_down) else {
                 continue;
             };
@@ -373,12 +380,6 @@ impl Agent {
             }
             if let Err(error) = networks.adopt(&record.id, network) {
                 tracing::warn!(sandbox_id = %record.id, %error, "pod sandbox lost its network; it is now NOTREADY");
-                lost_networks.push(record.id.clone());
-            }
-        }
-        let mut sandbox_records = snapshot.sandboxes;
-        for record in &mut sandbox_records {
-            if lost_networks.contains(&record.id) {
                 record.stop();
                 state.apply(&[Change::PutSandbox(record)])?;
             }
@@ -485,8 +486,9 @@ impl Agent {
                     tracing::info!(sandbox_id = %id, ips = ?network.ips, "pod network ready");
                     record.network = Some(network);
                 }
+                // Status reports the node's network as not ready.
                 None => {
-                    tracing::warn!(sandbox_id = %id, "no CNI configuration: the pod has no network");
+                    tracing::debug!(sandbox_id = %id, "no CNI configuration: the pod has no network")
                 }
             }
         }
@@ -530,22 +532,25 @@ impl Agent {
                 .await?;
         }
         let network = lock(&sandbox).network.clone().filter(|n| !n.torn_down);
-        if let Some(network) = network {
+        if let Some(network) = &network {
             self.inner
                 .networks
-                .teardown(id, &network)
+                .teardown(id, network)
                 .await
                 .map_err(|e| Error::Network(format!("tearing down the pod network: {e}")))?;
-            let mut record = lock(&sandbox);
-            if let Some(n) = record.network.as_mut() {
-                n.torn_down = true;
-            }
-            self.inner.state.apply(&[Change::PutSandbox(&record)])?;
             tracing::info!(sandbox_id = %id, "pod network torn down");
         }
         let mut record = lock(&sandbox);
         let before = record.clone();
-        if record.stop() {
+        // One commit records both the teardown and the stop.
+        let torn_down = match record.network.as_mut() {
+            Some(n) if network.is_some() => {
+                n.torn_down = true;
+                true
+            }
+            _ => false,
+        };
+        if record.stop() || torn_down {
             if let Err(e) = self.inner.state.apply(&[Change::PutSandbox(&record)]) {
                 *record = before;
                 return Err(e);
@@ -706,13 +711,11 @@ impl Agent {
     ) -> std::result::Result<Prepared, String> {
         let program = program(&self.inner.images, &self.inner.programs, image, spec)?;
         // The hot path: an image compiled before needs no I/O.
-        let known = match &program.file {
-            None => Some(image.wasm_digest.clone()),
-            Some(_) => lock(&self.inner.programs)
-                .get(&(image.id.clone(), program.argv[0].clone()))
-                .and_then(|p| p.digest.as_ref().map(|(d, _)| d.clone())),
-        };
-        if let Some(prepared) = known.and_then(|d| self.inner.engine.cached(&d)) {
+        if let Some(prepared) = program
+            .digest
+            .as_ref()
+            .and_then(|d| self.inner.engine.cached(d))
+        {
             return Ok(prepared);
         }
         let inner = self.inner.clone();
@@ -737,7 +740,7 @@ impl Agent {
                 if let Some(p) =
                     lock(&inner.programs).get_mut(&(image.id.clone(), program.argv[0].clone()))
                 {
-                    p.digest = Some((digest, kind));
+                    p.digest = Some(digest);
                 }
                 Ok(prepared)
             }
@@ -820,7 +823,6 @@ impl Agent {
                 };
                 let metering = Metering {
                     usage,
-                    live,
                     shared: PodCpu::new(&record.spec.resources)
                         .into_iter()
                         .chain(pod_cpu)
@@ -1313,15 +1315,7 @@ impl Agent {
                 available_bytes: limit.map(|l| l.saturating_sub(working_set)),
                 running: containers.iter().any(|c| c.usage.running),
                 throttled_periods: containers.iter().map(|c| c.usage.throttled_periods).sum(),
-                http: containers
-                    .iter()
-                    .fold(crate::stats::HttpUsage::default(), |a, c| {
-                        crate::stats::HttpUsage {
-                            requests: a.requests + c.usage.http.requests,
-                            server_errors: a.server_errors + c.usage.http.server_errors,
-                            latency_micros: a.latency_micros + c.usage.http.latency_micros,
-                        }
-                    }),
+                http: containers.iter().map(|c| c.usage.http).sum(),
             },
             record: sandbox,
             containers,

@@ -28,7 +28,7 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks, WasiHttpView};
 
 use crate::engine::{GuestConfig, P2State, http_store};
-use crate::limits::{LiveLimits, PodCpu};
+use crate::limits::PodCpu;
 use crate::logs::Stream;
 use crate::network::{GuestNetwork, InNamespace, Resolver};
 use crate::stats::{GuestUsage, Metered};
@@ -79,7 +79,6 @@ pub enum HttpExit {
 #[derive(Clone)]
 pub struct Metering {
     pub usage: Arc<GuestUsage>,
-    pub live: Arc<LiveLimits>,
     /// The container's quota over all its instances together, and the
     /// pod's.
     pub shared: Vec<Arc<PodCpu>>,
@@ -269,20 +268,23 @@ impl Server {
         self: &Arc<Self>,
         request: hyper::Request<hyper::body::Incoming>,
     ) -> hyper::Response<HyperOutgoingBody> {
-        let mut closing = text(503, "the function is shutting down\n");
-        closing.headers_mut().insert(
-            hyper::header::CONNECTION,
-            hyper::header::HeaderValue::from_static("close"),
-        );
+        let closing = || {
+            let mut response = text(503, "the function is shutting down\n");
+            response.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            response
+        };
         if self.draining.load(Ordering::Acquire) {
-            return closing;
+            return closing();
         }
         let timeout = self.options.request_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let permit =
             match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
                 Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => return closing,
+                Ok(Err(_)) => return closing(),
                 Err(_) => {
                     return text(
                         503,
@@ -294,7 +296,7 @@ impl Server {
                 }
             };
         if self.draining.load(Ordering::Acquire) {
-            return closing;
+            return closing();
         }
         let log = self.function.config.log.clone();
         let mut store = match http_store(&self.function.pre, &self.function.config) {

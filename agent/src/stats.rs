@@ -40,6 +40,16 @@ pub struct HttpUsage {
     pub latency_micros: u64,
 }
 
+impl std::iter::Sum for HttpUsage {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |a, b| Self {
+            requests: a.requests + b.requests,
+            server_errors: a.server_errors + b.server_errors,
+            latency_micros: a.latency_micros + b.latency_micros,
+        })
+    }
+}
+
 impl GuestUsage {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())

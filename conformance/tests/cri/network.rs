@@ -25,6 +25,22 @@ fn pong_server(name: &str, port: u16) -> cri::ContainerConfig {
         .build()
 }
 
+/// Starts a pong server on `port` in `pod` and waits until it listens.
+async fn serve_pong(
+    cri: &mut wasmlet_conformance::CriClient,
+    pod: &wasmlet_conformance::Pod,
+    name: &str,
+    port: u16,
+) {
+    let server = pong_server(name, port);
+    let log = pod.container_log(&server);
+    cri.start(pod, server).await.unwrap();
+    wait_stdout(&log, "the server to listen", |l| {
+        l.starts_with("listening on")
+    })
+    .await;
+}
+
 /// Waits for `what` in the container's stdout.
 async fn wait_stdout(
     log: &std::path::Path,
@@ -112,13 +128,7 @@ async fn pods_get_ips_reach_each_other_and_the_host_and_leave_nothing_behind() {
         net.prefix
     );
     net.check_route(&a_ip).unwrap();
-    let server = pong_server("a", 7000);
-    let a_log = a.container_log(&server);
-    cri.start(&a, server).await.unwrap();
-    wait_stdout(&a_log, "the server to listen", |l| {
-        l.starts_with("listening on")
-    })
-    .await;
+    serve_pong(&mut cri, &a, "a", 7000).await;
     assert_eq!(read_from(&net, &a_ip, 7000).await, "pong a\n");
 
     // A second pod reaches the first at its IP.
@@ -173,13 +183,7 @@ async fn a_host_port_mapping_reaches_the_pod() {
         host_ip: String::new(),
     });
     let pod = cri.run_pod(config).await.unwrap();
-    let server = pong_server("mapped", 7000);
-    let log = pod.container_log(&server);
-    cri.start(&pod, server).await.unwrap();
-    wait_stdout(&log, "the server to listen", |l| {
-        l.starts_with("listening on")
-    })
-    .await;
+    serve_pong(&mut cri, &pod, "mapped", 7000).await;
     // The host's own address on the bridge, at the host port: portmap's
     // DNAT takes it to the pod.
     assert_eq!(
@@ -200,13 +204,7 @@ async fn a_restarted_agent_readopts_pod_networks() {
     let mut cri = wasmlet.cri();
     let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
     let ip = pod_ip(&wasmlet, &pod.id).await;
-    let server = pong_server("before", 7000);
-    let log = pod.container_log(&server);
-    cri.start(&pod, server).await.unwrap();
-    wait_stdout(&log, "the server to listen", |l| {
-        l.starts_with("listening on")
-    })
-    .await;
+    serve_pong(&mut cri, &pod, "before", 7000).await;
 
     wasmlet.kill_9().await;
     let mut cri = wasmlet.restart().await;
@@ -237,13 +235,7 @@ async fn guests_resolve_names_with_the_pods_dns_settings_from_the_pod() {
     let mut cri = wasmlet.cri();
     let a = cri.run_pod(wasmlet.pod().name("a").build()).await.unwrap();
     let a_ip = pod_ip(&wasmlet, &a.id).await;
-    let server = pong_server("a", 7000);
-    let a_log = a.container_log(&server);
-    cri.start(&a, server).await.unwrap();
-    wait_stdout(&a_log, "the server to listen", |l| {
-        l.starts_with("listening on")
-    })
-    .await;
+    serve_pong(&mut cri, &a, "a", 7000).await;
 
     // The bridge exists now: a name server on its address.
     let dns = DnsServer::start(
@@ -358,4 +350,60 @@ async fn orphaned_pod_namespaces_are_removed_at_start() {
         "{}",
         wasmlet.daemon_log()
     );
+}
+
+/// A hostNetwork pod's guests use the node's network: a server in one is
+/// reached on the host's loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_network_pods_use_the_nodes_network() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let mut config = wasmlet.pod().build();
+    config
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options = Some(cri::NamespaceOption {
+        network: cri::NamespaceMode::Node as i32,
+        ..Default::default()
+    });
+    let pod = cri.run_pod(config).await.unwrap();
+    assert_eq!(pod_ip(&wasmlet, &pod.id).await, "");
+    let port = 30_000 + (std::process::id() % 5_000) as u16;
+    serve_pong(&mut cri, &pod, "host", port).await;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+    assert_eq!(text, "pong host\n");
+}
+
+/// A pod whose namespace disappeared while the agent was down is NOTREADY
+/// after the restart (the kubelet then recreates it), and stopping it still
+/// releases its address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_namespace_is_gone_after_a_restart_is_not_ready() {
+    let net = test_network();
+    let mut wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    wasmlet.kill_9().await;
+    let [name] = <[String; 1]>::try_from(net.namespaces()).unwrap();
+    let pinned = net.netns_dir().join(name);
+    let out = std::process::Command::new("umount")
+        .arg(&pinned)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&pinned).unwrap();
+    let mut cri = wasmlet.restart().await;
+    let status = cri.pod_sandbox_status(&pod.id).await.unwrap();
+    assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
+    cri.stop_pod_sandbox(&pod.id).await.unwrap();
+    assert!(net.allocated_ips().is_empty(), "{:?}", net.allocated_ips());
 }

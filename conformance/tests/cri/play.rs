@@ -572,3 +572,42 @@ fn the_http_sample_serves_at_its_pod_ip_and_its_probes_pass() {
     assert!(net.namespaces().is_empty(), "{:?}", net.namespaces());
     assert!(net.allocated_ips().is_empty(), "{:?}", net.allocated_ips());
 }
+
+/// A liveness probe that keeps failing stops the container, as the kubelet
+/// does, and the restart policy decides what follows.
+#[test]
+fn a_failing_liveness_probe_stops_the_container() {
+    let net = wasmlet_conformance::pod_network::TestNetwork::create()
+        .unwrap_or_else(|e| panic!("this test needs: {e}"));
+    let scene = Scene::new();
+    let config = scene.path("wasmlet.toml");
+    std::fs::write(&config, net.wasmlet_config()).unwrap();
+    let yaml = format!(
+        "
+kind: Pod
+metadata: {{name: unhealthy}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 5
+  containers:
+    - name: web
+      image: {HELLO_HTTP_P2}
+      ports: [{{containerPort: 8080}}, {{name: nothing, containerPort: 9}}]
+      livenessProbe:
+        tcpSocket: {{port: nothing}}
+        periodSeconds: 1
+        failureThreshold: 2
+"
+    );
+    let mut args = vec![
+        "--config".to_owned(),
+        config.display().to_string(),
+        "--socket".to_owned(),
+        scene.no_socket().display().to_string(),
+    ];
+    args.extend(images(&[(HELLO_HTTP_P2, wasm_samples::HELLO_HTTP_P2)]));
+    let played = Play::spawn(&args, &scene.manifest(&yaml)).finish(PLAY_TIMEOUT);
+    played.assert_stderr("[web] liveness probe failed 2 times");
+    played.assert_stderr("[web] exited with code 0 (Completed)");
+    played.assert_code(0);
+}
