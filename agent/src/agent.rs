@@ -372,13 +372,18 @@ impl Agent {
         let networks = Networks::new(config.network);
         let mut sandbox_records = snapshot.sandboxes;
         for record in &mut sandbox_records {
-            let Some(network) = record.network.as_ref().filter(|n| !n.torn_down) else {
-                continue;
-            };
             if record.state != crate::sandbox::SandboxState::Ready {
                 continue;
             }
-            if let Err(error) = networks.adopt(&record.id, network) {
+            let adopted = match (&record.spec.joined, &record.network) {
+                (Some(joined), _) => match &joined.netns {
+                    Some(path) => networks.join(&record.id, path),
+                    None => Ok(()),
+                },
+                (None, Some(network)) if !network.torn_down => networks.adopt(&record.id, network),
+                _ => Ok(()),
+            };
+            if let Err(error) = adopted {
                 tracing::warn!(sandbox_id = %record.id, %error, "pod sandbox lost its network; it is now NOTREADY");
                 record.stop();
                 state.apply(&[Change::PutSandbox(record)])?;
@@ -454,7 +459,10 @@ impl Agent {
         let _guard = self.inner.creating.lock().await;
         if let Some(existing) = read(&self.inner.sandboxes)
             .values()
-            .find(|s| lock(s).spec.metadata.as_ref() == Some(&meta))
+            .find(|s| {
+                let s = lock(s);
+                s.spec.joined.is_none() && s.spec.metadata.as_ref() == Some(&meta)
+            })
             .map(|s| lock(s).clone())
         {
             return Err(Error::AlreadyExists {
@@ -505,6 +513,71 @@ impl Agent {
         Ok(id)
     }
 
+    /// Records a sandbox standing in for pod `id` of another runtime (see
+    /// [`SandboxSpec::joined`]), so that Wasm containers can be created in
+    /// it; its guests use that pod's network namespace. Joining a pod
+    /// already joined succeeds.
+    pub async fn join_pod_sandbox(&self, id: SandboxId, spec: SandboxSpec) -> Result<()> {
+        let Some(joined) = spec.joined.clone() else {
+            return Err(Error::InvalidArgument(
+                "a joined sandbox needs the pod it joins".into(),
+            ));
+        };
+        let _guard = self.inner.creating.lock().await;
+        if let Ok(existing) = self.sandbox(&id) {
+            let existing = lock(&existing);
+            return match existing.spec.joined {
+                Some(_) => Ok(()),
+                None => Err(Error::AlreadyExists {
+                    kind: SandboxId::KIND,
+                    id: id.to_string(),
+                    detail: "it is one of wasmlet's own pods".into(),
+                }),
+            };
+        }
+        if let Some(path) = &joined.netns {
+            self.inner
+                .networks
+                .join(&id, path)
+                .map_err(|e| Error::FailedPrecondition(format!("joining pod {id}: {e}")))?;
+        }
+        let record = SandboxRecord::with_id(id.clone(), spec);
+        if let Err(e) = self.inner.state.apply(&[Change::PutSandbox(&record)]) {
+            self.inner.networks.forget(&id);
+            return Err(e);
+        }
+        tracing::info!(sandbox_id = %id, runtime = %joined.runtime, netns = ?joined.netns, "joined another runtime's pod");
+        write(&self.inner.sandboxes).insert(id, Arc::new(Mutex::new(record)));
+        Ok(())
+    }
+
+    /// Whether the agent holds sandbox `id`: `Some(false)` for one of its
+    /// own pods, `Some(true)` for a sandbox joined to another runtime's pod.
+    pub fn holds_pod_sandbox(&self, id: &SandboxId) -> Option<bool> {
+        let sandbox = read(&self.inner.sandboxes).get(id).cloned()?;
+        Some(lock(&sandbox).spec.joined.is_some())
+    }
+
+    /// The joined sandboxes (see [`SandboxSpec::joined`]), with the time
+    /// each was joined.
+    pub fn joined_pod_sandboxes(&self) -> Vec<(SandboxId, Timestamp)> {
+        read(&self.inner.sandboxes)
+            .values()
+            .filter_map(|s| {
+                let s = lock(s);
+                s.spec
+                    .joined
+                    .is_some()
+                    .then(|| (s.id.clone(), s.created_at))
+            })
+            .collect()
+    }
+
+    /// Whether the agent holds container `id`.
+    pub fn holds_container(&self, id: &ContainerId) -> bool {
+        read(&self.inner.containers).contains_key(id)
+    }
+
     fn sandbox(&self, id: &SandboxId) -> Result<Arc<Mutex<SandboxRecord>>> {
         read(&self.inner.sandboxes)
             .get(id)
@@ -530,6 +603,10 @@ impl Agent {
         for entry in self.containers_of(id) {
             self.kill_and_wait(&entry, "its pod sandbox was stopped", Duration::ZERO)
                 .await?;
+        }
+        if lock(&sandbox).spec.joined.is_some() {
+            // The pod's own runtime owns its namespace.
+            self.inner.networks.forget(id);
         }
         let network = lock(&sandbox).network.clone().filter(|n| !n.torn_down);
         if let Some(network) = &network {
@@ -598,13 +675,14 @@ impl Agent {
         Ok(record)
     }
 
-    /// Sandboxes matching `filter`, oldest first.
+    /// The agent's own sandboxes matching `filter`, oldest first (joined
+    /// sandboxes are their runtime's pods, not listed here).
     pub fn list_pod_sandboxes(&self, filter: &SandboxFilter) -> Vec<SandboxRecord> {
         let mut out: Vec<SandboxRecord> = read(&self.inner.sandboxes)
             .values()
             .filter_map(|s| {
                 let record = lock(s);
-                filter.matches(&record).then(|| record.clone())
+                (record.spec.joined.is_none() && filter.matches(&record)).then(|| record.clone())
             })
             .collect();
         out.sort_by_key(|s| s.created_at);
@@ -1440,6 +1518,16 @@ impl Agent {
                 Err(e) => tracing::warn!(%digest, error = %e, "precompile task failed"),
             }
         });
+    }
+
+    /// Whether `reference` names a Wasm image, from its registry's
+    /// manifest; nothing is downloaded into the store.
+    pub async fn probe_image(
+        &self,
+        reference: &str,
+        credentials: &Credentials,
+    ) -> Result<crate::registry::ImageKind> {
+        self.inner.registry.probe(reference, credentials).await
     }
 
     pub fn image_status(&self, reference: &str) -> Option<ImageRecord> {

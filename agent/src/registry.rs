@@ -193,11 +193,45 @@ struct Manifest {
     #[serde(rename = "mediaType", default)]
     media_type: String,
     #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
     config: Option<Descriptor>,
     #[serde(default)]
     layers: Vec<Descriptor>,
     #[serde(default)]
     manifests: Vec<Descriptor>,
+}
+
+/// What an image in a registry is, judged from its manifest (and, for an
+/// ordinary image manifest, its config's platform) without downloading
+/// any layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    /// Wasm: a Wasm layer or config media type, an index entry for a Wasm
+    /// platform, a config whose os/architecture is Wasm, or the
+    /// `module.wasm.image/variant` annotation.
+    Wasm,
+    /// Anything else (an ordinary Linux image, say), with what was seen.
+    Other(String),
+}
+
+/// The manifest annotation crun and runwasi use to mark Wasm images
+/// packaged as ordinary images.
+const VARIANT_ANNOTATION: &str = "module.wasm.image/variant";
+
+/// The largest image config read to learn an image's platform.
+const MAX_PROBED_CONFIG: u64 = 1024 * 1024;
+
+#[derive(Deserialize)]
+struct ConfigPlatform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+
+fn is_wasm_platform(os: &str, architecture: &str) -> bool {
+    matches!(os, "wasip1" | "wasip2" | "wasi") || matches!(architecture, "wasm" | "wasm32")
 }
 
 /// A registry client for the whole agent.
@@ -610,6 +644,93 @@ impl Registry {
             Ok(digest.clone())
         })
         .await
+    }
+
+    /// Tells whether `reference` is a Wasm image by reading its manifest
+    /// (and at most a small config blob). Nothing is stored.
+    pub async fn probe(&self, reference: &str, credentials: &Credentials) -> Result<ImageKind> {
+        let client = &self.client();
+        let name = ImageName::parse(reference)?;
+        let oci_ref = Self::reference(&name, reference)?;
+        let auth = self.auth_for(&oci_ref, credentials, "pull").await?;
+        let (bytes, _) = self
+            .fetch_manifest(client, &oci_ref, &auth, reference)
+            .await?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
+            failure(
+                reference,
+                RegistryFailure::Invalid,
+                format!("manifest is not valid JSON: {e}"),
+            )
+        })?;
+        if manifest.annotations.contains_key(VARIANT_ANNOTATION) {
+            return Ok(ImageKind::Wasm);
+        }
+        if !manifest.manifests.is_empty() && manifest.config.is_none() {
+            if choose_wasm_platform(&manifest.manifests).is_some() {
+                return Ok(ImageKind::Wasm);
+            }
+            let platforms: Vec<String> = manifest
+                .manifests
+                .iter()
+                .filter_map(|m| m.platform.as_ref())
+                .map(|p| format!("{}/{}", p.os, p.architecture))
+                .collect();
+            return Ok(ImageKind::Other(format!(
+                "an index for {}",
+                platforms.join(", ")
+            )));
+        }
+        let Some(config) = &manifest.config else {
+            return Ok(ImageKind::Other("a manifest without a config".into()));
+        };
+        if config.media_type == crate::image::WASM_CONFIG_MEDIA_TYPE
+            || manifest
+                .layers
+                .iter()
+                .any(|l| WASM_LAYER_MEDIA_TYPES.contains(&l.media_type.as_str()))
+        {
+            return Ok(ImageKind::Wasm);
+        }
+        if !IMAGE_CONFIG_MEDIA_TYPES.contains(&config.media_type.as_str())
+            || config.size > MAX_PROBED_CONFIG
+        {
+            return Ok(ImageKind::Other(format!("config {}", config.media_type)));
+        }
+        let descriptor = oci_client::manifest::OciDescriptor {
+            media_type: config.media_type.clone(),
+            digest: config.digest.clone(),
+            size: config.size as i64,
+            ..Default::default()
+        };
+        let registry = oci_ref.resolve_registry().to_owned();
+        let mut bytes = Vec::with_capacity(config.size as usize);
+        client
+            .pull_blob(&oci_ref, &descriptor, &mut bytes)
+            .await
+            .map_err(|e| classify(reference, &registry, e))?;
+        if Digest::of(&bytes).as_str() != config.digest {
+            return Err(failure(
+                reference,
+                RegistryFailure::Corrupt,
+                format!("config blob does not match its digest {}", config.digest),
+            ));
+        }
+        let platform: ConfigPlatform = serde_json::from_slice(&bytes).map_err(|e| {
+            failure(
+                reference,
+                RegistryFailure::Invalid,
+                format!("image config is not valid JSON: {e}"),
+            )
+        })?;
+        Ok(if is_wasm_platform(&platform.os, &platform.architecture) {
+            ImageKind::Wasm
+        } else {
+            ImageKind::Other(format!(
+                "an image for {}/{}",
+                platform.os, platform.architecture
+            ))
+        })
     }
 
     /// Pulls `reference` into `store` and records it. Nothing is recorded

@@ -42,6 +42,20 @@ pub struct SandboxSpec {
     /// How the pod's guests look names up.
     #[serde(default)]
     pub dns: crate::network::DnsSettings,
+    /// Set when this sandbox stands in for a pod another runtime runs
+    /// (the Wasm containers of a `compat-smart` pod): it joins that pod's
+    /// network namespace instead of making one, and is not a pod of its own.
+    #[serde(default)]
+    pub joined: Option<JoinedPod>,
+}
+
+/// The pod of another runtime a joined sandbox stands in for.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JoinedPod {
+    /// Which runtime runs the pod (for messages).
+    pub runtime: String,
+    /// The pod's network namespace; `None` for a `hostNetwork` pod.
+    pub netns: Option<std::path::PathBuf>,
 }
 
 /// The states of a sandbox, as CRI names them.
@@ -79,8 +93,12 @@ pub struct SandboxRecord {
 
 impl SandboxRecord {
     pub fn new(spec: SandboxSpec) -> Self {
+        Self::with_id(SandboxId::generate(), spec)
+    }
+
+    pub fn with_id(id: SandboxId, spec: SandboxSpec) -> Self {
         Self {
-            id: SandboxId::generate(),
+            id,
             spec,
             state: SandboxState::Ready,
             created_at: Timestamp::now(),

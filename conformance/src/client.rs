@@ -397,6 +397,17 @@ impl CriClient {
         Ok(Pod { id, config })
     }
 
+    /// Like [`CriClient::run_pod`], for the RuntimeClass handler `handler`.
+    pub async fn run_pod_on(
+        &mut self,
+        config: cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<Pod, Error> {
+        create_dir_all(Path::new(&config.log_directory))?;
+        let id = self.run_pod_sandbox(config.clone(), handler).await?;
+        Ok(Pod { id, config })
+    }
+
     /// Starts a container as the kubelet does: `CreateContainer`, then
     /// `StartContainer`. Returns the container id.
     pub async fn start(

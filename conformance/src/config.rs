@@ -44,6 +44,7 @@ pub struct PodSandboxConfigBuilder {
     metadata: cri::PodSandboxMetadata,
     labels: HashMap<String, String>,
     annotations: HashMap<String, String>,
+    cgroup_parent: String,
 }
 
 impl PodSandboxConfigBuilder {
@@ -60,7 +61,15 @@ impl PodSandboxConfigBuilder {
             },
             labels: HashMap::new(),
             annotations: HashMap::new(),
+            cgroup_parent: String::new(),
         }
+    }
+
+    /// The pod's cgroup parent, as the kubelet sets it (containerd needs
+    /// one for pod stats).
+    pub fn cgroup_parent(mut self, parent: impl Into<String>) -> Self {
+        self.cgroup_parent = parent.into();
+        self
     }
 
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -112,7 +121,10 @@ impl PodSandboxConfigBuilder {
             log_directory: log_directory.to_string_lossy().into_owned(),
             labels,
             annotations: self.annotations,
-            linux: Some(cri::LinuxPodSandboxConfig::default()),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: self.cgroup_parent,
+                ..Default::default()
+            }),
             metadata: Some(self.metadata),
             ..Default::default()
         }

@@ -61,6 +61,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A real component the tests start (a downstream runtime) could not
+    /// be set up; the message says what it printed.
+    #[error("{0}")]
+    Setup(String),
+
     /// A container log file is not in the CRI log format.
     #[error("{}:{line}: malformed CRI log record: {reason}", path.display())]
     MalformedLog {

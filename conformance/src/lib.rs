@@ -13,6 +13,7 @@
 
 mod client;
 mod config;
+pub mod containerd;
 mod error;
 pub mod fault_proxy;
 mod log;

@@ -34,6 +34,26 @@ pub struct FileConfig {
     pub network: NetworkSection,
     #[serde(default)]
     pub http: HttpSection,
+    /// The node's other CRI runtime, which gets every non-Wasm pod.
+    pub delegate: Option<DelegateSection>,
+}
+
+/// `[delegate]`: the downstream CRI runtime (containerd, CRI-O) that
+/// runs every pod whose handler is not one of `runtime_handlers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegateSection {
+    /// Its CRI socket, e.g. `/run/containerd/containerd.sock`.
+    pub socket: PathBuf,
+    /// Seconds to wait for a connection to it (5).
+    pub connect_timeout_seconds: Option<u64>,
+}
+
+/// The downstream runtime in force.
+#[derive(Debug, Clone)]
+pub struct DelegateSettings {
+    pub socket: PathBuf,
+    pub connect_timeout: std::time::Duration,
 }
 
 /// `[http]`: how `wasi:http` functions are served.
@@ -95,6 +115,7 @@ pub struct Settings {
     pub network: NetworkConfig,
     pub http: HttpOptions,
     pub http_pool_instances: u32,
+    pub delegate: Option<DelegateSettings>,
 }
 
 fn is_root() -> bool {
@@ -198,6 +219,12 @@ impl Settings {
                 .pool_instances
                 .unwrap_or(wasmlet_agent::engine::HTTP_POOL_INSTANCES)
                 .max(1),
+            delegate: file.delegate.map(|d| DelegateSettings {
+                socket: d.socket,
+                connect_timeout: std::time::Duration::from_secs(
+                    d.connect_timeout_seconds.unwrap_or(5).max(1),
+                ),
+            }),
         })
     }
 }
@@ -218,6 +245,19 @@ mod tests {
         assert_eq!(s.cgroup_driver, CgroupDriver::Cgroupfs);
         assert_eq!(s.registry.insecure, vec!["127.0.0.1:5000"]);
         assert_eq!(s.network.cni.conf_dir, PathBuf::from("/cni"));
+        assert!(s.delegate.is_none());
+        std::fs::write(
+            &path,
+            "[delegate]\nsocket = \"/run/containerd/containerd.sock\"\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(Some(&path), None, None).unwrap();
+        let delegate = s.delegate.unwrap();
+        assert_eq!(
+            delegate.socket,
+            PathBuf::from("/run/containerd/containerd.sock")
+        );
+        assert_eq!(delegate.connect_timeout, std::time::Duration::from_secs(5));
         let s = Settings::resolve(None, None, None).unwrap();
         assert_eq!(s.runtime_handlers, vec!["wasm", "wasmtime"]);
         assert_eq!(s.network.cni.conf_dir, PathBuf::from("/etc/cni/net.d"));

@@ -74,6 +74,7 @@ pub fn sandbox_spec(
             })
             .unwrap_or_default(),
         resources: resources(config.linux.and_then(|l| l.resources)),
+        joined: None,
     })
 }
 

@@ -4,6 +4,7 @@
 
 mod config;
 mod convert;
+mod delegate;
 mod image_cli;
 mod play;
 mod server;

@@ -8,10 +8,11 @@ use anyhow::{Context, bail};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use wasmlet_agent::{Agent, AgentConfig};
-use wasmlet_proto::cri::image_service_server::ImageServiceServer;
-use wasmlet_proto::cri::runtime_service_server::RuntimeServiceServer;
+use wasmlet_proto::cri::image_service_server::{ImageService, ImageServiceServer};
+use wasmlet_proto::cri::runtime_service_server::{RuntimeService, RuntimeServiceServer};
 
 use crate::config::Settings;
+use crate::delegate::{Downstream, Routed};
 use crate::service::{Cri, CriSettings};
 
 /// The kubelet's default maximum gRPC message size.
@@ -60,26 +61,51 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     agent.remove_orphaned_networks().await;
     let cri = Cri::new(
-        agent,
+        agent.clone(),
         CriSettings {
             runtime_handlers: settings.runtime_handlers.clone(),
             cgroup_driver: settings.cgroup_driver,
         },
     );
-    let runtime = RuntimeServiceServer::new(cri.clone())
+    let result = match &settings.delegate {
+        None => {
+            tracing::info!(socket = ?settings.socket, root = ?settings.root, "serving CRI v1");
+            serve_services(cri, listener, shutdown).await
+        }
+        Some(delegate) => {
+            tracing::info!(socket = ?settings.socket, root = ?settings.root, downstream = ?delegate.socket, "serving CRI v1 in front of a downstream runtime");
+            let routed = Routed::new(
+                cri,
+                agent,
+                Downstream::new(delegate),
+                settings.runtime_handlers.clone(),
+            );
+            serve_services(routed, listener, shutdown).await
+        }
+    };
+    let _ = std::fs::remove_file(&settings.socket);
+    result.context("serving CRI")
+}
+
+async fn serve_services<S>(
+    services: S,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error>
+where
+    S: RuntimeService + ImageService + Clone,
+{
+    let runtime = RuntimeServiceServer::new(services.clone())
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    let images = ImageServiceServer::new(cri)
+    let images = ImageServiceServer::new(services)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    tracing::info!(socket = ?settings.socket, root = ?settings.root, "serving CRI v1");
-    let result = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .add_service(runtime)
         .add_service(images)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
-    let _ = std::fs::remove_file(&settings.socket);
-    result.context("serving CRI")
+        .await
 }
 
 /// An agent served on a private socket inside this process, for `play`.

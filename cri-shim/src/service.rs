@@ -18,6 +18,10 @@ use crate::status::to_status;
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// The stream `GetContainerEvents` answers with.
+pub type GetContainerEventsStream =
+    Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
+
 /// Settings of the CRI layer itself.
 #[derive(Clone, Debug)]
 pub struct CriSettings {
@@ -425,8 +429,7 @@ impl RuntimeService for Cri {
         ))
     }
 
-    type GetContainerEventsStream =
-        Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
+    type GetContainerEventsStream = GetContainerEventsStream;
 
     async fn get_container_events(
         &self,

@@ -55,3 +55,17 @@ pub async fn connect_unix_with(
 pub fn unix_endpoint() -> Endpoint {
     Endpoint::from_static(UNIX_URI)
 }
+
+/// Like [`connect_unix_with`], but connects on first use instead of now,
+/// and again on the next call after the endpoint went away: for a
+/// downstream runtime that may be down when the channel is made.
+pub fn connect_unix_lazy(endpoint: Endpoint, path: impl AsRef<Path>) -> Channel {
+    let path = path.as_ref().to_owned();
+    endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(path).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    }))
+}

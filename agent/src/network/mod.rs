@@ -196,6 +196,30 @@ impl Networks {
         Ok(())
     }
 
+    /// Opens the namespace of a pod another runtime made, for a joined
+    /// sandbox. Refuses the host's own namespace.
+    pub fn join(&self, id: &SandboxId, path: &std::path::Path) -> Result<(), String> {
+        let ns = NetNs::open(path).map_err(|e| {
+            format!(
+                "cannot open the pod's network namespace {}: {e}",
+                path.display()
+            )
+        })?;
+        if ns.is_host() {
+            return Err(format!(
+                "{} is the host's network namespace, not a pod's",
+                path.display()
+            ));
+        }
+        lock(&self.open).insert(id.clone(), Arc::new(ns));
+        Ok(())
+    }
+
+    /// Lets go of a joined namespace (which its own runtime removes).
+    pub fn forget(&self, id: &SandboxId) {
+        lock(&self.open).remove(id);
+    }
+
     /// The pod's open namespace, if it has one.
     pub fn namespace(&self, id: &SandboxId) -> Option<Arc<NetNs>> {
         lock(&self.open).get(id).cloned()

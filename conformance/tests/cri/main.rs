@@ -13,6 +13,7 @@ mod bench;
 mod compat;
 mod container;
 mod daemon_lifecycle;
+mod delegate;
 mod exec_wasm;
 mod http_functions;
 mod image;

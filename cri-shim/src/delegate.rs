@@ -1,0 +1,1022 @@
+//! One CRI socket for Wasm and ordinary containers: wasmlet in front of
+//! the node's own runtime (`[delegate]`).
+//!
+//! Pods whose RuntimeClass handler is one of wasmlet's run in wasmlet;
+//! every other pod, and everything in it, goes to the downstream runtime
+//! unchanged. Containers and pod-scoped calls follow the object: what the
+//! agent holds is answered here, the rest is forwarded. Lists merge both
+//! sides. Images go where their handler says, else where their manifest
+//! says (Wasm here, anything else downstream).
+//!
+//! Mixed pods follow crun's `compat-smart` convention: in a downstream pod
+//! annotated `module.wasm.image/variant=compat-smart`, a container whose
+//! image is one of wasmlet's runs here, in a sandbox joined to the pod's
+//! network namespace (the agent's joined sandboxes), next to the pod's
+//! Linux containers.
+//!
+//! While the downstream runtime is unreachable, Wasm calls keep working,
+//! list calls answer with wasmlet's side (the kubelet's relist must not
+//! fail, or it would take the node and its Wasm pods down), calls for
+//! delegated objects fail with `Unavailable` naming the socket, and
+//! `Status` reports `DelegateRuntimeReady=false`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+use wasmlet_agent::Agent;
+use wasmlet_agent::ids::{ContainerId, SandboxId};
+use wasmlet_agent::registry::ImageKind;
+use wasmlet_agent::sandbox::JoinedPod;
+use wasmlet_agent::time::Timestamp;
+use wasmlet_proto::cri;
+use wasmlet_proto::cri::image_service_client::ImageServiceClient;
+use wasmlet_proto::cri::image_service_server::ImageService;
+use wasmlet_proto::cri::runtime_service_client::RuntimeServiceClient;
+use wasmlet_proto::cri::runtime_service_server::RuntimeService;
+
+use crate::config::DelegateSettings;
+use crate::convert;
+use crate::service::{Cri, GetContainerEventsStream};
+use crate::status::to_status;
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// The pod annotation (and value) asking for Wasm containers to run beside
+/// a downstream pod's Linux containers.
+pub const VARIANT_ANNOTATION: &str = "module.wasm.image/variant";
+pub const COMPAT_SMART: &str = "compat-smart";
+
+/// The condition `Status` adds for the downstream runtime.
+pub const DELEGATE_CONDITION: &str = "DelegateRuntimeReady";
+
+/// The largest message exchanged with the downstream runtime (the
+/// kubelet's limit).
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// The downstream runtime's CRI clients, connected lazily (and again after
+/// it comes back).
+#[derive(Clone)]
+pub struct Downstream {
+    socket: PathBuf,
+    runtime: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
+}
+
+impl Downstream {
+    pub fn new(settings: &DelegateSettings) -> Self {
+        let channel = wasmlet_proto::connect_unix_lazy(
+            wasmlet_proto::unix_endpoint().connect_timeout(settings.connect_timeout),
+            &settings.socket,
+        );
+        Self {
+            socket: settings.socket.clone(),
+            runtime: RuntimeServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+            images: ImageServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn runtime(&self) -> RuntimeServiceClient<Channel> {
+        self.runtime.clone()
+    }
+
+    fn images(&self) -> ImageServiceClient<Channel> {
+        self.images.clone()
+    }
+
+    /// The downstream's answer, with a transport failure turned into
+    /// `Unavailable` naming the socket; its own statuses pass unchanged.
+    fn error(&self, status: Status) -> Status {
+        let transport = status.code() == Code::Unavailable
+            || (status.code() == Code::Unknown && status.message().contains("transport"));
+        if transport {
+            Status::unavailable(format!(
+                "the downstream CRI runtime at {} is unavailable: {}",
+                self.socket.display(),
+                status.message()
+            ))
+        } else {
+            status
+        }
+    }
+}
+
+/// wasmlet's own services in front of a downstream runtime.
+#[derive(Clone)]
+pub struct Routed {
+    local: Cri,
+    agent: Agent,
+    down: Downstream,
+    handlers: Vec<String>,
+}
+
+/// Which side holds a pod sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PodSide {
+    /// One of wasmlet's own pods.
+    Wasm,
+    /// A downstream pod with Wasm containers in a joined sandbox here.
+    Mixed,
+    /// A downstream pod (or none at all).
+    Downstream,
+}
+
+impl Routed {
+    pub fn new(local: Cri, agent: Agent, down: Downstream, handlers: Vec<String>) -> Self {
+        Self {
+            local,
+            agent,
+            down,
+            handlers,
+        }
+    }
+
+    fn is_wasm_handler(&self, handler: &str) -> bool {
+        !handler.is_empty() && self.handlers.iter().any(|h| h == handler)
+    }
+
+    fn pod_side(&self, id: &str) -> PodSide {
+        match SandboxId::parse(id)
+            .ok()
+            .and_then(|id| self.agent.holds_pod_sandbox(&id))
+        {
+            Some(false) => PodSide::Wasm,
+            Some(true) => PodSide::Mixed,
+            None => PodSide::Downstream,
+        }
+    }
+
+    fn holds_container(&self, id: &str) -> bool {
+        ContainerId::parse(id).is_ok_and(|id| self.agent.holds_container(&id))
+    }
+
+    /// The downstream's answer to a list call, or nothing (logged) while
+    /// it is unreachable.
+    fn partial<T: Default>(&self, what: &str, reply: Reply<T>) -> T {
+        match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                let status = self.down.error(status);
+                tracing::warn!(call = what, error = %status.message(), "the downstream runtime did not answer; listing wasmlet's side only");
+                T::default()
+            }
+        }
+    }
+
+    /// The network namespace of downstream pod `id`, from its verbose
+    /// status: the runtime spec's network namespace path (containerd,
+    /// CRI-O), else its sandbox process's namespace. `None` for a pod on
+    /// the node's network.
+    async fn downstream_netns(&self, id: &str) -> Result<Option<PathBuf>, Status> {
+        let reply = self
+            .down
+            .runtime()
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.to_owned(),
+                verbose: true,
+            })
+            .await
+            .map_err(|s| self.down.error(s))?
+            .into_inner();
+        let status = reply.status.unwrap_or_default();
+        if status.state != cri::PodSandboxState::SandboxReady as i32 {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {id} is not ready in the downstream runtime"
+            )));
+        }
+        let host_network = status
+            .linux
+            .and_then(|l| l.namespaces)
+            .and_then(|n| n.options)
+            .is_some_and(|o| o.network == cri::NamespaceMode::Node as i32);
+        if host_network {
+            return Ok(None);
+        }
+        let info = reply
+            .info
+            .get("info")
+            .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+            .unwrap_or_default();
+        netns_of(&info).map(Some).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "compat-smart: the downstream runtime's verbose PodSandboxStatus for {id} names no network namespace (neither runtimeSpec.linux.namespaces nor a pid), so Wasm containers cannot join the pod's network"
+            ))
+        })
+    }
+
+    /// Creates a Wasm container in downstream pod `req.pod_sandbox_id`,
+    /// joining the pod first when needed.
+    async fn create_in_mixed_pod(
+        &self,
+        req: cri::CreateContainerRequest,
+        side: PodSide,
+    ) -> Reply<cri::CreateContainerResponse> {
+        let id = SandboxId::parse(&req.pod_sandbox_id).map_err(to_status)?;
+        if side == PodSide::Downstream {
+            let netns = self.downstream_netns(&req.pod_sandbox_id).await?;
+            let mut spec = convert::sandbox_spec(req.sandbox_config.clone(), String::new())
+                .map_err(to_status)?;
+            spec.joined = Some(JoinedPod {
+                runtime: self.down.socket().display().to_string(),
+                netns,
+            });
+            self.agent
+                .join_pod_sandbox(id, spec)
+                .await
+                .map_err(to_status)?;
+        }
+        RuntimeService::create_container(&self.local, Request::new(req)).await
+    }
+}
+
+/// Where a runtime's verbose sandbox info says the pod's network
+/// namespace is.
+fn netns_of(info: &serde_json::Value) -> Option<PathBuf> {
+    let from_spec = info
+        .pointer("/runtimeSpec/linux/namespaces")
+        .and_then(|n| n.as_array())
+        .and_then(|namespaces| {
+            namespaces.iter().find_map(|n| {
+                (n.get("type")?.as_str()? == "network")
+                    .then(|| n.get("path")?.as_str().filter(|p| !p.is_empty()))
+                    .flatten()
+                    .map(PathBuf::from)
+            })
+        });
+    from_spec.or_else(|| {
+        let pid = info.get("pid")?.as_u64().filter(|p| *p > 0)?;
+        Some(PathBuf::from(format!("/proc/{pid}/ns/net")))
+    })
+}
+
+fn is_compat_smart(config: Option<&cri::PodSandboxConfig>) -> bool {
+    config
+        .and_then(|c| c.annotations.get(VARIANT_ANNOTATION))
+        .is_some_and(|v| v == COMPAT_SMART)
+}
+
+/// Runs `$method` here when the agent holds the container, else downstream.
+macro_rules! by_container {
+    ($self:ident, $req:ident, $method:ident) => {{
+        let req = $req.into_inner();
+        if $self.holds_container(&req.container_id) {
+            RuntimeService::$method(&$self.local, Request::new(req)).await
+        } else {
+            $self
+                .down
+                .runtime()
+                .$method(req)
+                .await
+                .map_err(|s| $self.down.error(s))
+        }
+    }};
+}
+
+fn merge_condition(
+    local: Option<cri::RuntimeCondition>,
+    down: Option<cri::RuntimeCondition>,
+    kind: &str,
+) -> cri::RuntimeCondition {
+    match (local, down) {
+        (Some(l), Some(d)) => {
+            let status = l.status && d.status;
+            let (reason, message) = match (l.status, d.status) {
+                (true, true) => (String::new(), l.message),
+                (false, true) => (l.reason, format!("wasmlet: {}", l.message)),
+                (true, false) => (d.reason, format!("downstream runtime: {}", d.message)),
+                (false, false) => (
+                    l.reason,
+                    format!("wasmlet: {}; downstream runtime: {}", l.message, d.message),
+                ),
+            };
+            cri::RuntimeCondition {
+                r#type: kind.to_owned(),
+                status,
+                reason,
+                message,
+            }
+        }
+        (Some(c), None) | (None, Some(c)) => c,
+        (None, None) => cri::RuntimeCondition {
+            r#type: kind.to_owned(),
+            status: false,
+            reason: "Unknown".into(),
+            message: String::new(),
+        },
+    }
+}
+
+fn take_condition(
+    conditions: &mut Vec<cri::RuntimeCondition>,
+    kind: &str,
+) -> Option<cri::RuntimeCondition> {
+    let at = conditions.iter().position(|c| c.r#type == kind)?;
+    Some(conditions.remove(at))
+}
+
+#[tonic::async_trait]
+impl RuntimeService for Routed {
+    async fn version(&self, req: Request<cri::VersionRequest>) -> Reply<cri::VersionResponse> {
+        RuntimeService::version(&self.local, req).await
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        req: Request<cri::RunPodSandboxRequest>,
+    ) -> Reply<cri::RunPodSandboxResponse> {
+        let req = req.into_inner();
+        if self.is_wasm_handler(&req.runtime_handler) {
+            return RuntimeService::run_pod_sandbox(&self.local, Request::new(req)).await;
+        }
+        let reply = self
+            .down
+            .runtime()
+            .run_pod_sandbox(req)
+            .await
+            .map_err(|s| self.down.error(s))?;
+        if self.pod_side(&reply.get_ref().pod_sandbox_id) == PodSide::Wasm {
+            // Both sides draw 256 random bits; this never happens.
+            return Err(Status::internal(format!(
+                "the downstream runtime returned sandbox id {}, which is one of wasmlet's",
+                reply.get_ref().pod_sandbox_id
+            )));
+        }
+        Ok(reply)
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        req: Request<cri::StopPodSandboxRequest>,
+    ) -> Reply<cri::StopPodSandboxResponse> {
+        let req = req.into_inner();
+        match self.pod_side(&req.pod_sandbox_id) {
+            PodSide::Wasm => RuntimeService::stop_pod_sandbox(&self.local, Request::new(req)).await,
+            side => {
+                if side == PodSide::Mixed {
+                    // Wasm containers first, while the namespace exists.
+                    RuntimeService::stop_pod_sandbox(&self.local, Request::new(req.clone()))
+                        .await?;
+                }
+                self.down
+                    .runtime()
+                    .stop_pod_sandbox(req)
+                    .await
+                    .map_err(|s| self.down.error(s))
+            }
+        }
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        req: Request<cri::RemovePodSandboxRequest>,
+    ) -> Reply<cri::RemovePodSandboxResponse> {
+        let req = req.into_inner();
+        match self.pod_side(&req.pod_sandbox_id) {
+            PodSide::Wasm => {
+                RuntimeService::remove_pod_sandbox(&self.local, Request::new(req)).await
+            }
+            side => {
+                if side == PodSide::Mixed {
+                    RuntimeService::remove_pod_sandbox(&self.local, Request::new(req.clone()))
+                        .await?;
+                }
+                self.down
+                    .runtime()
+                    .remove_pod_sandbox(req)
+                    .await
+                    .map_err(|s| self.down.error(s))
+            }
+        }
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        req: Request<cri::PodSandboxStatusRequest>,
+    ) -> Reply<cri::PodSandboxStatusResponse> {
+        let req = req.into_inner();
+        if self.pod_side(&req.pod_sandbox_id) == PodSide::Wasm {
+            return RuntimeService::pod_sandbox_status(&self.local, Request::new(req)).await;
+        }
+        self.down
+            .runtime()
+            .pod_sandbox_status(req)
+            .await
+            .map_err(|s| self.down.error(s))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        req: Request<cri::ListPodSandboxRequest>,
+    ) -> Reply<cri::ListPodSandboxResponse> {
+        let req = req.into_inner();
+        let unfiltered = req.filter.is_none();
+        let asked = Timestamp::now();
+        let down = self.down.runtime().list_pod_sandbox(req.clone()).await;
+        let reachable = down.is_ok();
+        let down = self.partial("ListPodSandbox", down);
+        let mut items = RuntimeService::list_pod_sandbox(&self.local, Request::new(req))
+            .await?
+            .into_inner()
+            .items;
+        if unfiltered && reachable {
+            // Joined sandboxes whose pod the downstream no longer has
+            // (removed while wasmlet was down) are left-overs.
+            let live: HashSet<&str> = down.items.iter().map(|p| p.id.as_str()).collect();
+            for (id, joined_at) in self.agent.joined_pod_sandboxes() {
+                if joined_at < asked && !live.contains(id.as_str()) {
+                    tracing::info!(sandbox_id = %id, "the downstream pod of a joined sandbox is gone; removing it");
+                    if let Err(e) = self.agent.remove_pod_sandbox(&id).await {
+                        tracing::warn!(sandbox_id = %id, error = %e, "removing a left-over joined sandbox");
+                    }
+                }
+            }
+        }
+        items.extend(down.items);
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
+    async fn create_container(
+        &self,
+        req: Request<cri::CreateContainerRequest>,
+    ) -> Reply<cri::CreateContainerResponse> {
+        let req = req.into_inner();
+        let side = self.pod_side(&req.pod_sandbox_id);
+        if side == PodSide::Wasm {
+            return RuntimeService::create_container(&self.local, Request::new(req)).await;
+        }
+        let image = req
+            .config
+            .as_ref()
+            .and_then(|c| c.image.as_ref())
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        let wasm_image = !image.is_empty() && self.agent.image_status(&image).is_some();
+        if !wasm_image {
+            return self
+                .down
+                .runtime()
+                .create_container(req)
+                .await
+                .map_err(|s| self.down.error(s));
+        }
+        if !is_compat_smart(req.sandbox_config.as_ref()) {
+            return Err(Status::failed_precondition(format!(
+                "image {image} is a Wasm image held by wasmlet, but pod sandbox {} runs in the downstream runtime at {}; \
+                 run the pod with a Wasm RuntimeClass handler ({:?}), or annotate it {VARIANT_ANNOTATION}={COMPAT_SMART} \
+                 to run its Wasm containers beside its Linux containers",
+                req.pod_sandbox_id,
+                self.down.socket().display(),
+                self.handlers,
+            )));
+        }
+        self.create_in_mixed_pod(req, side).await
+    }
+
+    async fn start_container(
+        &self,
+        req: Request<cri::StartContainerRequest>,
+    ) -> Reply<cri::StartContainerResponse> {
+        by_container!(self, req, start_container)
+    }
+
+    async fn stop_container(
+        &self,
+        req: Request<cri::StopContainerRequest>,
+    ) -> Reply<cri::StopContainerResponse> {
+        by_container!(self, req, stop_container)
+    }
+
+    async fn remove_container(
+        &self,
+        req: Request<cri::RemoveContainerRequest>,
+    ) -> Reply<cri::RemoveContainerResponse> {
+        by_container!(self, req, remove_container)
+    }
+
+    async fn list_containers(
+        &self,
+        req: Request<cri::ListContainersRequest>,
+    ) -> Reply<cri::ListContainersResponse> {
+        let req = req.into_inner();
+        let down = self.down.runtime().list_containers(req.clone()).await;
+        let down = self.partial("ListContainers", down);
+        let mut containers = RuntimeService::list_containers(&self.local, Request::new(req))
+            .await?
+            .into_inner()
+            .containers;
+        containers.extend(down.containers);
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
+    async fn container_status(
+        &self,
+        req: Request<cri::ContainerStatusRequest>,
+    ) -> Reply<cri::ContainerStatusResponse> {
+        by_container!(self, req, container_status)
+    }
+
+    async fn update_container_resources(
+        &self,
+        req: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Reply<cri::UpdateContainerResourcesResponse> {
+        by_container!(self, req, update_container_resources)
+    }
+
+    async fn reopen_container_log(
+        &self,
+        req: Request<cri::ReopenContainerLogRequest>,
+    ) -> Reply<cri::ReopenContainerLogResponse> {
+        by_container!(self, req, reopen_container_log)
+    }
+
+    async fn exec_sync(&self, req: Request<cri::ExecSyncRequest>) -> Reply<cri::ExecSyncResponse> {
+        by_container!(self, req, exec_sync)
+    }
+
+    async fn exec(&self, req: Request<cri::ExecRequest>) -> Reply<cri::ExecResponse> {
+        by_container!(self, req, exec)
+    }
+
+    async fn attach(&self, req: Request<cri::AttachRequest>) -> Reply<cri::AttachResponse> {
+        by_container!(self, req, attach)
+    }
+
+    async fn port_forward(
+        &self,
+        req: Request<cri::PortForwardRequest>,
+    ) -> Reply<cri::PortForwardResponse> {
+        let req = req.into_inner();
+        // A mixed pod's Wasm containers share its namespace: the
+        // downstream runtime forwards into it.
+        if self.pod_side(&req.pod_sandbox_id) == PodSide::Wasm {
+            return RuntimeService::port_forward(&self.local, Request::new(req)).await;
+        }
+        self.down
+            .runtime()
+            .port_forward(req)
+            .await
+            .map_err(|s| self.down.error(s))
+    }
+
+    async fn container_stats(
+        &self,
+        req: Request<cri::ContainerStatsRequest>,
+    ) -> Reply<cri::ContainerStatsResponse> {
+        by_container!(self, req, container_stats)
+    }
+
+    async fn list_container_stats(
+        &self,
+        req: Request<cri::ListContainerStatsRequest>,
+    ) -> Reply<cri::ListContainerStatsResponse> {
+        let req = req.into_inner();
+        let down = self.down.runtime().list_container_stats(req.clone()).await;
+        let down = self.partial("ListContainerStats", down);
+        let mut stats = RuntimeService::list_container_stats(&self.local, Request::new(req))
+            .await?
+            .into_inner()
+            .stats;
+        stats.extend(down.stats);
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        req: Request<cri::PodSandboxStatsRequest>,
+    ) -> Reply<cri::PodSandboxStatsResponse> {
+        let req = req.into_inner();
+        let side = self.pod_side(&req.pod_sandbox_id);
+        if side == PodSide::Wasm {
+            return RuntimeService::pod_sandbox_stats(&self.local, Request::new(req)).await;
+        }
+        let id = req.pod_sandbox_id.clone();
+        let mut reply = self
+            .down
+            .runtime()
+            .pod_sandbox_stats(req)
+            .await
+            .map_err(|s| self.down.error(s))?
+            .into_inner();
+        if side == PodSide::Mixed
+            && let Some(stats) = reply.stats.as_mut()
+        {
+            let mut wasm = self.joined_container_stats().await?;
+            add_containers(stats, wasm.remove(&id).unwrap_or_default());
+        }
+        Ok(Response::new(reply))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        req: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Reply<cri::ListPodSandboxStatsResponse> {
+        let req = req.into_inner();
+        let down = self
+            .down
+            .runtime()
+            .list_pod_sandbox_stats(req.clone())
+            .await;
+        let mut down = self.partial("ListPodSandboxStats", down);
+        let mut wasm = self.joined_container_stats().await?;
+        for pod in &mut down.stats {
+            let id = pod.attributes.as_ref().map(|a| a.id.clone());
+            if let Some(containers) = id.and_then(|id| wasm.remove(&id)) {
+                add_containers(pod, containers);
+            }
+        }
+        let mut stats = RuntimeService::list_pod_sandbox_stats(&self.local, Request::new(req))
+            .await?
+            .into_inner()
+            .stats;
+        stats.extend(down.stats);
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Reply<cri::UpdateRuntimeConfigResponse> {
+        let req = req.into_inner();
+        if let Err(status) = self.down.runtime().update_runtime_config(req.clone()).await {
+            // The node's configuration, not a Wasm pod's: wasmlet takes it
+            // regardless, and the kubelet sends it again.
+            tracing::warn!(error = %self.down.error(status).message(), "the downstream runtime did not take the runtime config");
+        }
+        RuntimeService::update_runtime_config(&self.local, Request::new(req)).await
+    }
+
+    async fn status(&self, req: Request<cri::StatusRequest>) -> Reply<cri::StatusResponse> {
+        let req = req.into_inner();
+        let mut local = RuntimeService::status(&self.local, Request::new(req))
+            .await?
+            .into_inner();
+        let mut conditions = local.status.take().unwrap_or_default().conditions;
+        let local_network = take_condition(&mut conditions, "NetworkReady");
+        let mut handlers: Vec<cri::RuntimeHandler> = local
+            .runtime_handlers
+            .drain(..)
+            .filter(|h| self.is_wasm_handler(&h.name))
+            .collect();
+        match self.down.runtime().status(req).await {
+            Ok(down) => {
+                let down = down.into_inner();
+                let mut theirs = down.status.unwrap_or_default().conditions;
+                let runtime = take_condition(&mut theirs, "RuntimeReady");
+                let network = take_condition(&mut theirs, "NetworkReady");
+                conditions.push(merge_condition(local_network, network, "NetworkReady"));
+                let runtime = runtime.unwrap_or(cri::RuntimeCondition {
+                    status: false,
+                    reason: "NoRuntimeReady".into(),
+                    message: "the downstream runtime reported no RuntimeReady condition".into(),
+                    ..Default::default()
+                });
+                conditions.push(cri::RuntimeCondition {
+                    r#type: DELEGATE_CONDITION.into(),
+                    status: runtime.status,
+                    reason: runtime.reason,
+                    message: format!("{}: {}", self.down.socket().display(), runtime.message),
+                });
+                conditions.extend(theirs);
+                let mut theirs = down.runtime_handlers;
+                if theirs.is_empty() {
+                    // An older runtime reports none: it serves the default.
+                    theirs.push(cri::RuntimeHandler {
+                        name: String::new(),
+                        features: None,
+                    });
+                }
+                handlers.extend(
+                    theirs
+                        .into_iter()
+                        .filter(|h| !self.is_wasm_handler(&h.name)),
+                );
+                for (key, value) in down.info {
+                    local.info.insert(format!("delegate.{key}"), value);
+                }
+            }
+            Err(status) => {
+                let status = self.down.error(status);
+                conditions.extend(local_network);
+                conditions.push(cri::RuntimeCondition {
+                    r#type: DELEGATE_CONDITION.into(),
+                    status: false,
+                    reason: "DelegateUnreachable".into(),
+                    message: status.message().to_owned(),
+                });
+            }
+        }
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus { conditions }),
+            info: local.info,
+            runtime_handlers: handlers,
+            features: local.features,
+        }))
+    }
+
+    async fn checkpoint_container(
+        &self,
+        req: Request<cri::CheckpointContainerRequest>,
+    ) -> Reply<cri::CheckpointContainerResponse> {
+        let req = req.into_inner();
+        if self.holds_container(&req.container_id) {
+            return RuntimeService::checkpoint_container(&self.local, Request::new(req)).await;
+        }
+        self.down
+            .runtime()
+            .checkpoint_container(req)
+            .await
+            .map_err(|s| self.down.error(s))
+    }
+
+    type GetContainerEventsStream = GetContainerEventsStream;
+
+    async fn get_container_events(
+        &self,
+        req: Request<cri::GetEventsRequest>,
+    ) -> Reply<Self::GetContainerEventsStream> {
+        RuntimeService::get_container_events(&self.local, req).await
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        req: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Reply<cri::ListMetricDescriptorsResponse> {
+        let req = req.into_inner();
+        let down = self.down.runtime().list_metric_descriptors(req).await;
+        let down = self.partial("ListMetricDescriptors", down);
+        let mut descriptors =
+            RuntimeService::list_metric_descriptors(&self.local, Request::new(req))
+                .await?
+                .into_inner()
+                .descriptors;
+        let known: HashSet<String> = descriptors.iter().map(|d| d.name.clone()).collect();
+        descriptors.extend(
+            down.descriptors
+                .into_iter()
+                .filter(|d| !known.contains(&d.name)),
+        );
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors,
+        }))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        req: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Reply<cri::ListPodSandboxMetricsResponse> {
+        let req = req.into_inner();
+        let down = self.down.runtime().list_pod_sandbox_metrics(req).await;
+        let down = self.partial("ListPodSandboxMetrics", down);
+        let mut pod_metrics =
+            RuntimeService::list_pod_sandbox_metrics(&self.local, Request::new(req))
+                .await?
+                .into_inner()
+                .pod_metrics;
+        pod_metrics.extend(down.pod_metrics);
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
+            pod_metrics,
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        req: Request<cri::RuntimeConfigRequest>,
+    ) -> Reply<cri::RuntimeConfigResponse> {
+        // The kubelet sizes pod cgroups with the cgroup driver of the
+        // runtime that makes cgroups: the downstream one.
+        let req = req.into_inner();
+        match self.down.runtime().runtime_config(req).await {
+            Ok(reply) => Ok(reply),
+            Err(status) => {
+                tracing::warn!(error = %self.down.error(status).message(), "the downstream runtime did not answer RuntimeConfig; answering with wasmlet's");
+                RuntimeService::runtime_config(&self.local, Request::new(req)).await
+            }
+        }
+    }
+}
+
+impl Routed {
+    /// Stats of the Wasm containers of mixed pods, by pod id.
+    async fn joined_container_stats(
+        &self,
+    ) -> Result<HashMap<String, Vec<cri::ContainerStats>>, Status> {
+        let mut by_pod: HashMap<String, Vec<cri::ContainerStats>> = HashMap::new();
+        for (id, _) in self.agent.joined_pod_sandboxes() {
+            let stats = RuntimeService::list_container_stats(
+                &self.local,
+                Request::new(cri::ListContainerStatsRequest {
+                    filter: Some(cri::ContainerStatsFilter {
+                        pod_sandbox_id: id.to_string(),
+                        ..Default::default()
+                    }),
+                }),
+            )
+            .await?
+            .into_inner()
+            .stats;
+            by_pod.insert(id.to_string(), stats);
+        }
+        Ok(by_pod)
+    }
+}
+
+/// Adds a mixed pod's Wasm containers to the downstream's stats of it.
+fn add_containers(pod: &mut cri::PodSandboxStats, containers: Vec<cri::ContainerStats>) {
+    if containers.is_empty() {
+        return;
+    }
+    pod.linux
+        .get_or_insert_with(Default::default)
+        .containers
+        .extend(containers);
+}
+
+#[tonic::async_trait]
+impl ImageService for Routed {
+    async fn list_images(
+        &self,
+        req: Request<cri::ListImagesRequest>,
+    ) -> Reply<cri::ListImagesResponse> {
+        let req = req.into_inner();
+        let down = self.down.images().list_images(req.clone()).await;
+        let down = self.partial("ListImages", down);
+        let mut images = ImageService::list_images(&self.local, Request::new(req))
+            .await?
+            .into_inner()
+            .images;
+        images.extend(down.images);
+        Ok(Response::new(cri::ListImagesResponse { images }))
+    }
+
+    async fn image_status(
+        &self,
+        req: Request<cri::ImageStatusRequest>,
+    ) -> Reply<cri::ImageStatusResponse> {
+        let req = req.into_inner();
+        let reference = req.image.as_ref().map(|i| i.image.as_str()).unwrap_or("");
+        if !reference.is_empty() && self.agent.image_status(reference).is_some() {
+            return ImageService::image_status(&self.local, Request::new(req)).await;
+        }
+        self.down
+            .images()
+            .image_status(req)
+            .await
+            .map_err(|s| self.down.error(s))
+    }
+
+    async fn pull_image(
+        &self,
+        req: Request<cri::PullImageRequest>,
+    ) -> Reply<cri::PullImageResponse> {
+        let req = req.into_inner();
+        let spec = req.image.clone().unwrap_or_default();
+        if !spec.runtime_handler.is_empty() {
+            if self.is_wasm_handler(&spec.runtime_handler) {
+                return ImageService::pull_image(&self.local, Request::new(req)).await;
+            }
+            return self
+                .down
+                .images()
+                .pull_image(req)
+                .await
+                .map_err(|s| self.down.error(s));
+        }
+        let reference = convert::image_reference(req.image.clone()).map_err(to_status)?;
+        let credentials = convert::credentials(req.auth.clone());
+        match self.agent.probe_image(&reference, &credentials).await {
+            Ok(ImageKind::Wasm) => ImageService::pull_image(&self.local, Request::new(req)).await,
+            Ok(ImageKind::Other(what)) => {
+                tracing::debug!(reference, %what, "not a Wasm image: pulling through the downstream runtime");
+                self.down
+                    .images()
+                    .pull_image(req)
+                    .await
+                    .map_err(|s| self.down.error(s))
+            }
+            Err(probe) => {
+                // The downstream runtime may reach registries wasmlet
+                // cannot (its own mirrors and credentials): let it try.
+                tracing::debug!(reference, error = %probe, "could not read the manifest; trying the downstream runtime");
+                match self.down.images().pull_image(req).await {
+                    Ok(reply) => Ok(reply),
+                    Err(status) => {
+                        let status = self.down.error(status);
+                        Err(Status::new(
+                            status.code(),
+                            format!(
+                                "pulling {reference}: wasmlet could not read its manifest ({probe}); the downstream runtime: {}",
+                                status.message()
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    async fn remove_image(
+        &self,
+        req: Request<cri::RemoveImageRequest>,
+    ) -> Reply<cri::RemoveImageResponse> {
+        let req = req.into_inner();
+        let reference = req.image.as_ref().map(|i| i.image.as_str()).unwrap_or("");
+        if !reference.is_empty() && self.agent.image_status(reference).is_some() {
+            return ImageService::remove_image(&self.local, Request::new(req)).await;
+        }
+        self.down
+            .images()
+            .remove_image(req)
+            .await
+            .map_err(|s| self.down.error(s))
+    }
+
+    async fn image_fs_info(
+        &self,
+        req: Request<cri::ImageFsInfoRequest>,
+    ) -> Reply<cri::ImageFsInfoResponse> {
+        let req = req.into_inner();
+        let down = self.down.images().image_fs_info(req).await;
+        let down = self.partial("ImageFsInfo", down);
+        let mut reply = ImageService::image_fs_info(&self.local, Request::new(req))
+            .await?
+            .into_inner();
+        reply.image_filesystems.extend(down.image_filesystems);
+        reply
+            .container_filesystems
+            .extend(down.container_filesystems);
+        Ok(Response::new(reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_network_namespace_comes_from_the_runtime_spec_else_the_pid() {
+        let containerd = serde_json::json!({
+            "pid": 4242,
+            "runtimeSpec": {"linux": {"namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1234"},
+            ]}},
+        });
+        assert_eq!(
+            netns_of(&containerd),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+        let pid_only = serde_json::json!({"pid": 4242});
+        assert_eq!(
+            netns_of(&pid_only),
+            Some(PathBuf::from("/proc/4242/ns/net"))
+        );
+        assert_eq!(netns_of(&serde_json::json!({"pid": 0})), None);
+        assert_eq!(netns_of(&serde_json::json!({})), None);
+    }
+
+    #[test]
+    fn conditions_merge_to_ready_only_when_both_are() {
+        let c = |status: bool, message: &str| cri::RuntimeCondition {
+            r#type: "NetworkReady".into(),
+            status,
+            reason: if status {
+                String::new()
+            } else {
+                "NotReady".into()
+            },
+            message: message.into(),
+        };
+        let both = merge_condition(Some(c(true, "a")), Some(c(true, "b")), "NetworkReady");
+        assert!(both.status);
+        let theirs = merge_condition(Some(c(true, "a")), Some(c(false, "no cni")), "NetworkReady");
+        assert!(!theirs.status);
+        assert_eq!(theirs.message, "downstream runtime: no cni");
+        let ours = merge_condition(Some(c(false, "none")), None, "NetworkReady");
+        assert!(!ours.status);
+        assert_eq!(ours.message, "none");
+    }
+
+    #[test]
+    fn compat_smart_is_read_from_the_pod_annotations() {
+        let mut config = cri::PodSandboxConfig::default();
+        assert!(!is_compat_smart(Some(&config)));
+        config
+            .annotations
+            .insert(VARIANT_ANNOTATION.into(), COMPAT_SMART.into());
+        assert!(is_compat_smart(Some(&config)));
+        config
+            .annotations
+            .insert(VARIANT_ANNOTATION.into(), "compat".into());
+        assert!(!is_compat_smart(Some(&config)));
+        assert!(!is_compat_smart(None));
+    }
+}
