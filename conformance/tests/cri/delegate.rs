@@ -210,6 +210,52 @@ async fn a_wasm_pod_and_a_runc_pod_run_side_by_side_through_one_socket() {
     assert_eq!(in_wasm_pod.len(), 1);
     assert_eq!(in_wasm_pod[0].id, echo_id);
 
+    // Exec and streaming calls for delegated containers pass through: the
+    // command runs in the runc container, and Exec's URL is containerd's
+    // own streaming server.
+    let exec = cri
+        .runtime()
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: shell_id.clone(),
+            cmd: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo exec in $(hostname)".into(),
+            ],
+            timeout: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(exec.exit_code, 0, "{exec:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&exec.stdout).trim(),
+        "exec in runc-pod"
+    );
+    let url = cri
+        .runtime()
+        .exec(cri::ExecRequest {
+            container_id: shell_id.clone(),
+            cmd: vec!["/bin/sh".into()],
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    // wasmlet's own containers still answer with wasmlet's reasons.
+    let wasm_exec = cri
+        .runtime()
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: echo_id.clone(),
+            cmd: vec!["x".into()],
+            timeout: 10,
+        })
+        .await;
+    assert_eq!(wasm_exec.unwrap_err().code(), Code::Unimplemented);
+
     // Each pod's status comes from its own runtime.
     let runc_status = cri.pod_sandbox_status(&runc_pod.id).await.unwrap();
     assert_eq!(runc_status.runtime_handler, "");
@@ -483,4 +529,64 @@ async fn while_the_downstream_runtime_is_down_wasm_pods_keep_working() {
     assert_eq!(pods.len(), 2, "{pods:?}");
     remove_pod(&mut cri, &runc_pod.id).await;
     remove_pod(&mut cri, &wasm_pod.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasm_containers_of_a_pod_removed_while_wasmlet_was_down_are_cleaned_up() {
+    let mut node = node("").await;
+    let mut cri = node.wasmlet.cri();
+    let pod = cri
+        .run_pod(
+            node.pod()
+                .annotation("module.wasm.image/variant", "compat-smart")
+                .build(),
+        )
+        .await
+        .unwrap();
+    let server = ContainerConfigBuilder::new("server", PONG_P2)
+        .env("LISTEN_PORT", "7000")
+        .build();
+    let server_id = cri.start(&pod, server).await.unwrap();
+
+    // The pod goes away behind wasmlet's back.
+    node.wasmlet.kill_9().await;
+    let mut theirs = CriClient::connect(node.containerd.socket(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    theirs.stop_pod_sandbox(&pod.id).await.unwrap();
+    theirs.remove_pod_sandbox(&pod.id).await.unwrap();
+
+    let mut cri = node.wasmlet.restart().await;
+    // The first full relist finds the joined sandbox's pod gone.
+    assert!(cri.list_pod_sandbox(None).await.unwrap().is_empty());
+    assert_code(cri.container_status(&server_id).await, Code::NotFound);
+    assert!(cri.list_containers(None).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_delegate_other_handlers_are_refused_naming_the_served_ones() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let refused = cri.run_pod_sandbox(wasmlet.pod().build(), "runc").await;
+    let status = assert_code(refused, Code::InvalidArgument);
+    for named in ["\"runc\"", "wasm", "wasmtime"] {
+        assert!(status.message().contains(named), "{status:?}");
+    }
+    let status = cri.status(false).await.unwrap();
+    assert!(
+        !status
+            .status
+            .unwrap()
+            .conditions
+            .iter()
+            .any(|c| c.r#type == "DelegateRuntimeReady")
+    );
+    // The Wasm handlers and the default one are served.
+    for handler in ["", WASM] {
+        let pod = cri
+            .run_pod_on(wasmlet.pod().build(), handler)
+            .await
+            .unwrap();
+        remove_pod(&mut cri, &pod.id).await;
+    }
 }
