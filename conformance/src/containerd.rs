@@ -177,6 +177,11 @@ impl Containerd {
         Ok(containerd)
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Its CRI (and containerd API) socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")

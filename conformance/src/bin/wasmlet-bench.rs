@@ -1,7 +1,9 @@
 //! `wasmlet-bench`: measures a CRI runtime the way operators would, through
 //! its socket, with the conformance harness: pod start latency, density
 //! (memory per idle pod, list latency at that density), churn, and the
-//! `wasi:http` function's throughput. Writes a JSON file and a Markdown
+//! `wasi:http` function's throughput (against `wasmtime serve` with
+//! `--wasmtime`), and pod start and churn against Debian's containerd with
+//! runc started on a private socket, as ratios. Writes a JSON file and a Markdown
 //! table into the output directory (`bench/results/` by default), with the
 //! machine's description and the exact command.
 //!
@@ -17,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use wasmlet_conformance::containerd::{Containerd, LinuxImage};
 use wasmlet_conformance::pod_network::TestNetwork;
 use wasmlet_conformance::{ContainerConfigBuilder, CriClient, PodSandboxConfigBuilder, cri};
 
@@ -103,6 +106,13 @@ struct Runtime {
     _dir: tempfile::TempDir,
     log_root: PathBuf,
     description: String,
+    /// Pods share the node's network (the baseline's pods: no CNI, as
+    /// wasmlet's lifecycle scenarios).
+    host_network: bool,
+    /// The image pods run: it logs a line, then waits.
+    idle_image: &'static str,
+    /// The baseline runtime, when this is it.
+    _containerd: Option<Containerd>,
 }
 
 impl Drop for Runtime {
@@ -138,6 +148,9 @@ async fn start_runtime(o: &Options, network: Option<&TestNetwork>) -> Result<Run
             _dir: dir,
             log_root,
             description: format!("the runtime on {}", socket.display()),
+            host_network: false,
+            idle_image: SLEEPER,
+            _containerd: None,
         });
     }
     let bin = wasmlet_binary(o);
@@ -196,6 +209,47 @@ async fn start_runtime(o: &Options, network: Option<&TestNetwork>) -> Result<Run
         _dir: dir,
         log_root,
         description: format!("{} (started by the bench)", bin.display()),
+        host_network: false,
+        idle_image: SLEEPER,
+        _containerd: None,
+    })
+}
+
+/// An image for the baseline: busybox logging a line, then sleeping.
+const BUSYBOX_IDLE: &str = "wasmlet.test/idle:1";
+
+/// Debian's containerd with runc on a private socket, its pods on the
+/// node's network (as wasmlet's lifecycle scenarios run without CNI).
+async fn start_containerd(net: &TestNetwork) -> Result<Runtime, String> {
+    let dir = tempfile::Builder::new()
+        .prefix("wasmlet-bench-containerd-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let log_root = dir.path().join("logs");
+    std::fs::create_dir_all(&log_root).map_err(|e| e.to_string())?;
+    let containerd = Containerd::start(&net.conf_dir())
+        .await
+        .map_err(|e| e.to_string())?;
+    let idle = LinuxImage::busybox(&["/bin/sh", "-c", "echo ready; exec sleep 2147483647"])
+        .map_err(|e| e.to_string())?;
+    containerd
+        .import(BUSYBOX_IDLE, &idle)
+        .map_err(|e| e.to_string())?;
+    let version = Command::new("containerd")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    Ok(Runtime {
+        socket: containerd.socket(),
+        pid: containerd.pid(),
+        daemon: None,
+        _dir: dir,
+        log_root,
+        description: format!("{version} with runc (started by the bench)"),
+        host_network: true,
+        idle_image: BUSYBOX_IDLE,
+        _containerd: Some(containerd),
     })
 }
 
@@ -270,13 +324,26 @@ struct Phases {
 /// waits until its first log line is on disk. Returns the pod id.
 async fn start_pod(
     cri: &mut CriClient,
-    log_root: &Path,
-    image: &str,
+    rt: &Runtime,
     n: usize,
 ) -> Result<(String, Phases), String> {
-    let config = PodSandboxConfigBuilder::new(log_root)
+    let mut config = PodSandboxConfigBuilder::new(&rt.log_root)
         .name(format!("bench-{n}"))
+        .cgroup_parent("/wasmlet-bench")
         .build();
+    if rt.host_network {
+        // As the kubelet: a pod on the node's network has the node's name.
+        config.hostname.clear();
+        config
+            .linux
+            .get_or_insert_with(Default::default)
+            .security_context
+            .get_or_insert_with(Default::default)
+            .namespace_options
+            .get_or_insert_with(Default::default)
+            .network = cri::NamespaceMode::Node as i32;
+    }
+    let image = rt.idle_image;
     let t = Instant::now();
     let pod = cri.run_pod(config).await.map_err(|e| e.to_string())?;
     let run_pod_sandbox = t.elapsed();
@@ -331,14 +398,14 @@ async fn remove_pod(cri: &mut CriClient, pod: &str) -> Result<(), String> {
 
 async fn pod_start(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value, String> {
     // Warm up: the image is compiled once before timing.
-    let (warm, _) = start_pod(cri, &rt.log_root, SLEEPER, usize::MAX).await?;
+    let (warm, _) = start_pod(cri, rt, usize::MAX).await?;
     remove_pod(cri, &warm).await?;
     let mut samples = Vec::with_capacity(o.start_pods);
     let mut pods = Vec::with_capacity(o.start_pods);
     let mut phases = Vec::with_capacity(o.start_pods);
     for n in 0..o.start_pods {
         let started = Instant::now();
-        let (pod, p) = start_pod(cri, &rt.log_root, SLEEPER, n).await?;
+        let (pod, p) = start_pod(cri, rt, n).await?;
         samples.push(started.elapsed());
         pods.push(pod);
         phases.push(p);
@@ -360,7 +427,7 @@ async fn density(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value
     let mut last_starts = Vec::new();
     for n in 0..o.density_pods {
         let started = Instant::now();
-        let (pod, _) = start_pod(cri, &rt.log_root, SLEEPER, 1_000_000 + n).await?;
+        let (pod, _) = start_pod(cri, rt, 1_000_000 + n).await?;
         if n + 100 >= o.density_pods {
             last_starts.push(started.elapsed());
         }
@@ -415,7 +482,7 @@ async fn churn(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value, 
     let mut cycles = 0usize;
     let mut next_sample = started + Duration::from_secs(1);
     while Instant::now() < end {
-        let (pod, _) = start_pod(cri, &rt.log_root, SLEEPER, 2_000_000 + cycles).await?;
+        let (pod, _) = start_pod(cri, rt, 2_000_000 + cycles).await?;
         remove_pod(cri, &pod).await?;
         cycles += 1;
         if Instant::now() >= next_sample {
@@ -618,6 +685,57 @@ async fn wasmtime_serve(bin: &Path, o: &Options) -> Result<Value, String> {
     result
 }
 
+/// Pod start and churn against containerd + runc, and wasmlet's ratios to
+/// it (from `report`, measured in the same run).
+async fn baseline(
+    o: &Options,
+    net: &TestNetwork,
+    report: &BTreeMap<&str, Value>,
+) -> Result<Value, String> {
+    let rt = match start_containerd(net).await {
+        Ok(rt) => rt,
+        Err(e) => return Ok(json!(format!("not measured: {e}"))),
+    };
+    let mut cri = connect(&rt.socket).await?;
+    let pods = o.start_pods.min(100);
+    eprintln!("wasmlet-bench: baseline pod start ({pods} pods, containerd + runc)");
+    let start = pod_start(
+        &Options {
+            start_pods: pods,
+            ..o.clone()
+        },
+        &rt,
+        &mut cri,
+    )
+    .await?;
+    let seconds = o.churn_seconds.min(20);
+    eprintln!("wasmlet-bench: baseline churn ({seconds} s, containerd + runc)");
+    let churned = churn(
+        &Options {
+            churn_seconds: seconds,
+            ..o.clone()
+        },
+        &rt,
+        &mut cri,
+    )
+    .await?;
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+        _ => Value::Null,
+    };
+    let wasmlet_p50 = report["pod_start"]["start_to_first_log_line"]["p50_ms"].as_f64();
+    let wasmlet_p99 = report["pod_start"]["start_to_first_log_line"]["p99_ms"].as_f64();
+    let wasmlet_churn = report["churn"]["pods_per_second"].as_f64();
+    Ok(json!({
+        "runtime": rt.description,
+        "pod_start": start,
+        "churn": churned,
+        "pod_start_p50_speedup": ratio(start["start_to_first_log_line"]["p50_ms"].as_f64(), wasmlet_p50),
+        "pod_start_p99_speedup": ratio(start["start_to_first_log_line"]["p99_ms"].as_f64(), wasmlet_p99),
+        "churn_ratio": ratio(wasmlet_churn, churned["pods_per_second"].as_f64()),
+    }))
+}
+
 fn machine() -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -798,9 +916,49 @@ fn markdown(report: &Value) -> String {
             &["functions", "throughput_ratio_to_wasmtime_serve"],
         ),
         (
-            "baseline runtime",
-            "containerd + runc",
-            &["baseline_runtime"],
+            "baseline: containerd + runc",
+            "pods",
+            &["baseline_runtime", "pod_start", "pods"],
+        ),
+        (
+            "baseline: containerd + runc",
+            "pod start p50 ms (to first log line)",
+            &[
+                "baseline_runtime",
+                "pod_start",
+                "start_to_first_log_line",
+                "p50_ms",
+            ],
+        ),
+        (
+            "baseline: containerd + runc",
+            "pod start p99 ms",
+            &[
+                "baseline_runtime",
+                "pod_start",
+                "start_to_first_log_line",
+                "p99_ms",
+            ],
+        ),
+        (
+            "baseline: containerd + runc",
+            "churn pods per s",
+            &["baseline_runtime", "churn", "pods_per_second"],
+        ),
+        (
+            "baseline: containerd + runc",
+            "wasmlet pod start p50 speed-up (×)",
+            &["baseline_runtime", "pod_start_p50_speedup"],
+        ),
+        (
+            "baseline: containerd + runc",
+            "wasmlet pod start p99 speed-up (×)",
+            &["baseline_runtime", "pod_start_p99_speedup"],
+        ),
+        (
+            "baseline: containerd + runc",
+            "wasmlet churn ratio (×)",
+            &["baseline_runtime", "churn_ratio"],
         ),
     ];
     for (scenario, measure, path) in rows {
@@ -880,10 +1038,11 @@ async fn run(o: Options) -> Result<PathBuf, String> {
     };
     report.insert("pod_start_with_cni", cni_start);
     report.insert("functions", functions);
-    report.insert(
-        "baseline_runtime",
-        json!("not measured yet: containerd + runc is set up with the delegation work (issue #7)"),
-    );
+    let baseline = match &net {
+        Some(net) if o.endpoint.is_none() => baseline(&o, net, &report).await?,
+        _ => json!("not measured: needs root, the CNI plugins, containerd and runc"),
+    };
+    report.insert("baseline_runtime", baseline);
     let report = serde_json::to_value(&report).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&o.out).map_err(|e| format!("creating {}: {e}", o.out.display()))?;
     let stem = format!(

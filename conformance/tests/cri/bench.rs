@@ -33,10 +33,21 @@ fn the_benchmark_runs_every_scenario_and_writes_its_report() {
         report["functions"]["wasmlet"]["requests"].as_u64().unwrap() > 0,
         "{report}"
     );
+    let baseline = &report["baseline_runtime"];
+    assert_eq!(baseline["pod_start"]["pods"], 5, "{baseline}");
+    assert!(
+        baseline["churn"]["pods"].as_u64().unwrap() > 0,
+        "{baseline}"
+    );
+    assert!(
+        baseline["pod_start_p50_speedup"].as_f64().unwrap() > 0.0,
+        "{baseline}"
+    );
     assert!(report["command"].as_str().unwrap().contains("--smoke"));
     let markdown = std::fs::read_to_string(json_path.replace(".json", ".md")).unwrap();
     assert!(
-        markdown.contains("| pod start | p50 ms (to first log line) |"),
+        markdown.contains("| pod start | p50 ms (to first log line) |")
+            && markdown.contains("| baseline: containerd + runc | pod start p50 ms"),
         "{markdown}"
     );
 }
