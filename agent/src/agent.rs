@@ -27,6 +27,9 @@ use crate::stats::{CpuRate, GuestUsage, INSTANCE_OVERHEAD_BYTES, Metered, Usage}
 use crate::store::{Change, StateStore};
 use crate::time::Timestamp;
 
+/// Pod removals between two hand-backs of free heap to the kernel.
+const TRIM_EVERY: usize = 256;
+
 /// How long past the kubelet's timeout a stop may take before it is
 /// reported as failed. Guests yield every epoch tick, so this is generous.
 const STOP_MARGIN: Duration = Duration::from_secs(2);
@@ -74,6 +77,8 @@ struct ContainerEntry {
     limits: Mutex<Option<Arc<LiveLimits>>>,
     /// CPU readings, for the rate over the interval.
     cpu_rate: Mutex<CpuRate>,
+    /// The log of the running guest, for ReopenContainerLog.
+    log: Mutex<Option<ContainerLog>>,
 }
 
 impl ContainerEntry {
@@ -87,6 +92,7 @@ impl ContainerEntry {
             usage: Mutex::new(None),
             limits: Mutex::new(None),
             cpu_rate: Mutex::new(CpuRate::default()),
+            log: Mutex::new(None),
         })
     }
 
@@ -158,6 +164,8 @@ struct Inner {
     containers: RwLock<HashMap<ContainerId, Arc<ContainerEntry>>>,
     /// Serialises the uniqueness check and insert of new objects.
     creating: tokio::sync::Mutex<()>,
+    /// Pods removed since free heap was last handed back to the kernel.
+    removed_since_trim: std::sync::atomic::AtomicUsize,
     /// Bounds background compiles of pulled images.
     compile_slots: tokio::sync::Semaphore,
     /// The previous CPU reading of each pod, for its rate.
@@ -412,6 +420,7 @@ impl Agent {
                 sandboxes: RwLock::new(sandboxes),
                 containers: RwLock::new(containers),
                 creating: tokio::sync::Mutex::new(()),
+                removed_since_trim: Default::default(),
             }),
         })
     }
@@ -666,7 +675,30 @@ impl Agent {
         lock(&self.inner.pod_cpu).remove(id);
         lock(&self.inner.pod_samples).remove(id);
         tracing::info!(sandbox_id = %id, containers = ids.len(), "pod sandbox removed");
+        self.note_pod_removed();
         Ok(())
+    }
+
+    /// Every [`TRIM_EVERY`] pod removals, hands the heap the removed pods
+    /// freed back to the kernel (glibc keeps freed memory in its arenas,
+    /// so after thousands of pods go the agent's RSS would stay at its
+    /// peak).
+    fn note_pod_removed(&self) {
+        use std::sync::atomic::Ordering;
+        let removed = self
+            .inner
+            .removed_since_trim
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        if removed >= TRIM_EVERY
+            && self
+                .inner
+                .removed_since_trim
+                .compare_exchange(removed, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tokio::task::spawn_blocking(crate::limits::release_free_heap);
+        }
     }
 
     pub fn pod_sandbox_status(&self, id: &SandboxId) -> Result<SandboxRecord> {
@@ -848,7 +880,10 @@ impl Agent {
             record.clone()
         };
         let log = match ContainerLog::open(record.log_file.as_deref()) {
-            Ok(log) => log,
+            Ok(log) => {
+                *lock(&entry.log) = Some(log.clone());
+                log
+            }
             Err(e) => {
                 let reason = e.to_string();
                 self.finish(&entry, ExitStatus::start_error(reason.clone()));
@@ -1196,6 +1231,7 @@ impl Agent {
     /// Records the container's exit (once) and wakes everyone waiting.
     fn finish(&self, entry: &ContainerEntry, status: ExitStatus) {
         lock(&entry.kill).take();
+        lock(&entry.log).take();
         let mut record = lock(&entry.record);
         if record.exit(Timestamp::now(), status).is_err() {
             return;
@@ -1207,6 +1243,20 @@ impl Agent {
         tracing::info!(container_id = %record.id, exit_code = exit.map(|e| e.code), reason = exit.map(|e| e.reason.as_str()), "container exited");
         drop(record);
         entry.exited.send_replace(true);
+    }
+
+    /// Reopens a running container's log file after the kubelet rotated
+    /// it (renamed the file); see [`ContainerLog::reopen`].
+    pub fn reopen_container_log(&self, id: &ContainerId) -> Result<()> {
+        let entry = self.container(id)?;
+        let log = lock(&entry.log).clone();
+        let running = lock(&entry.record).state.is_running();
+        match log {
+            Some(log) if running => log.reopen(),
+            _ => Err(Error::FailedPrecondition(format!(
+                "container {id} is not running: only a running container's log can be reopened"
+            ))),
+        }
     }
 
     /// Ends the guest if it runs and waits until its exit is recorded.

@@ -149,6 +149,27 @@ impl ContainerLog {
         }
     }
 
+    /// Reopens the log at its path, for the kubelet's rotation (it renamed
+    /// the file): records written before go to the old file, records after
+    /// to the new one; a record is never split, lost or written twice.
+    /// On failure the old file stays in use.
+    pub fn reopen(&self) -> Result<()> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(path) = inner.path.clone() else {
+            return Ok(());
+        };
+        if let Some(f) = inner.file.as_mut() {
+            let _ = f.flush();
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(Error::io("reopening container log", &path))?;
+        inner.file = Some(file);
+        Ok(())
+    }
+
     /// Writes out unfinished lines as full records; called when the guest ends.
     pub fn close(&self) {
         if let Ok(mut inner) = self.inner.lock() {

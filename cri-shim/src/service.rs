@@ -260,12 +260,11 @@ impl RuntimeService for Cri {
 
     async fn reopen_container_log(
         &self,
-        _: Request<cri::ReopenContainerLogRequest>,
+        req: Request<cri::ReopenContainerLogRequest>,
     ) -> Reply<cri::ReopenContainerLogResponse> {
-        Err(unimplemented(
-            "ReopenContainerLog",
-            "log rotation is not supported yet",
-        ))
+        let id = convert::container_id(&req.into_inner().container_id).map_err(to_status)?;
+        self.agent.reopen_container_log(&id).map_err(to_status)?;
+        ok(cri::ReopenContainerLogResponse {})
     }
 
     async fn exec_sync(&self, _: Request<cri::ExecSyncRequest>) -> Reply<cri::ExecSyncResponse> {

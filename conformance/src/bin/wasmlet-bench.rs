@@ -36,6 +36,7 @@ struct Options {
     start_pods: usize,
     density_pods: usize,
     churn_seconds: u64,
+    churn_workers: usize,
     http_seconds: u64,
     http_concurrency: usize,
     wasmtime: Option<PathBuf>,
@@ -45,7 +46,7 @@ struct Options {
 fn usage() -> ! {
     eprintln!(
         "usage: wasmlet-bench [--smoke] [--out DIR] [--endpoint SOCKET --pid PID | --wasmlet BIN]\n\
-         \x20                    [--start-pods N] [--density-pods N] [--churn-seconds S]\n\
+         \x20                    [--start-pods N] [--density-pods N] [--churn-seconds S] [--churn-workers N]\n\
          \x20                    [--http-seconds S] [--http-concurrency C] [--wasmtime BIN]"
     );
     std::process::exit(2)
@@ -62,6 +63,7 @@ fn parse_options() -> Options {
         start_pods: 1000,
         density_pods: 10_000,
         churn_seconds: 60,
+        churn_workers: 8,
         http_seconds: 10,
         http_concurrency: 16,
         wasmtime: None,
@@ -79,6 +81,7 @@ fn parse_options() -> Options {
             "--start-pods" => o.start_pods = value().parse().unwrap_or_else(|_| usage()),
             "--density-pods" => o.density_pods = value().parse().unwrap_or_else(|_| usage()),
             "--churn-seconds" => o.churn_seconds = value().parse().unwrap_or_else(|_| usage()),
+            "--churn-workers" => o.churn_workers = value().parse().unwrap_or_else(|_| usage()),
             "--http-seconds" => o.http_seconds = value().parse().unwrap_or_else(|_| usage()),
             "--http-concurrency" => {
                 o.http_concurrency = value().parse().unwrap_or_else(|_| usage())
@@ -91,6 +94,7 @@ fn parse_options() -> Options {
         o.start_pods = o.start_pods.min(5);
         o.density_pods = o.density_pods.min(10);
         o.churn_seconds = o.churn_seconds.min(2);
+        o.churn_workers = o.churn_workers.min(2);
         o.http_seconds = o.http_seconds.min(1);
         o.http_concurrency = o.http_concurrency.min(2);
     }
@@ -327,6 +331,37 @@ async fn start_pod(
     rt: &Runtime,
     n: usize,
 ) -> Result<(String, Phases), String> {
+    start_pod_of(cri, &rt.pod_template(), n, true).await
+}
+
+/// What the pods of a runtime look like, for workers that outlive a borrow.
+#[derive(Clone)]
+struct PodTemplate {
+    log_root: PathBuf,
+    host_network: bool,
+    image: &'static str,
+}
+
+impl Runtime {
+    fn pod_template(&self) -> PodTemplate {
+        PodTemplate {
+            log_root: self.log_root.clone(),
+            host_network: self.host_network,
+            image: self.idle_image,
+        }
+    }
+}
+
+/// `wait_for_log`: whether the pod counts as started at its first log line
+/// (pod start latency) or when StartContainer returns (churn: what the
+/// kubelet waits for; polling for files would also eat the CPU the
+/// runtime needs when many workers churn at once).
+async fn start_pod_of(
+    cri: &mut CriClient,
+    rt: &PodTemplate,
+    n: usize,
+    wait_for_log: bool,
+) -> Result<(String, Phases), String> {
     let mut config = PodSandboxConfigBuilder::new(&rt.log_root)
         .name(format!("bench-{n}"))
         .cgroup_parent("/wasmlet-bench")
@@ -343,7 +378,7 @@ async fn start_pod(
             .get_or_insert_with(Default::default)
             .network = cri::NamespaceMode::Node as i32;
     }
-    let image = rt.idle_image;
+    let image = rt.image;
     let t = Instant::now();
     let pod = cri.run_pod(config).await.map_err(|e| e.to_string())?;
     let run_pod_sandbox = t.elapsed();
@@ -360,7 +395,7 @@ async fn start_pod(
     let start_container = t.elapsed();
     let t = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&log).map_or(true, |m| m.len() == 0) {
+    while wait_for_log && std::fs::metadata(&log).map_or(true, |m| m.len() == 0) {
         if Instant::now() > deadline {
             return Err(format!("no log line from pod {n} within 30 s"));
         }
@@ -474,29 +509,80 @@ async fn density(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value
     }))
 }
 
-async fn churn(o: &Options, rt: &Runtime, cri: &mut CriClient) -> Result<Value, String> {
+/// One churn worker's measurements.
+#[derive(Default)]
+struct ChurnStats {
+    cycles: usize,
+    phases: Vec<Phases>,
+    stops: Vec<Duration>,
+    removes: Vec<Duration>,
+}
+
+/// `workers` clients (on one connection, as the kubelet's pod workers)
+/// each creating, starting, stopping and removing pods for the scenario's
+/// time, with the runtime's RSS and descriptors sampled every second. A
+/// pod counts as started when StartContainer returns.
+async fn churn(
+    o: &Options,
+    rt: &Runtime,
+    cri: &mut CriClient,
+    workers: usize,
+) -> Result<Value, String> {
     let samples = |label: &str| json!({"at": label, "rss_kib": rss_kib(rt.pid), "open_fds": open_fds(rt.pid)});
     let mut trace = vec![samples("start")];
     let started = Instant::now();
     let end = started + Duration::from_secs(o.churn_seconds);
-    let mut cycles = 0usize;
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let mut cri = cri.clone();
+            let template = rt.pod_template();
+            tokio::spawn(async move {
+                let mut stats = ChurnStats::default();
+                while Instant::now() < end {
+                    let n = 2_000_000 + w * 1_000_000 + stats.cycles;
+                    let (pod, p) = start_pod_of(&mut cri, &template, n, false).await?;
+                    stats.phases.push(p);
+                    let t = Instant::now();
+                    cri.stop_pod_sandbox(&pod)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    stats.stops.push(t.elapsed());
+                    let t = Instant::now();
+                    cri.remove_pod_sandbox(&pod)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    stats.removes.push(t.elapsed());
+                    stats.cycles += 1;
+                }
+                Ok::<_, String>(stats)
+            })
+        })
+        .collect();
     let mut next_sample = started + Duration::from_secs(1);
-    while Instant::now() < end {
-        let (pod, _) = start_pod(cri, rt, 2_000_000 + cycles).await?;
-        remove_pod(cri, &pod).await?;
-        cycles += 1;
-        if Instant::now() >= next_sample {
-            trace.push(samples(&format!("{:.0}s", started.elapsed().as_secs_f64())));
-            next_sample += Duration::from_secs(1);
-        }
+    while next_sample < end {
+        tokio::time::sleep_until(next_sample.into()).await;
+        trace.push(samples(&format!("{:.0}s", started.elapsed().as_secs_f64())));
+        next_sample += Duration::from_secs(1);
+    }
+    let mut all = ChurnStats::default();
+    for task in tasks {
+        let stats = task.await.map_err(|e| e.to_string())??;
+        all.cycles += stats.cycles;
+        all.phases.extend(stats.phases);
+        all.stops.extend(stats.stops);
+        all.removes.extend(stats.removes);
     }
     let elapsed = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
     trace.push(samples("end"));
     Ok(json!({
+        "workers": workers,
         "seconds": elapsed,
-        "pods": cycles,
-        "pods_per_second": cycles as f64 / elapsed,
+        "pods": all.cycles,
+        "pods_per_second": all.cycles as f64 / elapsed,
+        "phases": phases_summary(&all.phases),
+        "stop_pod_sandbox": latency_summary(all.stops),
+        "remove_pod_sandbox": latency_summary(all.removes),
         "samples": trace,
     }))
 }
@@ -710,15 +796,16 @@ async fn baseline(
     .await?;
     let seconds = o.churn_seconds.min(20);
     eprintln!("wasmlet-bench: baseline churn ({seconds} s, containerd + runc)");
-    let churned = churn(
-        &Options {
-            churn_seconds: seconds,
-            ..o.clone()
-        },
-        &rt,
-        &mut cri,
-    )
-    .await?;
+    let short = Options {
+        churn_seconds: seconds,
+        ..o.clone()
+    };
+    let churned = churn(&short, &rt, &mut cri, 1).await?;
+    eprintln!(
+        "wasmlet-bench: baseline churn ({seconds} s, {} workers, containerd + runc)",
+        o.churn_workers
+    );
+    let churned_concurrent = churn(&short, &rt, &mut cri, o.churn_workers).await?;
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => json!(a / b),
         _ => Value::Null,
@@ -726,6 +813,7 @@ async fn baseline(
     let wasmlet_p50 = report["pod_start"]["start_to_first_log_line"]["p50_ms"].as_f64();
     let wasmlet_p99 = report["pod_start"]["start_to_first_log_line"]["p99_ms"].as_f64();
     let wasmlet_churn = report["churn"]["pods_per_second"].as_f64();
+    let wasmlet_churn_concurrent = report["churn_concurrent"]["pods_per_second"].as_f64();
     Ok(json!({
         "runtime": rt.description,
         "pod_start": start,
@@ -733,6 +821,11 @@ async fn baseline(
         "pod_start_p50_speedup": ratio(start["start_to_first_log_line"]["p50_ms"].as_f64(), wasmlet_p50),
         "pod_start_p99_speedup": ratio(start["start_to_first_log_line"]["p99_ms"].as_f64(), wasmlet_p99),
         "churn_ratio": ratio(wasmlet_churn, churned["pods_per_second"].as_f64()),
+        "churn_concurrent": churned_concurrent,
+        "churn_concurrent_ratio": ratio(
+            wasmlet_churn_concurrent,
+            churned_concurrent["pods_per_second"].as_f64()
+        ),
     }))
 }
 
@@ -891,9 +984,29 @@ fn markdown(report: &Value) -> String {
             &["density", "list_pod_sandbox_stats", "p50_ms"],
         ),
         (
-            "churn",
+            "churn, one client",
             "pods created+started+stopped+removed per s",
             &["churn", "pods_per_second"],
+        ),
+        (
+            "churn, one client",
+            "StopPodSandbox p50 ms",
+            &["churn", "stop_pod_sandbox", "p50_ms"],
+        ),
+        (
+            "churn, one client",
+            "RemovePodSandbox p50 ms",
+            &["churn", "remove_pod_sandbox", "p50_ms"],
+        ),
+        (
+            "churn, concurrent clients",
+            "workers",
+            &["churn_concurrent", "workers"],
+        ),
+        (
+            "churn, concurrent clients",
+            "pods created+started+stopped+removed per s",
+            &["churn_concurrent", "pods_per_second"],
         ),
         (
             "functions",
@@ -957,8 +1070,18 @@ fn markdown(report: &Value) -> String {
         ),
         (
             "baseline: containerd + runc",
-            "wasmlet churn ratio (×)",
+            "wasmlet churn ratio, one client (×)",
             &["baseline_runtime", "churn_ratio"],
+        ),
+        (
+            "baseline: containerd + runc",
+            "concurrent churn pods per s",
+            &["baseline_runtime", "churn_concurrent", "pods_per_second"],
+        ),
+        (
+            "baseline: containerd + runc",
+            "wasmlet churn ratio, concurrent clients (×)",
+            &["baseline_runtime", "churn_concurrent_ratio"],
         ),
     ];
     for (scenario, measure, path) in rows {
@@ -1009,7 +1132,15 @@ async fn run(o: Options) -> Result<PathBuf, String> {
     eprintln!("wasmlet-bench: density ({} idle pods)", o.density_pods);
     report.insert("density", density(&o, &rt, &mut cri).await?);
     eprintln!("wasmlet-bench: churn ({} s)", o.churn_seconds);
-    report.insert("churn", churn(&o, &rt, &mut cri).await?);
+    report.insert("churn", churn(&o, &rt, &mut cri, 1).await?);
+    eprintln!(
+        "wasmlet-bench: churn ({} s, {} workers)",
+        o.churn_seconds, o.churn_workers
+    );
+    report.insert(
+        "churn_concurrent",
+        churn(&o, &rt, &mut cri, o.churn_workers).await?,
+    );
     drop(cri);
     drop(rt);
     let (functions, cni_start) = match &net {
@@ -1061,7 +1192,8 @@ async fn run(o: Options) -> Result<PathBuf, String> {
     Ok(json_path)
 }
 
-#[tokio::main(flavor = "current_thread")]
+// Churn workers each poll for their pod's first log line on a thread.
+#[tokio::main(flavor = "multi_thread", worker_threads = 8)]
 async fn main() {
     let o = parse_options();
     match run(o).await {

@@ -19,6 +19,7 @@ mod http_functions;
 mod image;
 mod isolation;
 mod limits;
+mod log_rotation;
 mod network;
 mod networked;
 mod play;
