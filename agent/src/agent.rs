@@ -15,6 +15,7 @@ use crate::container::{
 };
 use crate::engine::{GuestConfig, Preopen, Prepared, WasmEngine};
 use crate::error::{Error, Result};
+use crate::events::{LifecycleEvent, LifecycleKind};
 use crate::http::{HttpExit, HttpOptions, Metering, StopRequest};
 use crate::ids::{ContainerId, SandboxId};
 use crate::image::{FsUsage, ImageRecord, ImageStore, WasmKind};
@@ -26,6 +27,33 @@ use crate::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
 use crate::stats::{CpuRate, GuestUsage, INSTANCE_OVERHEAD_BYTES, Metered, Usage};
 use crate::store::{Change, StateStore};
 use crate::time::Timestamp;
+
+/// The most output an exec keeps per stream (the rest is dropped).
+pub const EXEC_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
+
+/// What an exec'd instance did.
+#[derive(Clone, Debug, Default)]
+pub struct ExecOutput {
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// The names under which a Wasm artifact's one program may be exec'd: the
+/// container's own command, the name the image gives it, and
+/// `/proc/self/exe`.
+fn artifact_program_names(image: &ImageRecord, spec: &ContainerSpec) -> Vec<String> {
+    let mut names = vec!["/proc/self/exe".to_owned()];
+    if let Some(c) = spec.command.first() {
+        names.push(c.clone());
+    }
+    if let Some(n) = image.first_name() {
+        names.push(n.basename().to_owned());
+    }
+    names.push("main.wasm".to_owned());
+    names.dedup();
+    names
+}
 
 /// Pod removals between two hand-backs of free heap to the kernel.
 const TRIM_EVERY: usize = 256;
@@ -79,6 +107,8 @@ struct ContainerEntry {
     cpu_rate: Mutex<CpuRate>,
     /// The log of the running guest, for ReopenContainerLog.
     log: Mutex<Option<ContainerLog>>,
+    /// The running guest's memory account, shared by exec'd instances.
+    exec_limiter: Mutex<Option<MemoryLimiter>>,
 }
 
 impl ContainerEntry {
@@ -93,6 +123,7 @@ impl ContainerEntry {
             limits: Mutex::new(None),
             cpu_rate: Mutex::new(CpuRate::default()),
             log: Mutex::new(None),
+            exec_limiter: Mutex::new(None),
         })
     }
 
@@ -164,6 +195,8 @@ struct Inner {
     containers: RwLock<HashMap<ContainerId, Arc<ContainerEntry>>>,
     /// Serialises the uniqueness check and insert of new objects.
     creating: tokio::sync::Mutex<()>,
+    /// Lifecycle events, for GetContainerEvents.
+    events: crate::events::Events,
     /// Pods removed since free heap was last handed back to the kernel.
     removed_since_trim: std::sync::atomic::AtomicUsize,
     /// Bounds background compiles of pulled images.
@@ -421,6 +454,7 @@ impl Agent {
                 containers: RwLock::new(containers),
                 creating: tokio::sync::Mutex::new(()),
                 removed_since_trim: Default::default(),
+                events: Default::default(),
             }),
         })
     }
@@ -518,6 +552,12 @@ impl Agent {
             return Err(e);
         }
         tracing::info!(sandbox_id = %id, pod = %meta.name, namespace = %meta.namespace, "pod sandbox ready");
+        self.inner
+            .events
+            .emit(id.as_str(), &id, LifecycleKind::Created);
+        self.inner
+            .events
+            .emit(id.as_str(), &id, LifecycleKind::Started);
         write(&self.inner.sandboxes).insert(id.clone(), Arc::new(Mutex::new(record)));
         Ok(id)
     }
@@ -582,6 +622,11 @@ impl Agent {
             .collect()
     }
 
+    /// Subscribes to sandbox and container lifecycle events from now on.
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<LifecycleEvent> {
+        self.inner.events.subscribe()
+    }
+
     /// Whether the agent holds container `id`.
     pub fn holds_container(&self, id: &ContainerId) -> bool {
         read(&self.inner.containers).contains_key(id)
@@ -642,6 +687,11 @@ impl Agent {
                 return Err(e);
             }
             tracing::info!(sandbox_id = %id, "pod sandbox stopped");
+            if record.spec.joined.is_none() {
+                self.inner
+                    .events
+                    .emit(id.as_str(), id, LifecycleKind::Stopped);
+            }
         }
         Ok(())
     }
@@ -649,9 +699,10 @@ impl Agent {
     /// Stops the sandbox if needed and removes it with its containers.
     /// Removing a sandbox that no longer exists succeeds.
     pub async fn remove_pod_sandbox(&self, id: &SandboxId) -> Result<()> {
-        if self.sandbox(id).is_err() {
+        let Ok(sandbox) = self.sandbox(id) else {
             return Ok(());
-        }
+        };
+        let joined = lock(&sandbox).spec.joined.is_some();
         self.stop_pod_sandbox(id).await?;
         let entries = self.containers_of(id);
         let ids: Vec<ContainerId> = entries.iter().map(|e| lock(&e.record).id.clone()).collect();
@@ -675,6 +726,16 @@ impl Agent {
         lock(&self.inner.pod_cpu).remove(id);
         lock(&self.inner.pod_samples).remove(id);
         tracing::info!(sandbox_id = %id, containers = ids.len(), "pod sandbox removed");
+        for c in &ids {
+            self.inner
+                .events
+                .emit(c.as_str(), id, LifecycleKind::Deleted);
+        }
+        if !joined {
+            self.inner
+                .events
+                .emit(id.as_str(), id, LifecycleKind::Deleted);
+        }
         self.note_pod_removed();
         Ok(())
     }
@@ -809,6 +870,9 @@ impl Agent {
         let prepared = self.prepare(&image, &spec).await;
         *lock(&entry.prepared) = Some(prepared);
         tracing::info!(container_id = %id, sandbox_id = %sandbox_id, image = %image.id, "container created");
+        self.inner
+            .events
+            .emit(id.as_str(), sandbox_id, LifecycleKind::Created);
         Ok(id)
     }
 
@@ -901,6 +965,7 @@ impl Agent {
         let limiter =
             MemoryLimiter::live(live.clone(), self.pod_memory(&sandbox)).with_usage(usage.clone());
         let oom = limiter.oom_flag();
+        *lock(&entry.exec_limiter) = Some(limiter.sibling_with_own_oom());
         let network = self.guest_network(&sandbox);
         let memory_limit = record.spec.resources.memory_limit_bytes;
         let memory_note = move |message: &str| match memory_limit {
@@ -990,6 +1055,9 @@ impl Agent {
                     agent.finish(&entry, status);
                 });
                 tracing::info!(container_id = %id, "container started");
+                self.inner
+                    .events
+                    .emit(id.as_str(), &record.sandbox_id, LifecycleKind::Started);
                 Ok(())
             }
             Err(reason) => {
@@ -1082,8 +1150,24 @@ impl Agent {
             Some(p) => p?,
             None => self.prepare(&image, &record.spec).await?,
         };
-        let spec = &record.spec;
-        let program = program(&self.inner.images, &self.inner.programs, &image, spec)?;
+        let config =
+            self.guest_config(&record.id, &image, &record.spec, log, limiter, network, dns)?;
+        self.inner.engine.instantiate(&prepared, config).await
+    }
+
+    /// What a guest of container `id` running `spec` in `image` gets.
+    #[allow(clippy::too_many_arguments)]
+    fn guest_config(
+        &self,
+        id: &ContainerId,
+        image: &ImageRecord,
+        spec: &ContainerSpec,
+        log: ContainerLog,
+        limiter: MemoryLimiter,
+        network: GuestNetwork,
+        dns: crate::network::DnsSettings,
+    ) -> std::result::Result<GuestConfig, String> {
+        let program = program(&self.inner.images, &self.inner.programs, image, spec)?;
         let mut preopens = Vec::new();
         if let Some(root) = &program.rootfs {
             preopens.push(Preopen {
@@ -1092,7 +1176,7 @@ impl Agent {
                 readonly: true,
             });
         }
-        preopens.extend(self.preopens(&record.id, &spec.mounts)?);
+        preopens.extend(self.preopens(id, &spec.mounts)?);
         let working_dir = if spec.working_dir.is_empty() {
             image
                 .compat
@@ -1115,7 +1199,7 @@ impl Agent {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
         env.extend(spec.envs.iter().cloned());
-        let config = GuestConfig {
+        Ok(GuestConfig {
             argv: program.argv,
             env,
             preopens,
@@ -1124,8 +1208,7 @@ impl Agent {
             limiter,
             network,
             dns: Arc::new(dns),
-        };
-        self.inner.engine.instantiate(&prepared, config).await
+        })
     }
 
     /// Turns mounts into preopened directories. WASI preopens only
@@ -1232,6 +1315,7 @@ impl Agent {
     fn finish(&self, entry: &ContainerEntry, status: ExitStatus) {
         lock(&entry.kill).take();
         lock(&entry.log).take();
+        lock(&entry.exec_limiter).take();
         let mut record = lock(&entry.record);
         if record.exit(Timestamp::now(), status).is_err() {
             return;
@@ -1241,8 +1325,141 @@ impl Agent {
         }
         let exit = record.exit.as_ref();
         tracing::info!(container_id = %record.id, exit_code = exit.map(|e| e.code), reason = exit.map(|e| e.reason.as_str()), "container exited");
+        self.inner.events.emit(
+            record.id.as_str(),
+            &record.sandbox_id,
+            LifecycleKind::Stopped,
+        );
         drop(record);
         entry.exited.send_replace(true);
+    }
+
+    /// Runs `cmd` in running container `id` as a fresh Wasm instance, as
+    /// `ExecSync` (and exec probes) ask: `cmd[0]` names a Wasm program of
+    /// the container's image (for a compat image, a file on its `PATH` or
+    /// a path in it; for a Wasm artifact, its one program, by the
+    /// container's command, the image's name or `/proc/self/exe`). The
+    /// instance shares the container's mounts, environment, working
+    /// directory, memory account and network; its output is captured
+    /// (at most [`EXEC_OUTPUT_LIMIT`] bytes per stream). An unknown program
+    /// exits 127 and one that is not Wasm 126, with the reason on stderr,
+    /// as a shell would. Past `timeout` the instance is ended and the call
+    /// fails with `DeadlineExceeded`.
+    pub async fn exec_sync(
+        &self,
+        id: &ContainerId,
+        cmd: &[String],
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput> {
+        let Some(argv0) = cmd.first().filter(|c| !c.is_empty()) else {
+            return Err(Error::InvalidArgument("exec needs a command".into()));
+        };
+        let entry = self.container(id)?;
+        let record = entry.snapshot();
+        let limiter = lock(&entry.exec_limiter)
+            .as_ref()
+            .map(MemoryLimiter::sibling_with_own_oom);
+        let Some(limiter) = limiter.filter(|_| record.state.is_running()) else {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not running: exec runs only in a running container"
+            )));
+        };
+        let sandbox = self.sandbox(&record.sandbox_id)?;
+        let sandbox = lock(&sandbox).clone();
+        let image = self
+            .inner
+            .images
+            .resolve(record.image_id.as_str())
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "image {} of container {id} was removed",
+                    record.image_id
+                ))
+            })?;
+        let failed = |code: i32, message: String| ExecOutput {
+            exit_code: code,
+            stdout: Vec::new(),
+            stderr: format!("wasmlet: exec: {message}\n").into_bytes(),
+        };
+        if image.compat.is_none() {
+            let names = artifact_program_names(&image, &record.spec);
+            if !names.iter().any(|n| n == argv0) {
+                return Ok(failed(
+                    127,
+                    format!(
+                        "{argv0}: not found (this Wasm image holds one program, run as one of {names:?})"
+                    ),
+                ));
+            }
+        }
+        let mut spec = record.spec.clone();
+        spec.command = cmd.to_vec();
+        spec.args.clear();
+        if let Err(reason) = program(&self.inner.images, &self.inner.programs, &image, &spec) {
+            return Ok(failed(127, format!("{argv0}: {reason}")));
+        }
+        let prepared = match self.prepare(&image, &spec).await {
+            Ok(p) => p,
+            Err(reason) => return Ok(failed(126, format!("{argv0}: cannot run: {reason}"))),
+        };
+        let log = ContainerLog::capture(EXEC_OUTPUT_LIMIT);
+        let network = self.guest_network(&sandbox);
+        let config = self
+            .guest_config(
+                &record.id,
+                &image,
+                &spec,
+                log.clone(),
+                limiter,
+                network.clone(),
+                sandbox.spec.dns.clone(),
+            )
+            .map_err(Error::FailedPrecondition)?;
+        let guest = match self.inner.engine.instantiate(&prepared, config).await {
+            Ok(crate::engine::Guest::Http(_)) => {
+                return Ok(failed(
+                    126,
+                    format!("{argv0}: is a wasi:http function, not a command"),
+                ));
+            }
+            Ok(guest) => guest,
+            Err(reason) => return Ok(failed(126, format!("{argv0}: {reason}"))),
+        };
+        let run = self
+            .inner
+            .guests
+            .handle()
+            .spawn(InNamespace::new(guest.run(), &network));
+        let abort = run.abort_handle();
+        let joined = match timeout {
+            Some(limit) => match tokio::time::timeout(limit, run).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    abort.abort();
+                    return Err(Error::DeadlineExceeded(format!(
+                        "exec {argv0} in container {id} did not finish within {limit:?}"
+                    )));
+                }
+            },
+            None => run.await,
+        };
+        let exit = match joined {
+            Ok(Ok(exit)) => exit,
+            Ok(Err(message)) => crate::engine::GuestExit {
+                code: crate::engine::TRAP_EXIT_CODE,
+                message,
+            },
+            Err(e) => return Err(Error::Internal(format!("exec task failed: {e}"))),
+        };
+        if !exit.message.is_empty() {
+            log.write_line(Stream::Stderr, &exit.message);
+        }
+        let (stdout, stderr) = log.captured();
+        Ok(ExecOutput {
+            exit_code: exit.code,
+            stdout,
+            stderr,
+        })
     }
 
     /// Reopens a running container's log file after the kubelet rotated
@@ -1310,9 +1527,13 @@ impl Agent {
         self.inner
             .state
             .apply(&[Change::DeleteContainer(id.as_str())])?;
+        let sandbox_id = lock(&entry.record).sandbox_id.clone();
         write(&self.inner.containers).remove(id);
         self.remove_container_files(id);
         tracing::info!(container_id = %id, "container removed");
+        self.inner
+            .events
+            .emit(id.as_str(), &sandbox_id, LifecycleKind::Deleted);
         Ok(())
     }
 

@@ -61,6 +61,10 @@ pub enum Error {
     /// The pod network could not be set up or torn down (CNI, namespaces).
     #[error("{0}")]
     Network(String),
+
+    /// An operation with a deadline (ExecSync's timeout) ran out of time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
 }
 
 impl Error {
@@ -128,6 +132,7 @@ impl Error {
             },
             Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
             Error::Network(m) => Error::Network(m.clone()),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(m.clone()),
             Error::InvalidImage { reference, reason } => Error::InvalidImage {
                 reference: reference.clone(),
                 reason: reason.clone(),

@@ -14,6 +14,7 @@ mod artifacts;
 pub mod container;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod ids;
 pub mod image;
@@ -27,5 +28,5 @@ pub mod stats;
 pub mod store;
 pub mod time;
 
-pub use agent::{Agent, AgentConfig, ContainerUsage, PodUsage, RuntimeInfo};
+pub use agent::{Agent, AgentConfig, ContainerUsage, ExecOutput, PodUsage, RuntimeInfo};
 pub use error::{Error, Result};

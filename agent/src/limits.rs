@@ -223,6 +223,20 @@ impl MemoryLimiter {
         }
     }
 
+    /// Like [`MemoryLimiter::sibling`], with an OOM flag of its own: an
+    /// exec'd instance that hits the limit fails alone, and the container
+    /// is not reported OOMKilled for it.
+    pub fn sibling_with_own_oom(&self) -> Self {
+        Self {
+            live: self.live.clone(),
+            pod: self.pod.clone(),
+            used: 0,
+            container_used: self.container_used.clone(),
+            oom: Arc::new(AtomicBool::new(false)),
+            usage: self.usage.clone(),
+        }
+    }
+
     /// Also report the guest's committed memory to `usage` (for stats).
     pub fn with_usage(mut self, usage: Arc<GuestUsage>) -> Self {
         self.usage = Some(usage);
@@ -392,4 +406,3 @@ mod tests {
         );
     }
 }
-

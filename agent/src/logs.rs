@@ -44,6 +44,13 @@ struct Inner {
     path: Option<PathBuf>,
     /// Bytes of an unfinished line, per stream.
     pending: [Vec<u8>; 2],
+    /// Raw output kept in memory instead (an exec's), up to a limit.
+    capture: Option<Capture>,
+}
+
+struct Capture {
+    limit: usize,
+    streams: [Vec<u8>; 2],
 }
 
 impl Inner {
@@ -66,6 +73,11 @@ impl Inner {
 
     fn write(&mut self, stream: Stream, mut data: &[u8]) {
         let idx = stream as usize;
+        if let Some(capture) = self.capture.as_mut() {
+            let room = capture.limit.saturating_sub(capture.streams[idx].len());
+            capture.streams[idx].extend_from_slice(&data[..data.len().min(room)]);
+            return;
+        }
         while let Some(nl) = data.iter().position(|b| *b == b'\n') {
             let mut pending = std::mem::take(&mut self.pending[idx]);
             pending.extend_from_slice(&data[..nl]);
@@ -128,8 +140,34 @@ impl ContainerLog {
                 file,
                 path: path.map(Path::to_owned),
                 pending: [Vec::new(), Vec::new()],
+                capture: None,
             })),
         })
+    }
+
+    /// A log keeping each stream's raw output in memory, at most `limit`
+    /// bytes of each (the rest is dropped): an exec's output.
+    pub fn capture(limit: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                file: None,
+                path: None,
+                pending: [Vec::new(), Vec::new()],
+                capture: Some(Capture {
+                    limit,
+                    streams: [Vec::new(), Vec::new()],
+                }),
+            })),
+        }
+    }
+
+    /// What a capturing log holds: (stdout, stderr).
+    pub fn captured(&self) -> (Vec<u8>, Vec<u8>) {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match &inner.capture {
+            Some(c) => (c.streams[0].clone(), c.streams[1].clone()),
+            None => Default::default(),
+        }
     }
 
     /// Appends raw output of `stream`.
@@ -142,6 +180,10 @@ impl ContainerLog {
     /// Writes one whole line (e.g. a runtime message for the user).
     pub fn write_line(&self, stream: Stream, line: &str) {
         if let Ok(mut inner) = self.inner.lock() {
+            if inner.capture.is_some() {
+                inner.write(stream, format!("{line}\n").as_bytes());
+                return;
+            }
             inner.flush_pending();
             for l in line.lines() {
                 inner.emit_line(stream, l.as_bytes());

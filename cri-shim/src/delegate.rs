@@ -739,11 +739,44 @@ impl RuntimeService for Routed {
 
     type GetContainerEventsStream = GetContainerEventsStream;
 
+    /// Both runtimes' events in one stream. A subscriber must not miss
+    /// either side's, so a downstream that publishes none makes the call
+    /// fail (the kubelet then relists), and the end of the downstream's
+    /// stream ends this one.
     async fn get_container_events(
         &self,
         req: Request<cri::GetEventsRequest>,
     ) -> Reply<Self::GetContainerEventsStream> {
-        RuntimeService::get_container_events(&self.local, req).await
+        use futures::StreamExt;
+        let req = req.into_inner();
+        let down = self
+            .down
+            .runtime()
+            .get_container_events(req)
+            .await
+            .map_err(|s| self.down.error(s))?
+            .into_inner();
+        let local = RuntimeService::get_container_events(&self.local, Request::new(req))
+            .await?
+            .into_inner();
+        let socket = self.down.socket().display().to_string();
+        let down = down
+            .map(|item| {
+                item.map_err(|s| {
+                    Status::unavailable(format!(
+                        "the downstream runtime's event stream failed: {}",
+                        s.message()
+                    ))
+                })
+            })
+            .chain(futures::stream::once(async move {
+                Err(Status::unavailable(format!(
+                    "the downstream runtime at {socket} ended its event stream; subscribe again"
+                )))
+            }));
+        Ok(Response::new(Box::pin(futures::stream::select(
+            local, down,
+        ))))
     }
 
     async fn list_metric_descriptors(

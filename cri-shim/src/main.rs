@@ -76,8 +76,31 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     server::serve(agent, &settings, listener, shutdown_signal()).await
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// Worker threads of the daemon's runtime: state commits block a worker
+/// for an fsync, so there are more workers than cores, letting concurrent
+/// calls reach the store together and share a commit.
+fn worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .saturating_mul(4)
+        .clamp(8, 64)
+}
+
+fn main() -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads())
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(async_main()),
+        Err(error) => {
+            eprintln!("wasmlet: starting the async runtime: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `play` shows the pod's output; its in-process agent only warns.
     init_logging(if matches!(cli.command, Some(Command::Play(_))) {

@@ -7,8 +7,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 use wasmlet_agent::Agent;
+use wasmlet_agent::container::ContainerFilter;
+use wasmlet_agent::events::{LifecycleEvent, LifecycleKind};
 use wasmlet_proto::cri;
 use wasmlet_proto::cri::image_service_server::ImageService;
 use wasmlet_proto::cri::runtime_service_server::RuntimeService;
@@ -65,6 +68,31 @@ fn unimplemented(what: &str, why: &str) -> Status {
 
 fn ok<T>(t: T) -> Reply<T> {
     Ok(Response::new(t))
+}
+
+/// An event with the statuses the evented PLEG reads: its pod's, and
+/// every container's in that pod, as they are when it is sent.
+fn event_response(agent: &Agent, event: LifecycleEvent) -> cri::ContainerEventResponse {
+    let kind = match event.kind {
+        LifecycleKind::Created => cri::ContainerEventType::ContainerCreatedEvent,
+        LifecycleKind::Started => cri::ContainerEventType::ContainerStartedEvent,
+        LifecycleKind::Stopped => cri::ContainerEventType::ContainerStoppedEvent,
+        LifecycleKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
+    };
+    let containers = agent.list_containers(&ContainerFilter {
+        sandbox_id: Some(event.sandbox_id.to_string()),
+        ..Default::default()
+    });
+    cri::ContainerEventResponse {
+        container_id: event.id,
+        container_event_type: kind as i32,
+        created_at: event.at.as_nanos(),
+        pod_sandbox_status: agent
+            .pod_sandbox_status(&event.sandbox_id)
+            .ok()
+            .map(|s| convert::pod_sandbox_status(&s)),
+        containers_statuses: containers.iter().map(convert::container_status).collect(),
+    }
 }
 
 fn json_info(key: &str, value: &impl serde::Serialize) -> HashMap<String, String> {
@@ -267,11 +295,20 @@ impl RuntimeService for Cri {
         ok(cri::ReopenContainerLogResponse {})
     }
 
-    async fn exec_sync(&self, _: Request<cri::ExecSyncRequest>) -> Reply<cri::ExecSyncResponse> {
-        Err(unimplemented(
-            "ExecSync",
-            "exec into Wasm containers is not supported yet",
-        ))
+    async fn exec_sync(&self, req: Request<cri::ExecSyncRequest>) -> Reply<cri::ExecSyncResponse> {
+        let req = req.into_inner();
+        let id = convert::container_id(&req.container_id).map_err(to_status)?;
+        let timeout = (req.timeout > 0).then(|| Duration::from_secs(req.timeout.unsigned_abs()));
+        let out = self
+            .agent
+            .exec_sync(&id, &req.cmd, timeout)
+            .await
+            .map_err(to_status)?;
+        ok(cri::ExecSyncResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+        })
     }
 
     async fn exec(&self, _: Request<cri::ExecRequest>) -> Reply<cri::ExecResponse> {
@@ -434,10 +471,26 @@ impl RuntimeService for Cri {
         &self,
         _: Request<cri::GetEventsRequest>,
     ) -> Reply<Self::GetContainerEventsStream> {
-        Err(unimplemented(
-            "GetContainerEvents",
-            "container events are not published yet; use the generic PLEG",
-        ))
+        let rx = self.agent.subscribe_events();
+        let agent = self.agent.clone();
+        // Ends after telling a subscriber that fell behind to relist.
+        let stream = futures::stream::unfold(Some(rx), move |rx| {
+            let agent = agent.clone();
+            async move {
+                let mut rx = rx?;
+                match rx.recv().await {
+                    Ok(event) => Some((Ok(event_response(&agent, event)), Some(rx))),
+                    Err(RecvError::Lagged(missed)) => Some((
+                        Err(Status::aborted(format!(
+                            "this subscriber fell {missed} events behind and missed them; subscribe again and relist"
+                        ))),
+                        None,
+                    )),
+                    Err(RecvError::Closed) => None,
+                }
+            }
+        });
+        ok(Box::pin(stream) as Self::GetContainerEventsStream)
     }
 
     async fn list_metric_descriptors(

@@ -21,6 +21,7 @@ pub fn code(e: &Error) -> Code {
             RegistryFailure::TooLarge => Code::ResourceExhausted,
             RegistryFailure::NotWasm | RegistryFailure::Invalid => Code::InvalidArgument,
         },
+        Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
         Error::Io { .. } | Error::Store(_) | Error::Internal(_) | Error::Network(_) => {
             Code::Internal
         }

@@ -243,3 +243,88 @@ async fn a_compat_image_whose_entrypoint_is_not_wasm_is_refused() {
         error.message()
     );
 }
+
+async fn exec(
+    cri: &mut wasmlet_conformance::CriClient,
+    id: &str,
+    cmd: &[&str],
+    timeout: i64,
+) -> Result<wasmlet_conformance::cri::ExecSyncResponse, tonic::Status> {
+    cri.runtime()
+        .exec_sync(wasmlet_conformance::cri::ExecSyncRequest {
+            container_id: id.to_owned(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_sync_runs_a_program_of_the_image_beside_the_container() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let reference = push_programs(&registry).await;
+    let wasmlet = daemon_for(&registry).await;
+    let mut cri = wasmlet.cri();
+    cri.pull_image(&reference).await.unwrap();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let ticker = ContainerConfigBuilder::new("tools", &reference)
+        .command(["tick"])
+        .env("READ_FILE", "hello.txt")
+        .env("OVERRIDDEN", "container")
+        .build();
+    let log = pod.container_log(&ticker);
+    let id = cri.start(&pod, ticker).await.unwrap();
+
+    // A program on the image's PATH, with the container's environment,
+    // working directory and files; its output comes back, not in the log.
+    let out = exec(&mut cri, &id, &["echo.wasm", "from exec"], 10)
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    assert!(
+        stdout.contains("arg[0]=echo.wasm\narg[1]=from exec\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("env OVERRIDDEN=container\n"), "{stdout}");
+    assert!(
+        stdout.contains("file hello.txt: hello from the image\n"),
+        "{stdout}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "echo done\n");
+    let logged = read_cri_log(&log).unwrap();
+    assert!(
+        !stream_lines(&logged, Stream::Stdout)
+            .iter()
+            .any(|l| l.contains("from exec")),
+        "exec output leaked into the container log"
+    );
+
+    // What is not a program of the image: 127, as a shell says it.
+    let missing = exec(&mut cri, &id, &["sh", "-c", "true"], 10)
+        .await
+        .unwrap();
+    assert_eq!(missing.exit_code, 127);
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("sh"),
+        "{missing:?}"
+    );
+    // Past its timeout an exec fails with DeadlineExceeded; the container
+    // runs on.
+    let slow = exec(&mut cri, &id, &["/usr/bin/tick"], 1)
+        .await
+        .unwrap_err();
+    assert_eq!(slow.code(), Code::DeadlineExceeded, "{slow:?}");
+    let status = cri.container_status(&id).await.unwrap();
+    assert_eq!(
+        status.state,
+        wasmlet_conformance::cri::ContainerState::ContainerRunning as i32
+    );
+
+    cri.stop_container(&id, 0).await.unwrap();
+    let stopped = exec(&mut cri, &id, &["echo.wasm"], 10).await.unwrap_err();
+    assert_eq!(stopped.code(), Code::FailedPrecondition, "{stopped:?}");
+    let empty = exec(&mut cri, &id, &[], 10).await.unwrap_err();
+    assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
+}

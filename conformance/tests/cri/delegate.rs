@@ -245,7 +245,8 @@ async fn a_wasm_pod_and_a_runc_pod_run_side_by_side_through_one_socket() {
         .into_inner()
         .url;
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-    // wasmlet's own containers still answer with wasmlet's reasons.
+    // wasmlet's own containers answer with wasmlet's rules (the echo has
+    // exited: exec needs a running container).
     let wasm_exec = cri
         .runtime()
         .exec_sync(cri::ExecSyncRequest {
@@ -254,7 +255,7 @@ async fn a_wasm_pod_and_a_runc_pod_run_side_by_side_through_one_socket() {
             timeout: 10,
         })
         .await;
-    assert_eq!(wasm_exec.unwrap_err().code(), Code::Unimplemented);
+    assert_eq!(wasm_exec.unwrap_err().code(), Code::FailedPrecondition);
 
     // Each pod's status comes from its own runtime.
     let runc_status = cri.pod_sandbox_status(&runc_pod.id).await.unwrap();

@@ -505,3 +505,39 @@ async fn many_guests_run_at_once_without_blocking_the_server() {
     cri.version().await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_into_a_wasm_artifact_runs_its_one_program_by_its_names() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let config = ContainerConfigBuilder::new("ticker", TICKER_P1)
+        .env("TICK_MS", "1000")
+        .build();
+    let id = cri.start(&pod, config).await.unwrap();
+    let exec = |cmd: &[&str], timeout: i64| cri::ExecSyncRequest {
+        container_id: id.clone(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout,
+    };
+    // Its own program (it ticks forever): the timeout ends it.
+    let slow = cri
+        .runtime()
+        .exec_sync(exec(&["/proc/self/exe"], 1))
+        .await
+        .unwrap_err();
+    assert_eq!(slow.code(), tonic::Code::DeadlineExceeded, "{slow:?}");
+    // Anything else is not in the image.
+    let other = cri
+        .runtime()
+        .exec_sync(exec(&["cat", "/etc/hostname"], 5))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(other.exit_code, 127, "{other:?}");
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("cat: not found"),
+        "{other:?}"
+    );
+    cri.stop_container(&id, 0).await.unwrap();
+}

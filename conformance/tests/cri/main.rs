@@ -14,6 +14,7 @@ mod compat;
 mod container;
 mod daemon_lifecycle;
 mod delegate;
+mod events;
 mod exec_wasm;
 mod http_functions;
 mod image;

@@ -611,3 +611,38 @@ spec:
     played.assert_stderr("[web] exited with code 0 (Completed)");
     played.assert_code(0);
 }
+
+#[test]
+fn exec_probes_run_in_the_container_through_exec_sync() {
+    let scene = Scene::new();
+    // The ticker's own program never ends, so the liveness exec times out;
+    // `cat` is no program of the image, so readiness never passes.
+    let yaml = format!(
+        "
+kind: Pod
+metadata: {{name: probed}}
+spec:
+  restartPolicy: Never
+  containers:
+    - name: ticker
+      image: {TICKER_P1}
+      env: [{{name: TICK_MS, value: '100'}}]
+      readinessProbe:
+        exec: {{command: [cat, /tmp/ready]}}
+        periodSeconds: 1
+      livenessProbe:
+        exec: {{command: [/proc/self/exe]}}
+        periodSeconds: 1
+        timeoutSeconds: 1
+        failureThreshold: 2
+"
+    );
+    let played = scene.play(&yaml, &images(&[(TICKER_P1, wasm_samples::TICKER_P1)]));
+    played.assert_stderr("[ticker] liveness probe failed 2 times (exec [\"/proc/self/exe\"]");
+    played.assert_stderr("did not finish within 1s");
+    assert_eq!(
+        played.stderr_count("ready: readiness probe passed"),
+        0,
+        "{played}"
+    );
+}

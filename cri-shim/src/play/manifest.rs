@@ -142,7 +142,7 @@ pub enum PortRef {
 pub struct Probe {
     pub http_get: Option<HttpGetAction>,
     pub tcp_socket: Option<TcpSocketAction>,
-    pub exec: Option<IgnoredAny>,
+    pub exec: Option<ExecAction>,
     #[serde(default)]
     pub initial_delay_seconds: u64,
     #[serde(default = "ten")]
@@ -166,6 +166,14 @@ fn three() -> u32 {
 }
 fn one_u32() -> u32 {
     1
+}
+
+/// An exec probe: the command runs in the container (ExecSync) and
+/// passes when it exits 0.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExecAction {
+    #[serde(default)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -441,6 +449,18 @@ impl Container {
     }
 
     fn check_probe(&self, kind: &str, probe: &Probe) -> anyhow::Result<()> {
+        if let Some(exec) = &probe.exec {
+            if probe.http_get.is_some() || probe.tcp_socket.is_some() {
+                bail!("container {:?}: {kind}: a probe has one action", self.name);
+            }
+            if exec.command.is_empty() {
+                bail!(
+                    "container {:?}: {kind}: an exec probe needs a command",
+                    self.name
+                );
+            }
+            return Ok(());
+        }
         let port = match (&probe.http_get, &probe.tcp_socket) {
             (Some(get), None) => {
                 if get
@@ -457,12 +477,8 @@ impl Container {
                 &get.port
             }
             (None, Some(tcp)) => &tcp.port,
-            _ if probe.exec.is_some() => bail!(
-                "container {:?}: {kind}: exec probes need ExecSync, which wasmlet does not implement yet; use httpGet or tcpSocket",
-                self.name
-            ),
             _ => bail!(
-                "container {:?}: {kind}: play runs httpGet and tcpSocket probes only",
+                "container {:?}: {kind}: play runs exec, httpGet and tcpSocket probes",
                 self.name
             ),
         };
@@ -626,7 +642,10 @@ spec:
             Some(8080)
         );
         Pod::parse(&pod("{tcpSocket: {port: 8080}}")).unwrap();
-        assert!(parse_err(&pod("{exec: {command: [ls]}}")).contains("exec probes need ExecSync"));
+        let exec = Pod::parse(&pod("{exec: {command: [probe.wasm, ok]}}")).unwrap();
+        let exec = exec.spec.containers[0].readiness_probe.clone().unwrap();
+        assert_eq!(exec.exec.unwrap().command, vec!["probe.wasm", "ok"]);
+        assert!(parse_err(&pod("{exec: {command: []}}")).contains("needs a command"));
         assert!(
             parse_err(&pod("{httpGet: {port: admin}}"))
                 .contains("not one of the container's ports")

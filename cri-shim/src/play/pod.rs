@@ -440,7 +440,8 @@ impl PodRun {
                     .next_readiness
                     .is_some_and(|t| t <= now)
             {
-                let result = probe_once(&self.pod_ip, &container, probe).await;
+                let result =
+                    probe_once(&mut self.runtime, &id, &self.pod_ip, &container, probe).await;
                 let slot = &mut self.slots[i];
                 slot.probes.next_readiness =
                     Some(now + Duration::from_secs(probe.period_seconds.max(1)));
@@ -478,7 +479,8 @@ impl PodRun {
             if let Some(probe) = &container.liveness_probe
                 && self.slots[i].probes.next_liveness.is_some_and(|t| t <= now)
             {
-                let result = probe_once(&self.pod_ip, &container, probe).await;
+                let result =
+                    probe_once(&mut self.runtime, &id, &self.pod_ip, &container, probe).await;
                 let slot = &mut self.slots[i];
                 slot.probes.next_liveness =
                     Some(now + Duration::from_secs(probe.period_seconds.max(1)));
@@ -597,8 +599,36 @@ impl PodRun {
 
 /// One probe against the pod's IP: `Ok` with what it saw, or why it failed.
 /// HTTP probes pass on a status from 200 to 399, as the kubelet's do.
-async fn probe_once(pod_ip: &str, container: &Container, probe: &Probe) -> Result<String, String> {
+async fn probe_once(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    id: &str,
+    pod_ip: &str,
+    container: &Container,
+    probe: &Probe,
+) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if let Some(exec) = &probe.exec {
+        let request = cri::ExecSyncRequest {
+            container_id: id.to_owned(),
+            cmd: exec.command.clone(),
+            timeout: i64::try_from(probe.timeout_seconds.max(1)).unwrap_or(i64::MAX),
+        };
+        let reply = runtime
+            .exec_sync(request)
+            .await
+            .map_err(|s| format!("exec {:?}: {}", exec.command, s.message()))?
+            .into_inner();
+        return if reply.exit_code == 0 {
+            Ok(format!("exec {:?} exited 0", exec.command))
+        } else {
+            Err(format!(
+                "exec {:?} exited {}: {}",
+                exec.command,
+                reply.exit_code,
+                String::from_utf8_lossy(&reply.stderr).trim()
+            ))
+        };
+    }
     if pod_ip.is_empty() {
         return Err("the pod has no IP".to_owned());
     }

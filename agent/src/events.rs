@@ -1,0 +1,93 @@
+//! Lifecycle events of sandboxes and containers, for CRI
+//! `GetContainerEvents` (the kubelet's evented PLEG).
+//!
+//! Events go out on a broadcast channel: sending never blocks the runtime,
+//! and a subscriber that falls more than [`EVENT_BUFFER`] events behind is
+//! told it lagged (it must relist) instead of slowing anyone down.
+
+use tokio::sync::broadcast;
+
+use crate::ids::SandboxId;
+use crate::time::Timestamp;
+
+/// Events a subscriber may fall behind by before it is told it lagged.
+pub const EVENT_BUFFER: usize = 4096;
+
+/// What happened, in CRI's terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifecycleKind {
+    Created,
+    Started,
+    Stopped,
+    Deleted,
+}
+
+/// One transition of a container, or of a sandbox (then `id` is the
+/// sandbox's own id, as containerd reports sandboxes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LifecycleEvent {
+    pub id: String,
+    pub sandbox_id: SandboxId,
+    pub kind: LifecycleKind,
+    pub at: Timestamp,
+}
+
+/// The sending side, owned by the agent.
+pub struct Events {
+    tx: broadcast::Sender<LifecycleEvent>,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self {
+            tx: broadcast::Sender::new(EVENT_BUFFER),
+        }
+    }
+}
+
+impl Events {
+    /// Publishes an event; without subscribers it goes nowhere.
+    pub fn emit(&self, id: impl Into<String>, sandbox_id: &SandboxId, kind: LifecycleKind) {
+        let _ = self.tx.send(LifecycleEvent {
+            id: id.into(),
+            sandbox_id: sandbox_id.clone(),
+            kind,
+            at: Timestamp::now(),
+        });
+    }
+
+    /// A new subscriber, seeing every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<LifecycleEvent> {
+        self.tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_subscriber_sees_every_event_and_a_slow_one_is_told_it_lagged() {
+        let events = Events::default();
+        let sandbox = SandboxId::generate();
+        events.emit("before", &sandbox, LifecycleKind::Created);
+        let mut a = events.subscribe();
+        let mut b = events.subscribe();
+        events.emit("c1", &sandbox, LifecycleKind::Created);
+        events.emit("c1", &sandbox, LifecycleKind::Started);
+        for rx in [&mut a, &mut b] {
+            assert_eq!(rx.recv().await.unwrap().kind, LifecycleKind::Created);
+            assert_eq!(rx.recv().await.unwrap().kind, LifecycleKind::Started);
+        }
+        // `b` reads nothing while far more than the buffer is sent: the
+        // sender never waits, and `b` learns it lagged.
+        for _ in 0..EVENT_BUFFER + 10 {
+            events.emit("c2", &sandbox, LifecycleKind::Stopped);
+        }
+        assert!(matches!(
+            b.recv().await,
+            Err(broadcast::error::RecvError::Lagged(_))
+        ));
+        assert_eq!(a.recv().await.unwrap().id, "c2");
+    }
+}
