@@ -410,7 +410,15 @@ pub fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
 
 impl Drop for TestNetwork {
     fn drop(&mut self) {
-        // The runtime removes the pods' veths; the bridge is the test's.
+        // A runtime that was killed leaves its pods' namespaces pinned
+        // here; unpinning ends them, and with them the pods' veths.
+        if let Ok(entries) = std::fs::read_dir(self.netns_dir()) {
+            for entry in entries.flatten() {
+                let _ = nix::mount::umount2(&entry.path(), nix::mount::MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        // The bridge is the test's.
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();

@@ -829,6 +829,26 @@ async fn baseline(
     }))
 }
 
+/// The disk's durable-write latency now: 4 KiB written and fdatasync'd,
+/// median of 200, in the temp dir (where the runtimes' state goes). Every
+/// state change of a runtime waits for one, so it bounds what a run can
+/// show and explains run-to-run drift on a shared disk.
+fn fsync_latency_ms() -> Option<f64> {
+    use std::io::Write;
+    let dir = tempfile::tempdir().ok()?;
+    let mut file = std::fs::File::create(dir.path().join("probe")).ok()?;
+    let block = [0u8; 4096];
+    let mut samples = Vec::with_capacity(200);
+    for _ in 0..200 {
+        let t = Instant::now();
+        file.write_all(&block).ok()?;
+        file.sync_data().ok()?;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Some(percentile(&samples, 0.5))
+}
+
 fn machine() -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -849,6 +869,7 @@ fn machine() -> Value {
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "memory_kib": mem.parse::<u64>().ok(),
         "kernel": kernel.trim(),
+        "fdatasync_4k_p50_ms": fsync_latency_ms(),
     })
 }
 
@@ -874,7 +895,7 @@ fn markdown(report: &Value) -> String {
         }
     };
     md.push_str(&format!(
-        "# wasmlet benchmark{}\n\nCommand: `{}`  \nRuntime: {}  \nMachine: {} × {}, {} KiB, Linux {}  \nWhen: {}\n\n",
+        "# wasmlet benchmark{}\n\nCommand: `{}`  \nRuntime: {}  \nMachine: {} × {}, {} KiB, Linux {}, 4 KiB write + fdatasync p50 {} ms  \nWhen: {}\n\n",
         if report["smoke"].as_bool() == Some(true) { " (smoke run: tiny scale, not a measurement)" } else { "" },
         get(&["command"]),
         get(&["runtime"]),
@@ -882,6 +903,7 @@ fn markdown(report: &Value) -> String {
         get(&["machine", "cpu"]),
         get(&["machine", "memory_kib"]),
         get(&["machine", "kernel"]),
+        get(&["machine", "fdatasync_4k_p50_ms"]),
         get(&["unix_time"]),
     ));
     md.push_str("| scenario | measure | value |\n|---|---|---|\n");
@@ -1192,8 +1214,9 @@ async fn run(o: Options) -> Result<PathBuf, String> {
     Ok(json_path)
 }
 
-// Churn workers each poll for their pod's first log line on a thread.
-#[tokio::main(flavor = "multi_thread", worker_threads = 8)]
+// One thread, as a kubelet's client side is light: churn workers are tasks
+// on it (they do not block: only pod start polls for the log line).
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let o = parse_options();
     match run(o).await {
