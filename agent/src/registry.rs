@@ -234,6 +234,17 @@ fn is_wasm_platform(os: &str, architecture: &str) -> bool {
     matches!(os, "wasip1" | "wasip2" | "wasi") || matches!(architecture, "wasm" | "wasm32")
 }
 
+/// A manifest or index as JSON, or why it is not one.
+fn parse_manifest(reference: &str, bytes: &[u8]) -> Result<Manifest> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        failure(
+            reference,
+            RegistryFailure::Invalid,
+            format!("manifest is not valid JSON: {e}"),
+        )
+    })
+}
+
 /// A registry client for the whole agent.
 pub struct Registry {
     config: RegistryConfig,
@@ -656,13 +667,7 @@ impl Registry {
         let (bytes, _) = self
             .fetch_manifest(client, &oci_ref, &auth, reference)
             .await?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-            failure(
-                reference,
-                RegistryFailure::Invalid,
-                format!("manifest is not valid JSON: {e}"),
-            )
-        })?;
+        let manifest: Manifest = parse_manifest(reference, &bytes)?;
         if manifest.annotations.contains_key(VARIANT_ANNOTATION) {
             return Ok(ImageKind::Wasm);
         }
@@ -773,13 +778,7 @@ impl Registry {
         let (top_bytes, top_digest) = self
             .fetch_manifest(client, &oci_ref, &auth, reference)
             .await?;
-        let top: Manifest = serde_json::from_slice(&top_bytes).map_err(|e| {
-            failure(
-                reference,
-                RegistryFailure::Invalid,
-                format!("manifest is not valid JSON: {e}"),
-            )
-        })?;
+        let top: Manifest = parse_manifest(reference, &top_bytes)?;
         let mut blobs = Vec::new();
         let (manifest_bytes, manifest_digest, manifest) = if top.media_type == OCI_INDEX
             || top.media_type == DOCKER_LIST
@@ -809,13 +808,7 @@ impl Registry {
             let (bytes, digest) = self
                 .fetch_manifest(client, &by_digest, &auth, reference)
                 .await?;
-            let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-                failure(
-                    reference,
-                    RegistryFailure::Invalid,
-                    format!("manifest is not valid JSON: {e}"),
-                )
-            })?;
+            let manifest: Manifest = parse_manifest(reference, &bytes)?;
             blobs.push(fresh.write(store, &top_bytes)?);
             (bytes, digest, manifest)
         } else {
