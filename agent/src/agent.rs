@@ -13,7 +13,7 @@ use crate::container::Resources;
 use crate::container::{
     ContainerFilter, ContainerRecord, ContainerSpec, ContainerState, ExitStatus, Mount,
 };
-use crate::engine::{GuestConfig, Preopen, Prepared, WasmEngine};
+use crate::engine::{GuestConfig, GuestStdio, Preopen, Prepared, WasmEngine};
 use crate::error::{Error, Result};
 use crate::events::{LifecycleEvent, LifecycleKind};
 use crate::http::{HttpExit, HttpOptions, Metering, StopRequest};
@@ -37,6 +37,92 @@ pub struct ExecOutput {
     pub exit_code: i32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+}
+
+/// The streams of an exec'd instance (see [`Agent::exec`]).
+pub struct ExecStdio {
+    /// What the instance reads; `None`: end-of-file at once.
+    pub stdin: Option<tokio::io::DuplexStream>,
+    pub stdout: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    /// `None`: stderr joins stdout.
+    pub stderr: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    /// The client asked for a terminal, of this size (0 × 0: not known).
+    pub terminal: Option<TerminalSize>,
+}
+
+/// A client terminal's size, in characters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TerminalSize {
+    pub width: u16,
+    pub height: u16,
+}
+
+/// A client attached to a running container (see [`Agent::attach`]).
+pub struct Attachment {
+    /// The container's output from the attach on; closed when it exits.
+    pub output: tokio::sync::broadcast::Receiver<crate::logs::Output>,
+    pub stdin: Option<AttachedStdin>,
+    /// Turns true when the container exited.
+    pub exited: watch::Receiver<bool>,
+    /// The container was created with `tty`.
+    pub terminal: bool,
+}
+
+/// An attached client's hold on a container's stdin.
+pub struct AttachedStdin {
+    writer: Arc<tokio::sync::Mutex<Option<tokio::io::DuplexStream>>>,
+    once: bool,
+}
+
+impl AttachedStdin {
+    /// Writes to the container's stdin; fails once it is closed.
+    pub async fn write(&self, data: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        match self.writer.lock().await.as_mut() {
+            Some(w) => w.write_all(data).await,
+            None => Err(std::io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    /// The client closed its input: with `stdin_once` the container's
+    /// stdin closes for good (the guest reads end-of-file).
+    pub async fn close(self) {
+        if self.once {
+            self.writer.lock().await.take();
+        }
+    }
+}
+
+/// What one guest run gets besides its container's spec: where its
+/// output goes, its memory account, its network and its stdio.
+struct GuestSetup {
+    log: ContainerLog,
+    limiter: MemoryLimiter,
+    network: GuestNetwork,
+    dns: crate::network::DnsSettings,
+    stdio: GuestStdio,
+}
+
+/// An exec'd instance running; dropping it ends the instance.
+struct ExecRun(tokio::task::JoinHandle<std::result::Result<crate::engine::GuestExit, String>>);
+
+impl ExecRun {
+    async fn wait(mut self) -> Result<crate::engine::GuestExit> {
+        match (&mut self.0).await {
+            Ok(Ok(exit)) => Ok(exit),
+            Ok(Err(message)) => Ok(crate::engine::GuestExit {
+                code: crate::engine::TRAP_EXIT_CODE,
+                message,
+            }),
+            Err(e) => Err(Error::Internal(format!("exec task failed: {e}"))),
+        }
+    }
+}
+
+impl Drop for ExecRun {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The names under which a Wasm artifact's one program may be exec'd: the
@@ -109,6 +195,9 @@ struct ContainerEntry {
     log: Mutex<Option<ContainerLog>>,
     /// The running guest's memory account, shared by exec'd instances.
     exec_limiter: Mutex<Option<MemoryLimiter>>,
+    /// The write end of the running guest's stdin (a container created
+    /// with `stdin`), shared by attached clients; taken to close it.
+    stdin: Arc<tokio::sync::Mutex<Option<tokio::io::DuplexStream>>>,
 }
 
 impl ContainerEntry {
@@ -124,6 +213,7 @@ impl ContainerEntry {
             cpu_rate: Mutex::new(CpuRate::default()),
             log: Mutex::new(None),
             exec_limiter: Mutex::new(None),
+            stdin: Arc::default(),
         })
     }
 
@@ -967,6 +1057,12 @@ impl Agent {
         let oom = limiter.oom_flag();
         *lock(&entry.exec_limiter) = Some(limiter.sibling_with_own_oom());
         let network = self.guest_network(&sandbox);
+        let mut stdio = GuestStdio::default();
+        if record.spec.stdin {
+            let (writer, reader) = crate::stdio::stdin_pipe();
+            *entry.stdin.lock().await = Some(writer);
+            stdio.stdin = Some(reader);
+        }
         let memory_limit = record.spec.resources.memory_limit_bytes;
         let memory_note = move |message: &str| match memory_limit {
             Some(limit) => format!(
@@ -978,10 +1074,13 @@ impl Agent {
             .instantiate(
                 &entry,
                 &record,
-                log.clone(),
-                limiter,
-                network.clone(),
-                sandbox.spec.dns.clone(),
+                GuestSetup {
+                    log: log.clone(),
+                    limiter,
+                    network: network.clone(),
+                    dns: sandbox.spec.dns.clone(),
+                    stdio,
+                },
             )
             .await
         {
@@ -1135,10 +1234,7 @@ impl Agent {
         &self,
         entry: &ContainerEntry,
         record: &ContainerRecord,
-        log: ContainerLog,
-        limiter: MemoryLimiter,
-        network: GuestNetwork,
-        dns: crate::network::DnsSettings,
+        setup: GuestSetup,
     ) -> std::result::Result<crate::engine::Guest, String> {
         let image = self
             .inner
@@ -1150,23 +1246,25 @@ impl Agent {
             Some(p) => p?,
             None => self.prepare(&image, &record.spec).await?,
         };
-        let config =
-            self.guest_config(&record.id, &image, &record.spec, log, limiter, network, dns)?;
+        let config = self.guest_config(&record.id, &image, &record.spec, setup)?;
         self.inner.engine.instantiate(&prepared, config).await
     }
 
     /// What a guest of container `id` running `spec` in `image` gets.
-    #[allow(clippy::too_many_arguments)]
     fn guest_config(
         &self,
         id: &ContainerId,
         image: &ImageRecord,
         spec: &ContainerSpec,
-        log: ContainerLog,
-        limiter: MemoryLimiter,
-        network: GuestNetwork,
-        dns: crate::network::DnsSettings,
+        setup: GuestSetup,
     ) -> std::result::Result<GuestConfig, String> {
+        let GuestSetup {
+            log,
+            limiter,
+            network,
+            dns,
+            stdio,
+        } = setup;
         let program = program(&self.inner.images, &self.inner.programs, image, spec)?;
         let mut preopens = Vec::new();
         if let Some(root) = &program.rootfs {
@@ -1208,6 +1306,7 @@ impl Agent {
             limiter,
             network,
             dns: Arc::new(dns),
+            stdio,
         })
     }
 
@@ -1316,6 +1415,9 @@ impl Agent {
         lock(&entry.kill).take();
         lock(&entry.log).take();
         lock(&entry.exec_limiter).take();
+        if let Ok(mut stdin) = entry.stdin.try_lock() {
+            stdin.take();
+        }
         let mut record = lock(&entry.record);
         if record.exit(Timestamp::now(), status).is_err() {
             return;
@@ -1351,6 +1453,117 @@ impl Agent {
         cmd: &[String],
         timeout: Option<Duration>,
     ) -> Result<ExecOutput> {
+        let log = ContainerLog::capture(EXEC_OUTPUT_LIMIT);
+        let failed = |code: i32, message: String| ExecOutput {
+            exit_code: code,
+            stdout: Vec::new(),
+            stderr: format!("wasmlet: exec: {message}\n").into_bytes(),
+        };
+        let (guest, network) = match self
+            .exec_instance(id, cmd, log.clone(), GuestStdio::default())
+            .await?
+        {
+            Ok(ready) => ready,
+            Err((code, message)) => return Ok(failed(code, message)),
+        };
+        let run = self.spawn_exec(guest, network);
+        let joined = match timeout {
+            Some(limit) => match tokio::time::timeout(limit, run.wait()).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    return Err(Error::DeadlineExceeded(format!(
+                        "exec {} in container {id} did not finish within {limit:?}",
+                        cmd[0]
+                    )));
+                }
+            },
+            None => run.wait().await,
+        };
+        let exit = joined?;
+        if !exit.message.is_empty() {
+            log.write_line(Stream::Stderr, &exit.message);
+        }
+        let (stdout, stderr) = log.captured();
+        Ok(ExecOutput {
+            exit_code: exit.code,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Runs `cmd` in running container `id` as [`Agent::exec_sync`] does,
+    /// with the client's streams instead of captured output (`Exec`): the
+    /// instance reads `stdio.stdin` (end-of-file when absent or closed) and
+    /// writes into `stdio.stdout` and `stdio.stderr` (stderr joins stdout
+    /// for a terminal, which also gets `\r\n` line ends). Returns the exit
+    /// code once the instance ended and all its output was handed over.
+    /// Dropping the future ends the instance.
+    pub async fn exec(&self, id: &ContainerId, cmd: &[String], stdio: ExecStdio) -> Result<i32> {
+        let stdout = crate::stdio::ChannelOutput::new(stdio.stdout, stdio.terminal.is_some());
+        let stderr = match stdio.stderr {
+            Some(tx) if stdio.terminal.is_none() => crate::stdio::ChannelOutput::new(tx, false),
+            _ => stdout.clone(),
+        };
+        let guest_stdio = GuestStdio {
+            stdin: stdio
+                .stdin
+                .map(|r| Arc::new(wasmtime_wasi::cli::AsyncStdinStream::new(r))),
+            stdout: Some(stdout),
+            stderr: Some(stderr.clone()),
+        };
+        let log = ContainerLog::capture(0);
+        let mut extra_env = Vec::new();
+        if let Some(size) = stdio.terminal {
+            extra_env.push(("TERM".to_owned(), "xterm".to_owned()));
+            if size.width > 0 && size.height > 0 {
+                extra_env.push(("COLUMNS".to_owned(), size.width.to_string()));
+                extra_env.push(("LINES".to_owned(), size.height.to_string()));
+            }
+        }
+        let say = |message: String| {
+            let mut err = stderr.clone();
+            let text = format!("wasmlet: exec: {message}\n");
+            let _ = wasmtime_wasi::p2::OutputStream::write(&mut err, text.into());
+        };
+        let (guest, network) = match self
+            .exec_instance_with_env(id, cmd, log, guest_stdio, extra_env)
+            .await?
+        {
+            Ok(ready) => ready,
+            Err((code, message)) => {
+                say(message);
+                return Ok(code);
+            }
+        };
+        let exit = self.spawn_exec(guest, network).wait().await?;
+        if !exit.message.is_empty() {
+            say(exit.message);
+        }
+        Ok(exit.code)
+    }
+
+    /// Checks and instantiates an exec of `cmd` in container `id`. The
+    /// inner error is a shell's answer (127 not found, 126 cannot run) and
+    /// its reason; the outer one a call that cannot be honoured.
+    async fn exec_instance(
+        &self,
+        id: &ContainerId,
+        cmd: &[String],
+        log: ContainerLog,
+        stdio: GuestStdio,
+    ) -> Result<std::result::Result<(crate::engine::Guest, GuestNetwork), (i32, String)>> {
+        self.exec_instance_with_env(id, cmd, log, stdio, Vec::new())
+            .await
+    }
+
+    async fn exec_instance_with_env(
+        &self,
+        id: &ContainerId,
+        cmd: &[String],
+        log: ContainerLog,
+        stdio: GuestStdio,
+        extra_env: Vec<(String, String)>,
+    ) -> Result<std::result::Result<(crate::engine::Guest, GuestNetwork), (i32, String)>> {
         let Some(argv0) = cmd.first().filter(|c| !c.is_empty()) else {
             return Err(Error::InvalidArgument("exec needs a command".into()));
         };
@@ -1376,90 +1589,116 @@ impl Agent {
                     record.image_id
                 ))
             })?;
-        let failed = |code: i32, message: String| ExecOutput {
-            exit_code: code,
-            stdout: Vec::new(),
-            stderr: format!("wasmlet: exec: {message}\n").into_bytes(),
-        };
         if image.compat.is_none() {
             let names = artifact_program_names(&image, &record.spec);
             if !names.iter().any(|n| n == argv0) {
-                return Ok(failed(
+                return Ok(Err((
                     127,
                     format!(
                         "{argv0}: not found (this Wasm image holds one program, run as one of {names:?})"
                     ),
-                ));
+                )));
             }
         }
         let mut spec = record.spec.clone();
         spec.command = cmd.to_vec();
         spec.args.clear();
+        spec.envs.extend(extra_env);
         if let Err(reason) = program(&self.inner.images, &self.inner.programs, &image, &spec) {
-            return Ok(failed(127, format!("{argv0}: {reason}")));
+            return Ok(Err((127, format!("{argv0}: {reason}"))));
         }
         let prepared = match self.prepare(&image, &spec).await {
             Ok(p) => p,
-            Err(reason) => return Ok(failed(126, format!("{argv0}: cannot run: {reason}"))),
+            Err(reason) => return Ok(Err((126, format!("{argv0}: cannot run: {reason}")))),
         };
-        let log = ContainerLog::capture(EXEC_OUTPUT_LIMIT);
         let network = self.guest_network(&sandbox);
         let config = self
             .guest_config(
                 &record.id,
                 &image,
                 &spec,
-                log.clone(),
-                limiter,
-                network.clone(),
-                sandbox.spec.dns.clone(),
+                GuestSetup {
+                    log,
+                    limiter,
+                    network: network.clone(),
+                    dns: sandbox.spec.dns.clone(),
+                    stdio,
+                },
             )
             .map_err(Error::FailedPrecondition)?;
-        let guest = match self.inner.engine.instantiate(&prepared, config).await {
-            Ok(crate::engine::Guest::Http(_)) => {
-                return Ok(failed(
-                    126,
-                    format!("{argv0}: is a wasi:http function, not a command"),
-                ));
-            }
-            Ok(guest) => guest,
-            Err(reason) => return Ok(failed(126, format!("{argv0}: {reason}"))),
-        };
-        let run = self
-            .inner
-            .guests
-            .handle()
-            .spawn(InNamespace::new(guest.run(), &network));
-        let abort = run.abort_handle();
-        let joined = match timeout {
-            Some(limit) => match tokio::time::timeout(limit, run).await {
-                Ok(joined) => joined,
-                Err(_) => {
-                    abort.abort();
-                    return Err(Error::DeadlineExceeded(format!(
-                        "exec {argv0} in container {id} did not finish within {limit:?}"
-                    )));
-                }
-            },
-            None => run.await,
-        };
-        let exit = match joined {
-            Ok(Ok(exit)) => exit,
-            Ok(Err(message)) => crate::engine::GuestExit {
-                code: crate::engine::TRAP_EXIT_CODE,
-                message,
-            },
-            Err(e) => return Err(Error::Internal(format!("exec task failed: {e}"))),
-        };
-        if !exit.message.is_empty() {
-            log.write_line(Stream::Stderr, &exit.message);
+        match self.inner.engine.instantiate(&prepared, config).await {
+            Ok(crate::engine::Guest::Http(_)) => Ok(Err((
+                126,
+                format!("{argv0}: is a wasi:http function, not a command"),
+            ))),
+            Ok(guest) => Ok(Ok((guest, network))),
+            Err(reason) => Ok(Err((126, format!("{argv0}: {reason}")))),
         }
-        let (stdout, stderr) = log.captured();
-        Ok(ExecOutput {
-            exit_code: exit.code,
-            stdout,
-            stderr,
+    }
+
+    /// Runs an exec'd instance on the guest runtime, in its pod's network.
+    fn spawn_exec(&self, guest: crate::engine::Guest, network: GuestNetwork) -> ExecRun {
+        ExecRun(
+            self.inner
+                .guests
+                .handle()
+                .spawn(InNamespace::new(guest.run(), &network)),
+        )
+    }
+
+    /// Connects a client to running container `id` (`Attach`): its output
+    /// from now on and, with `stdin`, its standard input (the container
+    /// must have been created with `stdin`).
+    pub async fn attach(&self, id: &ContainerId, stdin: bool) -> Result<Attachment> {
+        let entry = self.container(id)?;
+        let record = entry.snapshot();
+        let log = lock(&entry.log).clone();
+        let Some(log) = log.filter(|_| record.state.is_running()) else {
+            return Err(Error::FailedPrecondition(format!(
+                "container {id} is not running: attach needs a running container"
+            )));
+        };
+        if stdin && !record.spec.stdin {
+            return Err(Error::InvalidArgument(format!(
+                "container {id} was created without stdin: attach cannot write to it"
+            )));
+        }
+        Ok(Attachment {
+            output: log.attach(),
+            stdin: stdin.then(|| AttachedStdin {
+                writer: entry.stdin.clone(),
+                once: record.spec.stdin_once,
+            }),
+            exited: entry.exited.subscribe(),
+            terminal: record.spec.tty,
         })
+    }
+
+    /// Opens a TCP connection to `port` on the loopback of pod sandbox
+    /// `id`'s network (`PortForward`): inside its network namespace, or the
+    /// node's for a host-network pod.
+    pub async fn port_forward(&self, id: &SandboxId, port: u16) -> Result<tokio::net::TcpStream> {
+        let sandbox = self.sandbox(id)?;
+        let sandbox = lock(&sandbox).clone();
+        if sandbox.state != crate::sandbox::SandboxState::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {id} is not ready: nothing to forward to"
+            )));
+        }
+        let network = self.guest_network(&sandbox);
+        if !network.allows_sockets() {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {id} has no network (no CNI network was set up for it)"
+            )));
+        }
+        let connect = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port));
+        match InNamespace::new(connect, &network).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(Error::Network(format!(
+                "connecting to port {port} in pod sandbox {id}: {e}"
+            ))),
+            Err(reason) => Err(Error::Internal(reason)),
+        }
     }
 
     /// Reopens a running container's log file after the kubelet rotated

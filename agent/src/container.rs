@@ -46,6 +46,15 @@ pub struct ContainerSpec {
     pub log_path: String,
     #[serde(default)]
     pub resources: Resources,
+    /// The guest reads a stdin that `Attach` clients write to.
+    #[serde(default)]
+    pub stdin: bool,
+    /// The stdin closes when the first attached client closes its own.
+    #[serde(default)]
+    pub stdin_once: bool,
+    /// Attach clients get a terminal (see `crate::stdio`).
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// Resource limits, as the kubelet gives them (Linux container resources).

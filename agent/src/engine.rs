@@ -108,6 +108,18 @@ pub struct GuestConfig {
     pub network: GuestNetwork,
     /// The pod's DNS settings, for `wasi:sockets/ip-name-lookup`.
     pub dns: Arc<DnsSettings>,
+    /// Streams a client is connected to, instead of the log.
+    pub stdio: GuestStdio,
+}
+
+/// A guest's standard streams when they are not (only) its log: an
+/// attachable stdin, or an exec client's output. Unset, stdin is empty and
+/// stdout and stderr go to the log.
+#[derive(Clone, Default)]
+pub struct GuestStdio {
+    pub stdin: Option<Arc<wasmtime_wasi::cli::AsyncStdinStream>>,
+    pub stdout: Option<crate::stdio::ChannelOutput>,
+    pub stderr: Option<crate::stdio::ChannelOutput>,
 }
 
 /// How a guest ended by itself.
@@ -665,11 +677,18 @@ pub fn exports_http_handler(bytes: &[u8]) -> bool {
 /// its mounts and, with a network, sockets.
 fn wasi_builder(config: &GuestConfig) -> Result<WasiCtxBuilder, String> {
     let mut builder = WasiCtxBuilder::new();
-    builder
-        .args(&config.argv)
-        .envs(&config.env)
-        .stdout(config.log.stream(Stream::Stdout))
-        .stderr(config.log.stream(Stream::Stderr));
+    builder.args(&config.argv).envs(&config.env);
+    match &config.stdio.stdout {
+        Some(out) => builder.stdout(out.clone()),
+        None => builder.stdout(config.log.stream(Stream::Stdout)),
+    };
+    match &config.stdio.stderr {
+        Some(out) => builder.stderr(out.clone()),
+        None => builder.stderr(config.log.stream(Stream::Stderr)),
+    };
+    if let Some(stdin) = &config.stdio.stdin {
+        builder.stdin(stdin.clone());
+    }
     if let Some(cwd) = &config.working_dir {
         builder.initial_cwd(cwd);
     }
@@ -790,6 +809,7 @@ mod tests {
             limiter: MemoryLimiter::new(None, crate::limits::PodMemory::new(None)),
             network: GuestNetwork::None,
             dns: Arc::default(),
+            stdio: GuestStdio::default(),
         }
     }
 

@@ -25,8 +25,12 @@ pub mod registry;
 pub mod rootfs;
 pub mod sandbox;
 pub mod stats;
+pub mod stdio;
 pub mod store;
 pub mod time;
 
-pub use agent::{Agent, AgentConfig, ContainerUsage, ExecOutput, PodUsage, RuntimeInfo};
+pub use agent::{
+    Agent, AgentConfig, AttachedStdin, Attachment, ContainerUsage, ExecOutput, ExecStdio, PodUsage,
+    RuntimeInfo, TerminalSize,
+};
 pub use error::{Error, Result};

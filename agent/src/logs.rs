@@ -46,7 +46,22 @@ struct Inner {
     pending: [Vec<u8>; 2],
     /// Raw output kept in memory instead (an exec's), up to a limit.
     capture: Option<Capture>,
+    /// Live copies of the output for attached clients.
+    tap: Option<tokio::sync::broadcast::Sender<Output>>,
+    /// The guest ended: no more output, attached clients are let go.
+    closed: bool,
 }
+
+/// A chunk of a running container's output, as attached clients see it.
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub stream: Stream,
+    pub data: Bytes,
+}
+
+/// Chunks an attached client may fall behind before it misses output
+/// (the guest never waits for an attached client; the log has it all).
+pub const ATTACH_BUFFER: usize = 1024;
 
 struct Capture {
     limit: usize,
@@ -73,6 +88,12 @@ impl Inner {
 
     fn write(&mut self, stream: Stream, mut data: &[u8]) {
         let idx = stream as usize;
+        if let Some(tap) = self.tap.as_ref().filter(|t| t.receiver_count() > 0) {
+            let _ = tap.send(Output {
+                stream,
+                data: Bytes::copy_from_slice(data),
+            });
+        }
         if let Some(capture) = self.capture.as_mut() {
             let room = capture.limit.saturating_sub(capture.streams[idx].len());
             capture.streams[idx].extend_from_slice(&data[..data.len().min(room)]);
@@ -140,6 +161,8 @@ impl ContainerLog {
                 file,
                 path: path.map(Path::to_owned),
                 pending: [Vec::new(), Vec::new()],
+                tap: None,
+                closed: false,
                 capture: None,
             })),
         })
@@ -153,6 +176,8 @@ impl ContainerLog {
                 file: None,
                 path: None,
                 pending: [Vec::new(), Vec::new()],
+                tap: None,
+                closed: false,
                 capture: Some(Capture {
                     limit,
                     streams: [Vec::new(), Vec::new()],
@@ -185,6 +210,12 @@ impl ContainerLog {
                 return;
             }
             inner.flush_pending();
+            if let Some(tap) = inner.tap.as_ref().filter(|t| t.receiver_count() > 0) {
+                let _ = tap.send(Output {
+                    stream,
+                    data: Bytes::from(format!("{line}\n")),
+                });
+            }
             for l in line.lines() {
                 inner.emit_line(stream, l.as_bytes());
             }
@@ -212,9 +243,24 @@ impl ContainerLog {
         Ok(())
     }
 
+    /// A live copy of the output from now on, ending when the guest ends.
+    pub fn attach(&self) -> tokio::sync::broadcast::Receiver<Output> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if inner.closed {
+            // Already over: a receiver whose sender is gone.
+            return tokio::sync::broadcast::channel(1).1;
+        }
+        inner
+            .tap
+            .get_or_insert_with(|| tokio::sync::broadcast::channel(ATTACH_BUFFER).0)
+            .subscribe()
+    }
+
     /// Writes out unfinished lines as full records; called when the guest ends.
     pub fn close(&self) {
         if let Ok(mut inner) = self.inner.lock() {
+            inner.closed = true;
+            inner.tap = None;
             inner.flush_pending();
             if let Some(f) = inner.file.as_mut() {
                 let _ = f.flush();

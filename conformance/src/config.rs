@@ -235,6 +235,21 @@ impl ContainerConfigBuilder {
         self
     }
 
+    /// `stdin: true` (and `stdinOnce`): the container's stdin stays open
+    /// for `Attach` clients (closed after the first one leaves, with
+    /// `once`).
+    pub fn stdin(mut self, once: bool) -> Self {
+        self.config.stdin = true;
+        self.config.stdin_once = once;
+        self
+    }
+
+    /// `tty: true`: attach clients get a terminal.
+    pub fn tty(mut self) -> Self {
+        self.config.tty = true;
+        self
+    }
+
     pub fn build(mut self) -> cri::ContainerConfig {
         if !self.explicit_log_path {
             let metadata = self.config.metadata.clone().unwrap_or_default();

@@ -16,9 +16,11 @@ mod config;
 pub mod containerd;
 mod error;
 pub mod fault_proxy;
+pub mod kube_api;
 mod log;
 pub mod pod_network;
 pub mod registry;
+pub mod streaming;
 pub mod token_server;
 
 pub use client::{CriClient, DEFAULT_RPC_TIMEOUT, KUBELET_API_VERSION};

@@ -10,6 +10,8 @@ use wasmlet_agent::network::{CniPaths, NetworkConfig};
 use wasmlet_agent::registry::RegistryConfig;
 use wasmlet_proto::cri::CgroupDriver;
 
+use crate::streaming::StreamingConfig;
+
 /// The handlers served when the config names none: the names operators
 /// give the Wasm RuntimeClass.
 pub const DEFAULT_RUNTIME_HANDLERS: &[&str] = &["wasm", "wasmtime"];
@@ -36,6 +38,20 @@ pub struct FileConfig {
     pub http: HttpSection,
     /// The node's other CRI runtime, which gets every non-Wasm pod.
     pub delegate: Option<DelegateSection>,
+    #[serde(default)]
+    pub streaming: StreamingSection,
+}
+
+/// `[streaming]`: the server behind Exec, Attach and PortForward.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamingSection {
+    /// Where it listens ("127.0.0.1:0": loopback, any free port).
+    pub address: Option<std::net::SocketAddr>,
+    /// Seconds a URL handed out stays valid (60).
+    pub token_ttl_seconds: Option<u64>,
+    /// Seconds a client may take to open its streams (30).
+    pub stream_creation_timeout_seconds: Option<u64>,
 }
 
 /// `[delegate]`: the downstream CRI runtime (containerd, CRI-O) that
@@ -116,6 +132,7 @@ pub struct Settings {
     pub http: HttpOptions,
     pub http_pool_instances: u32,
     pub delegate: Option<DelegateSettings>,
+    pub streaming: StreamingConfig,
 }
 
 fn is_root() -> bool {
@@ -219,6 +236,22 @@ impl Settings {
                 .pool_instances
                 .unwrap_or(wasmlet_agent::engine::HTTP_POOL_INSTANCES)
                 .max(1),
+            streaming: {
+                let d = StreamingConfig::default();
+                StreamingConfig {
+                    address: file.streaming.address.unwrap_or(d.address),
+                    token_ttl: file
+                        .streaming
+                        .token_ttl_seconds
+                        .map_or(d.token_ttl, |s| std::time::Duration::from_secs(s.max(1))),
+                    stream_creation_timeout: file
+                        .streaming
+                        .stream_creation_timeout_seconds
+                        .map_or(d.stream_creation_timeout, |s| {
+                            std::time::Duration::from_secs(s.max(1))
+                        }),
+                }
+            },
             delegate: file.delegate.map(|d| DelegateSettings {
                 socket: d.socket,
                 connect_timeout: std::time::Duration::from_secs(
@@ -246,6 +279,7 @@ mod tests {
         assert_eq!(s.registry.insecure, vec!["127.0.0.1:5000"]);
         assert_eq!(s.network.cni.conf_dir, PathBuf::from("/cni"));
         assert!(s.delegate.is_none());
+        assert!(s.streaming.address.ip().is_loopback());
         std::fs::write(
             &path,
             "[delegate]\nsocket = \"/run/containerd/containerd.sock\"\n",

@@ -19,6 +19,8 @@ use wasmlet_agent::{ContainerUsage, PodUsage};
 use wasmlet_agent::{Error, Result};
 use wasmlet_proto::cri;
 
+use crate::streaming::{CommandOptions, Pending};
+
 fn btree(m: HashMap<String, String>) -> BTreeMap<String, String> {
     m.into_iter().collect()
 }
@@ -171,6 +173,65 @@ pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerS
         annotations: btree(config.annotations),
         log_path: config.log_path,
         resources: resources(config.linux.and_then(|l| l.resources)),
+        stdin: config.stdin,
+        stdin_once: config.stdin_once,
+        tty: config.tty,
+    })
+}
+
+/// A remote command's streams, checked as the kubelet's streaming server
+/// checks them.
+fn command_options(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result<CommandOptions> {
+    if !(stdin || stdout || stderr) {
+        return Err(Error::InvalidArgument(
+            "one of stdin, stdout or stderr must be set".into(),
+        ));
+    }
+    if tty && stderr {
+        return Err(Error::InvalidArgument(
+            "tty and stderr cannot both be set: a terminal has one output".into(),
+        ));
+    }
+    Ok(CommandOptions {
+        stdin,
+        stdout,
+        stderr,
+        tty,
+    })
+}
+
+pub fn exec_request(req: cri::ExecRequest) -> Result<Pending> {
+    if req.cmd.first().is_none_or(|c| c.is_empty()) {
+        return Err(Error::InvalidArgument("exec needs a command".into()));
+    }
+    Ok(Pending::Exec {
+        container: container_id(&req.container_id)?,
+        options: command_options(req.stdin, req.stdout, req.stderr, req.tty)?,
+        cmd: req.cmd,
+    })
+}
+
+pub fn attach_request(req: cri::AttachRequest) -> Result<Pending> {
+    Ok(Pending::Attach {
+        container: container_id(&req.container_id)?,
+        options: command_options(req.stdin, req.stdout, req.stderr, req.tty)?,
+    })
+}
+
+pub fn port_forward_request(req: cri::PortForwardRequest) -> Result<Pending> {
+    let ports = req
+        .port
+        .iter()
+        .map(|p| {
+            u16::try_from(*p)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| Error::InvalidArgument(format!("port {p} is not a TCP port")))
+        })
+        .collect::<Result<Vec<u16>>>()?;
+    Ok(Pending::PortForward {
+        sandbox: sandbox_id(&req.pod_sandbox_id)?,
+        ports,
     })
 }
 

@@ -10,6 +10,7 @@ mod play;
 mod server;
 mod service;
 mod status;
+mod streaming;
 
 use std::path::PathBuf;
 

@@ -14,6 +14,7 @@ use wasmlet_proto::cri::runtime_service_server::{RuntimeService, RuntimeServiceS
 use crate::config::Settings;
 use crate::delegate::{Downstream, Routed};
 use crate::service::{Cri, CriSettings};
+use crate::streaming::Streaming;
 
 /// The kubelet's default maximum gRPC message size.
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
@@ -60,13 +61,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     agent.remove_orphaned_networks().await;
+    let streaming = Streaming::start(settings.streaming.clone(), agent.clone())
+        .await
+        .with_context(|| {
+            format!(
+                "starting the streaming server on {}",
+                settings.streaming.address
+            )
+        })?;
     let cri = Cri::new(
         agent.clone(),
         CriSettings {
             runtime_handlers: settings.runtime_handlers.clone(),
             cgroup_driver: settings.cgroup_driver,
         },
-    );
+    )
+    .with_streaming(streaming);
     let result = match &settings.delegate {
         None => {
             tracing::info!(socket = ?settings.socket, root = ?settings.root, "serving CRI v1");

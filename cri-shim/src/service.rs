@@ -18,6 +18,7 @@ use wasmlet_proto::cri::runtime_service_server::RuntimeService;
 
 use crate::convert;
 use crate::status::to_status;
+use crate::streaming::{Pending, Streaming};
 
 type Reply<T> = Result<Response<T>, Status>;
 
@@ -39,6 +40,7 @@ pub struct Cri {
     agent: Agent,
     settings: CriSettings,
     pod_cidr: std::sync::Arc<Mutex<String>>,
+    streaming: Option<std::sync::Arc<Streaming>>,
 }
 
 impl Cri {
@@ -47,7 +49,51 @@ impl Cri {
             agent,
             settings,
             pod_cidr: Default::default(),
+            streaming: None,
         }
+    }
+
+    /// Serves `Exec`, `Attach` and `PortForward` through `streaming`.
+    pub fn with_streaming(mut self, streaming: std::sync::Arc<Streaming>) -> Self {
+        self.streaming = Some(streaming);
+        self
+    }
+
+    /// A streaming URL for `pending`, once its container runs (or its pod
+    /// is ready).
+    fn stream_url(&self, pending: Pending) -> Result<String, Status> {
+        match &pending {
+            Pending::Exec { container, .. } | Pending::Attach { container, .. } => {
+                let record = self.agent.container_status(container).map_err(to_status)?;
+                if !record.state.is_running() {
+                    return Err(Status::failed_precondition(format!(
+                        "container {container} is not running"
+                    )));
+                }
+                if let Pending::Attach { options, .. } = &pending
+                    && options.stdin
+                    && !record.spec.stdin
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "container {container} was created without stdin: attach cannot write to it"
+                    )));
+                }
+            }
+            Pending::PortForward { sandbox, .. } => {
+                let record = self.agent.pod_sandbox_status(sandbox).map_err(to_status)?;
+                if record.state != wasmlet_agent::sandbox::SandboxState::Ready {
+                    return Err(Status::failed_precondition(format!(
+                        "pod sandbox {sandbox} is not ready"
+                    )));
+                }
+            }
+        }
+        let Some(streaming) = &self.streaming else {
+            return Err(Status::unavailable(
+                "the streaming server is not running in this process",
+            ));
+        };
+        streaming.url(pending).map_err(Status::resource_exhausted)
     }
 
     fn check_handler(&self, handler: &str) -> Result<(), Status> {
@@ -311,28 +357,28 @@ impl RuntimeService for Cri {
         })
     }
 
-    async fn exec(&self, _: Request<cri::ExecRequest>) -> Reply<cri::ExecResponse> {
-        Err(unimplemented(
-            "Exec",
-            "exec into Wasm containers is not supported yet",
-        ))
+    async fn exec(&self, req: Request<cri::ExecRequest>) -> Reply<cri::ExecResponse> {
+        let pending = convert::exec_request(req.into_inner()).map_err(to_status)?;
+        ok(cri::ExecResponse {
+            url: self.stream_url(pending)?,
+        })
     }
 
-    async fn attach(&self, _: Request<cri::AttachRequest>) -> Reply<cri::AttachResponse> {
-        Err(unimplemented(
-            "Attach",
-            "attaching to Wasm containers is not supported yet",
-        ))
+    async fn attach(&self, req: Request<cri::AttachRequest>) -> Reply<cri::AttachResponse> {
+        let pending = convert::attach_request(req.into_inner()).map_err(to_status)?;
+        ok(cri::AttachResponse {
+            url: self.stream_url(pending)?,
+        })
     }
 
     async fn port_forward(
         &self,
-        _: Request<cri::PortForwardRequest>,
+        req: Request<cri::PortForwardRequest>,
     ) -> Reply<cri::PortForwardResponse> {
-        Err(unimplemented(
-            "PortForward",
-            "pods have no network namespace yet",
-        ))
+        let pending = convert::port_forward_request(req.into_inner()).map_err(to_status)?;
+        ok(cri::PortForwardResponse {
+            url: self.stream_url(pending)?,
+        })
     }
 
     async fn container_stats(

@@ -24,7 +24,8 @@
 //!   `wrote <path>` (exit 3 on error); `LONG_LINE=N` prints N `x`;
 //!   `CWD_PROBE=<relative path>` prints `cwd=<current dir>` (or
 //!   `cwd=error: <err>`) and `relative <path>: <contents trimmed>` (or
-//!   `relative error: <err>`); `NO_NEWLINE` prints `tail-without-newline`
+//!   `relative error: <err>`); `STDIN_LINES` prints `stdin: <line>` per line
+//!   of stdin, then `stdin closed`; `NO_NEWLINE` prints `tail-without-newline`
 //!   without a newline. It then prints `echo done` to stderr and exits with
 //!   `EXIT_CODE` (default 0).
 //! - `ticker` prints `tick N` (N from 1) every `TICK_MS` milliseconds

@@ -19,6 +19,7 @@ mod exec_wasm;
 mod http_functions;
 mod image;
 mod isolation;
+mod kubectl;
 mod limits;
 mod log_rotation;
 mod network;
@@ -31,6 +32,7 @@ mod restart;
 mod runtime_info;
 mod sandbox;
 mod stats;
+mod streaming;
 mod tls;
 mod token_auth;
 

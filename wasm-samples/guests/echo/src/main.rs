@@ -11,6 +11,8 @@
 //! - `LONG_LINE=N`: stdout one line of N `x`;
 //! - `CWD_PROBE=<relative path>`: stdout `cwd=<dir>` (or `cwd=error: <err>`),
 //!   then `relative <path>: <contents trimmed>` or `relative error: <err>`;
+//! - `STDIN_LINES`: stdout `stdin: <line>` per line read from stdin, then
+//!   `stdin closed` at its end;
 //! - `NO_NEWLINE`: stdout `tail-without-newline` with no trailing newline;
 //! - stderr `echo done`;
 //! - exit with `EXIT_CODE` (default 0).
@@ -90,6 +92,19 @@ fn main() {
             ),
             Err(err) => println!("relative error: {err}"),
         }
+    }
+
+    if env::var_os("STDIN_LINES").is_some() {
+        for line in io::stdin().lines() {
+            match line {
+                Ok(line) => println!("stdin: {line}"),
+                Err(err) => {
+                    println!("stdin error: {err}");
+                    break;
+                }
+            }
+        }
+        println!("stdin closed");
     }
 
     if env::var_os("NO_NEWLINE").is_some() {
