@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use crate::registry::{Framing, Head, read_body, read_head};
 
@@ -121,7 +121,10 @@ impl FaultProxy {
             counts: Default::default(),
             log: Mutex::new(Vec::new()),
         });
-        let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
+        let serving = Arc::clone(&shared);
+        let accept_loop = tokio::spawn(crate::registry::accept_loop(listener, move |stream| {
+            serve_connection(stream, Arc::clone(&serving))
+        }));
         Ok(FaultProxy {
             addr,
             shared,
@@ -212,22 +215,6 @@ impl Shared {
             }
         }
         Some(fault)
-    }
-}
-
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(serve_connection(stream, Arc::clone(&shared)));
-                }
-                // Out of descriptors, most likely: let connections finish.
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
     }
 }
 

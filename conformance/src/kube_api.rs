@@ -53,7 +53,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 use crate::registry::{Framing, HTTP_TIMEOUT, Head, read_body, read_head};
 
@@ -415,7 +415,10 @@ impl KubeApi {
             requests: Mutex::new(Vec::new()),
             stream_requests: Mutex::new(Vec::new()),
         });
-        let accept_loop = tokio::spawn(accept_loop(listener, Arc::clone(&shared)));
+        let serving = Arc::clone(&shared);
+        let accept_loop = tokio::spawn(crate::registry::accept_loop(listener, move |stream| {
+            serve_connection(stream, Arc::clone(&serving))
+        }));
         Ok(KubeApi {
             addr,
             shared,
@@ -847,22 +850,6 @@ impl Answer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(serve_connection(stream, Arc::clone(&shared)));
-                }
-                // Out of descriptors, most likely: let connections finish.
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-}
-
 /// Serves one client connection, request after request, until the client
 /// closes it, stays idle for [`HTTP_TIMEOUT`], or upgrades it (which hands
 /// it to the streaming server for good). Errors just close the connection.
@@ -1160,7 +1147,7 @@ mod tests {
             let heads = Arc::new(Mutex::new(Vec::new()));
             let recorded = Arc::clone(&heads);
             let task = tokio::spawn(async move {
-                let mut sessions = JoinSet::new();
+                let mut sessions = tokio::task::JoinSet::new();
                 while let Ok((stream, _)) = listener.accept().await {
                     let session = fake_session(stream, Arc::clone(&recorded), messages.clone());
                     sessions.spawn(tokio::time::timeout(TEST_TIMEOUT, session));

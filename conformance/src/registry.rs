@@ -1118,6 +1118,29 @@ fn invalid(reason: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, reason)
 }
 
+/// Accepts connections on `listener` for as long as the returned task
+/// lives, serving each with `serve` in a set of tasks owned by it:
+/// aborting the task closes every connection.
+pub(crate) async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, serve: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(serve(stream));
+                }
+                // Out of descriptors, most likely: let connections finish.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
 /// Reads a message head. `None` when the peer closed before sending a byte.
 pub(crate) async fn read_head<R: AsyncBufRead + Unpin>(reader: &mut R) -> io::Result<Option<Head>> {
     let mut read = 0;

@@ -52,6 +52,8 @@ pub struct StreamingSection {
     pub token_ttl_seconds: Option<u64>,
     /// Seconds a client may take to open its streams (30).
     pub stream_creation_timeout_seconds: Option<u64>,
+    /// Seconds a connection may carry nothing before it is closed (4 h).
+    pub idle_timeout_seconds: Option<u64>,
 }
 
 /// `[delegate]`: the downstream CRI runtime (containerd, CRI-O) that
@@ -250,6 +252,10 @@ impl Settings {
                         .map_or(d.stream_creation_timeout, |s| {
                             std::time::Duration::from_secs(s.max(1))
                         }),
+                    idle_timeout: file
+                        .streaming
+                        .idle_timeout_seconds
+                        .map_or(d.idle_timeout, |s| std::time::Duration::from_secs(s.max(1))),
                 }
             },
             delegate: file.delegate.map(|d| DelegateSettings {

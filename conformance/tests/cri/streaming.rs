@@ -380,6 +380,22 @@ async fn attach_writes_the_containers_stdin_and_reads_its_live_output() {
     let status = cri.wait_exited(&id, GUEST_TIMEOUT).await.unwrap();
     assert_eq!(status.exit_code, 3);
 
+    // A first client that vanishes without closing its input detaches all
+    // the same: with stdinOnce the container's stdin closes.
+    let (mut cri, _pod, id) = running(&wasmlet, echo("vanishing").stdin(true).build()).await;
+    let url = attach_url(&mut cri, &id, ALL).await.unwrap();
+    let mut attached = RemoteCommand::connect(&url, Transport::WebSocket, ALL)
+        .await
+        .unwrap();
+    attached.write_stdin(b"bye\n").await.unwrap();
+    attached
+        .wait_stdout_contains("stdin: bye\n", IO_TIMEOUT)
+        .await
+        .unwrap();
+    drop(attached);
+    let status = cri.wait_exited(&id, GUEST_TIMEOUT).await.unwrap();
+    assert_eq!(status.exit_code, 3);
+
     // Without stdinOnce the stdin outlives each client.
     let (mut cri, _pod, id) = running(&wasmlet, echo("many").stdin(false).build()).await;
     for (i, transport) in TRANSPORTS.into_iter().enumerate() {
@@ -509,4 +525,71 @@ async fn port_forward_connects_to_a_port_inside_the_pods_network() {
         assert_eq!(answer, "pong inside\n");
     }
     cri.stop_pod_sandbox(&pod.id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_closed_and_garbage_only_ends_its_own_connection() {
+    let wasmlet = Wasmlet::builder()
+        .config("[streaming]\nidle_timeout_seconds = 1\n")
+        .start()
+        .await;
+    let (mut cri, _pod, id) = running(&wasmlet, echo("echo").stdin(false).build()).await;
+    // Nothing crosses the connection: after a second it is closed, without
+    // a status (the exec'd instance, waiting on stdin, is ended).
+    let url = exec_url(&mut cri, &id, &["/proc/self/exe"], ALL)
+        .await
+        .unwrap();
+    let exec = RemoteCommand::connect(&url, Transport::Spdy, ALL)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let ended = exec.finish(IO_TIMEOUT).await;
+    assert!(ended.is_err(), "{ended:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // An upgraded connection that then speaks no SPDY is dropped.
+    let url = exec_url(&mut cri, &id, &["/proc/self/exe"], ALL)
+        .await
+        .unwrap();
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+         X-Stream-Protocol-Version: v4.channel.k8s.io\r\nContent-Length: 0\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // A control frame of SPDY version 2, then noise.
+    tcp.write_all(b"\x80\x02\x00\x01\x00\x00\x00\x04garbage-garbage")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(IO_TIMEOUT, tcp.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+        "the server kept the connection"
+    );
+    // The server goes on serving.
+    let options = StreamOptions {
+        stdin: false,
+        ..ALL
+    };
+    let url = exec_url(&mut cri, &id, &["/proc/self/exe"], options)
+        .await
+        .unwrap();
+    let outcome = RemoteCommand::connect(&url, Transport::WebSocket, options)
+        .await
+        .unwrap()
+        .finish(IO_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(outcome.exit_code, Some(3));
 }

@@ -41,6 +41,10 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60);
 /// How long a client may take to open the streams it asked for.
 pub const DEFAULT_STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a connection may carry nothing either way before it is closed
+/// (the kubelet's `--streaming-connection-idle-timeout` default).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 60 * 60);
+
 /// URLs handed out but not used yet, at most; more requests are refused
 /// until some are used or expire.
 const MAX_PENDING: usize = 10_000;
@@ -60,6 +64,7 @@ pub struct StreamingConfig {
     pub address: SocketAddr,
     pub token_ttl: Duration,
     pub stream_creation_timeout: Duration,
+    pub idle_timeout: Duration,
 }
 
 impl Default for StreamingConfig {
@@ -68,6 +73,7 @@ impl Default for StreamingConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 0)),
             token_ttl: DEFAULT_TOKEN_TTL,
             stream_creation_timeout: DEFAULT_STREAM_CREATION_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -244,7 +250,8 @@ impl Streaming {
             tokio::spawn(async move {
                 match on_upgrade.await {
                     Ok(upgraded) => {
-                        let io = TokioIo::new(upgraded);
+                        let io =
+                            IdleLimited::new(TokioIo::new(upgraded), server.config.idle_timeout);
                         websocket::serve(server, agent, pending, &protocol, &query, io).await;
                     }
                     Err(error) => tracing::debug!(%error, "WebSocket upgrade failed"),
@@ -287,7 +294,9 @@ impl Streaming {
             tokio::spawn(async move {
                 match on_upgrade.await {
                     Ok(upgraded) => {
-                        let (streams, out, writer) = spdy::serve(TokioIo::new(upgraded));
+                        let io =
+                            IdleLimited::new(TokioIo::new(upgraded), server.config.idle_timeout);
+                        let (streams, out, writer) = spdy::serve(io);
                         session::run_spdy(server, agent, pending, streams, out, writer).await;
                     }
                     Err(error) => tracing::debug!(%error, "SPDY upgrade failed"),
@@ -393,5 +402,139 @@ impl Sink {
 
     async fn close(&self) {
         self.out.send(Outgoing::Close(self.id)).await;
+    }
+}
+
+/// An upgraded connection that ends once nothing crossed it, either way,
+/// for `idle`: reads then see end-of-file (the client is gone, whatever
+/// ran for it is ended) and writes fail.
+struct IdleLimited<T> {
+    io: T,
+    idle: Duration,
+    last: tokio::time::Instant,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    expired: bool,
+}
+
+impl<T> IdleLimited<T> {
+    fn new(io: T, idle: Duration) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            io,
+            idle,
+            last: now,
+            timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            expired: false,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleLimited<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.expired {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        if let Poll::Ready(result) = std::pin::Pin::new(&mut this.io).poll_read(cx, buf) {
+            if buf.filled().len() > before {
+                this.last = tokio::time::Instant::now();
+            }
+            return Poll::Ready(result);
+        }
+        // Nothing to read: is the connection idle? (Writes move `last`.)
+        loop {
+            let deadline = this.last + this.idle;
+            if this.timer.deadline() != deadline {
+                this.timer.as_mut().reset(deadline);
+            }
+            match this.timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if tokio::time::Instant::now() >= this.last + this.idle => {
+                    tracing::info!(idle = ?this.idle, "streaming connection idle: closed");
+                    this.expired = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(()) => {}
+            }
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleLimited<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.expired {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+        }
+        let written = std::pin::Pin::new(&mut this.io).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = &written
+            && *n > 0
+        {
+            this.last = tokio::time::Instant::now();
+        }
+        written
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn an_idle_connection_ends_and_traffic_either_way_keeps_it_open() {
+        let idle = Duration::from_millis(300);
+        let (client, server) = tokio::io::duplex(1024);
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let (mut read, mut write) = tokio::io::split(IdleLimited::new(server, idle));
+        let started = tokio::time::Instant::now();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 16];
+            loop {
+                match read.read(&mut buf).await {
+                    Ok(0) | Err(_) => return (got, started.elapsed()),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client_write.write_all(b"in").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        write.write_all(b"out").await.unwrap();
+        let mut out = [0u8; 3];
+        client_read.read_exact(&mut out).await.unwrap();
+        let (got, ended) = reader.await.unwrap();
+        assert_eq!(got, b"in");
+        // Not before 300 ms after the last write (at 400 ms), whatever was
+        // read before.
+        assert!(ended >= Duration::from_millis(700), "{ended:?}");
+        assert!(ended < Duration::from_secs(5), "{ended:?}");
+        assert!(write.write_all(b"late").await.is_err());
     }
 }

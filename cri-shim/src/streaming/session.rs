@@ -388,12 +388,9 @@ async fn attach(
     loop {
         let chunk = tokio::select! {
             chunk = attachment.output.recv() => chunk,
-            _ = streams.gone.cancelled() => {
-                if let Some(pump) = stdin_pump {
-                    pump.abort();
-                }
-                return None;
-            }
+            // The stdin pump ends by itself as the connection's input
+            // does, closing a stdinOnce container's stdin on the way.
+            _ = streams.gone.cancelled() => return None,
         };
         let output = match chunk {
             Ok(output) => output,
