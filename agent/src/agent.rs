@@ -125,6 +125,26 @@ impl Drop for ExecRun {
     }
 }
 
+/// What a stored image runs, as the admin API shows it.
+#[derive(Clone, Debug)]
+pub struct ImageInspection {
+    pub image: ImageRecord,
+    /// The program the image runs by default, and its size.
+    pub wasm_digest: crate::ids::Digest,
+    pub wasm_size: u64,
+    pub description: crate::inspect::WasmDescription,
+    /// The engine holds it compiled (memory or disk cache).
+    pub compiled: bool,
+}
+
+/// What [`Agent::precompile_image`] did.
+#[derive(Clone, Debug)]
+pub struct Precompiled {
+    pub wasm_digest: crate::ids::Digest,
+    pub already_compiled: bool,
+    pub took: Duration,
+}
+
 /// The names under which a Wasm artifact's one program may be exec'd: the
 /// container's own command, the name the image gives it, and
 /// `/proc/self/exe`.
@@ -1699,6 +1719,109 @@ impl Agent {
             ))),
             Err(reason) => Err(Error::Internal(reason)),
         }
+    }
+
+    /// The bytes of the program `image` runs by default (its Wasm layer,
+    /// or a compat image's entrypoint file), with their digest.
+    async fn default_program(&self, image: &ImageRecord) -> Result<(crate::ids::Digest, Vec<u8>)> {
+        let inner = self.inner.clone();
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || {
+            let unreadable = |reason: String| Error::InvalidImage {
+                reference: image.id.to_string(),
+                reason,
+            };
+            let program = program(
+                &inner.images,
+                &inner.programs,
+                &image,
+                &ContainerSpec::default(),
+            )
+            .map_err(unreadable)?;
+            match program.file {
+                None => Ok((
+                    image.wasm_digest.clone(),
+                    inner.images.read_blob(&image.wasm_digest)?,
+                )),
+                Some(path) => {
+                    let bytes = std::fs::read(&path)
+                        .map_err(|e| unreadable(format!("reading {path:?}: {e}")))?;
+                    Ok((crate::ids::Digest::of(&bytes), bytes))
+                }
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("reading an image's program: {e}")))?
+    }
+
+    fn stored_image(&self, reference: &str) -> Result<ImageRecord> {
+        self.inner
+            .images
+            .resolve(reference)
+            .ok_or_else(|| Error::NotFound {
+                kind: "image",
+                id: reference.to_owned(),
+            })
+    }
+
+    /// What stored image `reference` runs: its program's kind, imports and
+    /// exports (see [`crate::inspect`]) and whether it is compiled.
+    pub async fn inspect_image(&self, reference: &str) -> Result<ImageInspection> {
+        let image = self.stored_image(reference)?;
+        let (wasm_digest, bytes) = self.default_program(&image).await?;
+        let description =
+            crate::inspect::describe(&bytes).map_err(|reason| Error::InvalidImage {
+                reference: reference.to_owned(),
+                reason,
+            })?;
+        let compiled = self
+            .inner
+            .engine
+            .is_compiled(&wasm_digest, description.kind, &bytes);
+        Ok(ImageInspection {
+            image,
+            wasm_size: bytes.len() as u64,
+            wasm_digest,
+            description,
+            compiled,
+        })
+    }
+
+    /// Compiles stored image `reference`'s program now, into memory and
+    /// the disk cache, so that the first container of it starts without
+    /// compiling.
+    pub async fn precompile_image(&self, reference: &str) -> Result<Precompiled> {
+        let image = self.stored_image(reference)?;
+        let (wasm_digest, bytes) = self.default_program(&image).await?;
+        let invalid = |reason: String| Error::InvalidImage {
+            reference: reference.to_owned(),
+            reason,
+        };
+        let kind = WasmKind::detect(&bytes).ok_or_else(|| invalid("not WebAssembly".into()))?;
+        let engine = self.inner.engine.clone();
+        if engine.cached(&wasm_digest).is_some() {
+            return Ok(Precompiled {
+                wasm_digest,
+                already_compiled: true,
+                took: Duration::ZERO,
+            });
+        }
+        let already_compiled = engine.is_compiled(&wasm_digest, kind, &bytes);
+        let started = std::time::Instant::now();
+        let digest = wasm_digest.clone();
+        tokio::task::spawn_blocking(move || engine.prepare(&digest, kind, &bytes).map(drop))
+            .await
+            .map_err(|e| Error::Internal(format!("compiling: {e}")))?
+            .map_err(invalid)?;
+        Ok(Precompiled {
+            wasm_digest,
+            already_compiled,
+            took: if already_compiled {
+                Duration::ZERO
+            } else {
+                started.elapsed()
+            },
+        })
     }
 
     /// Reopens a running container's log file after the kubelet rotated

@@ -346,6 +346,17 @@ impl WasmEngine {
         }
     }
 
+    /// Whether `bytes` (whose digest is `digest`) is compiled: prepared in
+    /// memory, or a sound artifact in the disk cache.
+    pub fn is_compiled(&self, digest: &Digest, kind: WasmKind, bytes: &[u8]) -> bool {
+        if self.prepared.lock().is_ok_and(|m| m.contains_key(digest)) {
+            return true;
+        }
+        let http = kind == WasmKind::Component && exports_http_handler(bytes);
+        let (_, artifacts) = self.engine_for(http);
+        artifacts.is_some_and(|store| store.verified(digest, kind).is_some())
+    }
+
     /// The prepared image for `digest` if it is in memory: lets a caller
     /// skip reading and hashing the bytes on the hot path.
     pub fn cached(&self, digest: &Digest) -> Option<Prepared> {

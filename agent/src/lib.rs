@@ -18,6 +18,7 @@ pub mod events;
 pub mod http;
 pub mod ids;
 pub mod image;
+pub mod inspect;
 pub mod limits;
 pub mod logs;
 pub mod network;
@@ -30,7 +31,7 @@ pub mod store;
 pub mod time;
 
 pub use agent::{
-    Agent, AgentConfig, AttachedStdin, Attachment, ContainerUsage, ExecOutput, ExecStdio, PodUsage,
-    RuntimeInfo, TerminalSize,
+    Agent, AgentConfig, AttachedStdin, Attachment, ContainerUsage, ExecOutput, ExecStdio,
+    ImageInspection, PodUsage, Precompiled, RuntimeInfo, TerminalSize,
 };
 pub use error::{Error, Result};

@@ -17,7 +17,7 @@ use wasmlet_agent::sandbox::{
 use wasmlet_agent::stats::Usage;
 use wasmlet_agent::{ContainerUsage, PodUsage};
 use wasmlet_agent::{Error, Result};
-use wasmlet_proto::cri;
+use wasmlet_proto::{admin, cri};
 
 use crate::streaming::{CommandOptions, Pending};
 
@@ -674,6 +674,66 @@ pub fn image_reference(spec: Option<cri::ImageSpec>) -> Result<String> {
     spec.map(|s| s.image)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| Error::InvalidArgument("no image given".into()))
+}
+
+/// An image's inspection, for the admin API.
+pub fn image_inspection(i: wasmlet_agent::ImageInspection) -> admin::InspectImageResponse {
+    let compat = i.image.compat.clone();
+    admin::InspectImageResponse {
+        image_id: i.image.id.to_string(),
+        repo_tags: i.image.repo_tags.clone(),
+        wasm_digest: i.wasm_digest.to_string(),
+        wasm_size_bytes: i.wasm_size,
+        kind: match i.description.kind {
+            wasmlet_agent::image::WasmKind::Module => admin::WasmKind::Module,
+            wasmlet_agent::image::WasmKind::Component => admin::WasmKind::Component,
+        } as i32,
+        http_function: i.description.http_function,
+        imports: i
+            .description
+            .imports
+            .into_iter()
+            .map(|import| admin::Import {
+                module: import.module,
+                name: import.name,
+                kind: import.kind.to_owned(),
+            })
+            .collect(),
+        exports: i.description.exports,
+        compiled: i.compiled,
+        compat: compat.is_some(),
+        entrypoint: compat
+            .as_ref()
+            .map(|c| c.entrypoint.clone())
+            .unwrap_or_default(),
+        cmd: compat.map(|c| c.cmd).unwrap_or_default(),
+    }
+}
+
+pub fn precompiled(p: wasmlet_agent::Precompiled) -> admin::PrecompileResponse {
+    admin::PrecompileResponse {
+        wasm_digest: p.wasm_digest.to_string(),
+        already_compiled: p.already_compiled,
+        compile_micros: p.took.as_micros().try_into().unwrap_or(u64::MAX),
+    }
+}
+
+/// A container's Wasm-side stats, for the admin API.
+pub fn instance_stats(c: &ContainerUsage) -> admin::InstanceStats {
+    let r = &c.record;
+    admin::InstanceStats {
+        container_id: r.id.to_string(),
+        pod_sandbox_id: r.sandbox_id.to_string(),
+        image_id: r.image_id.to_string(),
+        state: container_state(r.state).as_str_name().to_owned(),
+        memory_bytes: c.usage.working_set_bytes,
+        memory_limit_bytes: r.spec.resources.memory_limit_bytes.unwrap_or(0),
+        cpu_nanos: c.usage.cpu_nanos,
+        throttled_periods: c.usage.throttled_periods,
+        oom_killed: r.exit.as_ref().is_some_and(|e| e.reason == "OOMKilled"),
+        http_requests: c.usage.http.requests,
+        http_server_errors: c.usage.http.server_errors,
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! logging and signal handling, and hands over to the CRI layer; no
 //! business logic lives here.
 
+mod admin;
+mod admin_cli;
 mod config;
 mod convert;
 mod delegate;
@@ -42,6 +44,10 @@ enum Command {
     /// Manage the local image store.
     #[command(subcommand)]
     Image(image_cli::ImageCommand),
+    /// wasmlet's admin API of the agent on the socket: inspect and
+    /// precompile images, Wasm stats of running guests.
+    #[command(subcommand)]
+    Admin(admin_cli::AdminCommand),
     /// Run a Kubernetes Pod manifest through the CRI socket, as the kubelet
     /// would; starts an agent in-process when none is listening.
     Play(play::PlayArgs),
@@ -125,6 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings).await,
         Command::Image(command) => image_cli::run(settings, command).await,
+        Command::Admin(command) => admin_cli::run(settings, command).await,
         Command::Play(args) => play::run(settings, args).await,
     }
 }

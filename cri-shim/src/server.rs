@@ -8,9 +8,11 @@ use anyhow::{Context, bail};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use wasmlet_agent::{Agent, AgentConfig};
+use wasmlet_proto::admin::admin_server::AdminServer;
 use wasmlet_proto::cri::image_service_server::{ImageService, ImageServiceServer};
 use wasmlet_proto::cri::runtime_service_server::{RuntimeService, RuntimeServiceServer};
 
+use crate::admin::AdminService;
 use crate::config::Settings;
 use crate::delegate::{Downstream, Routed};
 use crate::service::{Cri, CriSettings};
@@ -77,10 +79,11 @@ pub async fn serve(
         },
     )
     .with_streaming(streaming);
+    let admin = AdminServer::new(AdminService::new(agent.clone()));
     let result = match &settings.delegate {
         None => {
             tracing::info!(socket = ?settings.socket, root = ?settings.root, "serving CRI v1");
-            serve_services(cri, listener, shutdown).await
+            serve_services(cri, admin, listener, shutdown).await
         }
         Some(delegate) => {
             tracing::info!(socket = ?settings.socket, root = ?settings.root, downstream = ?delegate.socket, "serving CRI v1 in front of a downstream runtime");
@@ -90,15 +93,17 @@ pub async fn serve(
                 Downstream::new(delegate),
                 settings.runtime_handlers.clone(),
             );
-            serve_services(routed, listener, shutdown).await
+            serve_services(routed, admin, listener, shutdown).await
         }
     };
     let _ = std::fs::remove_file(&settings.socket);
     result.context("serving CRI")
 }
 
+/// CRI (`services`) and wasmlet's admin API on one socket.
 async fn serve_services<S>(
     services: S,
+    admin: AdminServer<AdminService>,
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error>
@@ -114,6 +119,7 @@ where
     tonic::transport::Server::builder()
         .add_service(runtime)
         .add_service(images)
+        .add_service(admin)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
 }

@@ -2,7 +2,9 @@
 //!
 //! This crate owns the wire: the CRI v1 messages, clients and servers come
 //! from the `k8s-cri` crate and are re-exported here so that every other
-//! crate (the shim, the conformance harness) names one version of them; and
+//! crate (the shim, the conformance harness) names one version of them;
+//! wasmlet's own admin API ([`admin`], what CRI has no words for) is
+//! generated here from `proto/wasmlet/admin/v1/admin.proto`; and
 //! [`connect_unix`] opens the client side of a CRI unix socket, so every
 //! client dials the same way. It must not know anything about Wasm or about
 //! the agent.
@@ -13,6 +15,13 @@ use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Error, Uri};
 
 pub use k8s_cri::v1 as cri;
+
+/// wasmlet's admin API (`wasmlet.admin.v1`), served beside CRI on the same
+/// socket: image inspection, precompiling, the Wasm side of running guests.
+pub mod admin {
+    #![allow(clippy::all)]
+    tonic::include_proto!("wasmlet.admin.v1");
+}
 
 /// The CRI API version every wasmlet endpoint answers with.
 pub const CRI_API_VERSION: &str = "v1";

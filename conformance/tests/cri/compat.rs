@@ -126,6 +126,20 @@ async fn a_compat_image_runs_its_entrypoint_with_the_image_env_and_files() {
         out.contains(&"file hello.txt: hello from the image".to_owned()),
         "{out:#?}"
     );
+    // The admin API inspects the program the entrypoint names.
+    let channel = wasmlet_proto::connect_unix(wasmlet.socket()).await.unwrap();
+    let inspected = wasmlet_proto::admin::admin_client::AdminClient::new(channel)
+        .inspect_image(wasmlet_proto::admin::InspectImageRequest {
+            image: reference.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(inspected.compat, "{inspected:?}");
+    assert_eq!(inspected.entrypoint, vec!["/bin/echo.wasm"]);
+    assert_eq!(inspected.kind(), wasmlet_proto::admin::WasmKind::Module);
+    let echo = std::fs::read(wasm_samples::ECHO_P1).unwrap();
+    assert_eq!(inspected.wasm_size_bytes, echo.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 mod daemon;
 
+mod admin;
 mod bench;
 mod compat;
 mod container;
