@@ -1480,7 +1480,7 @@ impl Agent {
             stderr: format!("wasmlet: exec: {message}\n").into_bytes(),
         };
         let (guest, network) = match self
-            .exec_instance(id, cmd, log.clone(), GuestStdio::default())
+            .exec_instance(id, cmd, log.clone(), GuestStdio::default(), Vec::new())
             .await?
         {
             Ok(ready) => ready,
@@ -1540,43 +1540,30 @@ impl Agent {
                 extra_env.push(("LINES".to_owned(), size.height.to_string()));
             }
         }
-        let say = |message: String| {
-            let mut err = stderr.clone();
-            let text = format!("wasmlet: exec: {message}\n");
-            let _ = wasmtime_wasi::p2::OutputStream::write(&mut err, text.into());
-        };
         let (guest, network) = match self
-            .exec_instance_with_env(id, cmd, log, guest_stdio, extra_env)
+            .exec_instance(id, cmd, log, guest_stdio, extra_env)
             .await?
         {
             Ok(ready) => ready,
             Err((code, message)) => {
-                say(message);
+                stderr.send(&format!("wasmlet: exec: {message}\n")).await;
                 return Ok(code);
             }
         };
         let exit = self.spawn_exec(guest, network).wait().await?;
         if !exit.message.is_empty() {
-            say(exit.message);
+            stderr
+                .send(&format!("wasmlet: exec: {}\n", exit.message))
+                .await;
         }
         Ok(exit.code)
     }
 
-    /// Checks and instantiates an exec of `cmd` in container `id`. The
-    /// inner error is a shell's answer (127 not found, 126 cannot run) and
-    /// its reason; the outer one a call that cannot be honoured.
+    /// Checks and instantiates an exec of `cmd` in container `id`, with
+    /// `extra_env` after the container's. The inner error is a shell's
+    /// answer (127 not found, 126 cannot run) and its reason; the outer one
+    /// a call that cannot be honoured.
     async fn exec_instance(
-        &self,
-        id: &ContainerId,
-        cmd: &[String],
-        log: ContainerLog,
-        stdio: GuestStdio,
-    ) -> Result<std::result::Result<(crate::engine::Guest, GuestNetwork), (i32, String)>> {
-        self.exec_instance_with_env(id, cmd, log, stdio, Vec::new())
-            .await
-    }
-
-    async fn exec_instance_with_env(
         &self,
         id: &ContainerId,
         cmd: &[String],

@@ -41,6 +41,12 @@ impl ChannelOutput {
         Self { tx, terminal }
     }
 
+    /// Writes a message of the runtime's (waits for room; dropped if the
+    /// client is gone).
+    pub async fn send(&self, text: &str) {
+        let _ = self.tx.send(self.chunk(text.as_bytes())).await;
+    }
+
     fn chunk(&self, bytes: &[u8]) -> Bytes {
         if self.terminal {
             Bytes::from(onlcr(bytes))
