@@ -181,6 +181,26 @@ async fn kubectl_exec_runs_a_fresh_instance_with_stdin_and_its_exit_code() {
         assert!(stderr.contains("echo done"), "{transport:?}: {stderr}");
         assert_transport(&api, StreamKind::Exec, transport);
     }
+    // Much more input than SPDY's initial flow-control window (64 KiB),
+    // as `kubectl cp` sends through exec.
+    let input: String = (0..40_000).map(|i| format!("line {i:06}\n")).collect();
+    for transport in [KubectlTransport::WebSocket, KubectlTransport::Spdy] {
+        let api = api_for(&cri, &pod, &[("echo", &id)], echo_description()).await;
+        let mut kubectl = api.kubectl(transport);
+        kubectl.args(["exec", "-i", "-n", NAMESPACE, POD, "-c", "echo", "--"]);
+        kubectl.arg("/proc/self/exe");
+        let (code, stdout, stderr) = run(kubectl, input.as_bytes()).await;
+        assert_eq!(code, 3, "{transport:?}: {stderr}");
+        let echoed = stdout
+            .lines()
+            .filter(|l| l.starts_with("stdin: line "))
+            .count();
+        assert_eq!(echoed, 40_000, "{transport:?}");
+        assert!(
+            stdout.ends_with("stdin: line 039999\nstdin closed\n"),
+            "{transport:?}"
+        );
+    }
     // A program the image does not hold: 127, like a shell.
     let api = api_for(&cri, &pod, &[("echo", &id)], echo_description()).await;
     let mut kubectl = api.kubectl(KubectlTransport::Spdy);
