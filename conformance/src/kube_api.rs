@@ -1120,13 +1120,10 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::registry::{Request, base64, send};
+    use crate::registry::{Request, send};
 
     /// The bound on each kubectl run and on each wait for the fake server.
     const TEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-    /// The GUID RFC 6455 appends to a WebSocket key.
-    const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
     /// A streaming server on loopback that records each request head and
     /// answers `101 Switching Protocols`. A WebSocket upgrade gets a real
@@ -1254,58 +1251,7 @@ mod tests {
 
     /// `Sec-WebSocket-Accept` for a client's key (RFC 6455 section 4.2.2).
     fn websocket_accept(key: &str) -> String {
-        base64(&sha1(format!("{key}{WEBSOCKET_GUID}").as_bytes()))
-    }
-
-    /// SHA-1 (RFC 3174), only for the WebSocket handshake above.
-    fn sha1(data: &[u8]) -> [u8; 20] {
-        let mut state: [u32; 5] = [
-            0x6745_2301,
-            0xefcd_ab89,
-            0x98ba_dcfe,
-            0x1032_5476,
-            0xc3d2_e1f0,
-        ];
-        let mut message = data.to_vec();
-        message.push(0x80);
-        while message.len() % 64 != 56 {
-            message.push(0);
-        }
-        message.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
-        for block in message.chunks_exact(64) {
-            let mut words = [0u32; 80];
-            for (word, bytes) in words.iter_mut().zip(block.chunks_exact(4)) {
-                *word = u32::from_be_bytes(bytes.try_into().unwrap());
-            }
-            for i in 16..80 {
-                words[i] =
-                    (words[i - 3] ^ words[i - 8] ^ words[i - 14] ^ words[i - 16]).rotate_left(1);
-            }
-            let [mut a, mut b, mut c, mut d, mut e] = state;
-            for (i, word) in words.iter().enumerate() {
-                let (f, k) = match i {
-                    0..20 => ((b & c) | (!b & d), 0x5a82_7999),
-                    20..40 => (b ^ c ^ d, 0x6ed9_eba1),
-                    40..60 => ((b & c) | (b & d) | (c & d), 0x8f1b_bcdc),
-                    _ => (b ^ c ^ d, 0xca62_c1d6),
-                };
-                let next = a
-                    .rotate_left(5)
-                    .wrapping_add(f)
-                    .wrapping_add(e)
-                    .wrapping_add(k)
-                    .wrapping_add(*word);
-                (e, d, c, b, a) = (d, c, b.rotate_left(30), a, next);
-            }
-            for (value, add) in state.iter_mut().zip([a, b, c, d, e]) {
-                *value = value.wrapping_add(add);
-            }
-        }
-        let mut digest = [0; 20];
-        for (bytes, value) in digest.chunks_exact_mut(4).zip(state) {
-            bytes.copy_from_slice(&value.to_be_bytes());
-        }
-        digest
+        tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes())
     }
 
     /// The v5 (and v4) channel messages of a command that printed `stdout`
@@ -1436,18 +1382,7 @@ mod tests {
     }
 
     #[test]
-    fn sha1_and_the_websocket_accept_match_their_rfcs() {
-        let hex = |digest: [u8; 20]| -> String {
-            digest.iter().map(|byte| format!("{byte:02x}")).collect()
-        };
-        assert_eq!(
-            hex(sha1(b"abc")),
-            "a9993e364706816aba3e25717850c26c9cd0d89d"
-        );
-        assert_eq!(
-            hex(sha1(&[b'a'; 1000])),
-            "291e9a6c66994949b57ba5e650361e98fc36b1ba"
-        );
+    fn the_websocket_accept_matches_rfc_6455() {
         assert_eq!(
             websocket_accept("dGhlIHNhbXBsZSBub25jZQ=="),
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="

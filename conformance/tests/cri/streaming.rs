@@ -253,7 +253,7 @@ async fn exec_of_a_program_the_image_lacks_exits_127_as_a_shell_would() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_url_works_once_and_expires() {
     let wasmlet = Wasmlet::builder()
-        .config("[streaming]\ntoken_ttl_seconds = 1\n")
+        .config("[streaming]\ntoken_ttl_seconds = 2\n")
         .start()
         .await;
     let (mut cri, _pod, id) = running(&wasmlet, echo("echo").stdin(false).build()).await;
@@ -293,7 +293,7 @@ async fn a_streaming_url_works_once_and_expires() {
     let url = exec_url(&mut cri, &id, &["/proc/self/exe"], options)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let expired = RemoteCommand::connect(&url, Transport::WebSocket, options).await;
     assert_eq!(expired.err().and_then(|e| e.http_status()), Some(404));
 }

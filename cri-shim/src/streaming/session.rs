@@ -21,7 +21,7 @@ use super::{CommandOptions, Out, Outgoing, Pending, Sink, Streaming};
 
 /// How long a terminal exec waits for the client's first size (kubectl
 /// sends it right after the streams are up) before starting without.
-const FIRST_SIZE_WAIT: Duration = Duration::from_millis(200);
+const FIRST_SIZE_WAIT: Duration = Duration::from_secs(1);
 
 /// How long output may take to drain after the instance ended.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
