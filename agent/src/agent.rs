@@ -184,6 +184,9 @@ pub struct AgentConfig {
     pub http: HttpOptions,
     /// Concurrent HTTP function instances the node has room for.
     pub http_pool_instances: u32,
+    /// PEM CA certificates functions trust for outgoing HTTPS, besides the
+    /// web PKI's roots.
+    pub http_ca_file: Option<PathBuf>,
 }
 
 type PullResult = std::result::Result<ImageRecord, Arc<Error>>;
@@ -321,6 +324,8 @@ struct Inner {
     programs: ProgramCache,
     networks: Networks,
     http: HttpOptions,
+    /// How functions verify the servers they call over HTTPS.
+    egress_tls: crate::egress::TlsConfig,
 }
 
 /// WASI preview1 has no current directory: wasi-libc resolves relative
@@ -495,6 +500,8 @@ impl Agent {
         let images = ImageStore::open(&root.join("images"), state.clone(), snapshot.images)?;
         let engine = WasmEngine::with_pool(Some(root.join("compiled")), config.http_pool_instances)
             .map_err(Error::Internal)?;
+        let egress_tls = crate::egress::tls_config(config.http_ca_file.as_deref())
+            .map_err(Error::InvalidArgument)?;
 
         let now = Timestamp::now();
         let mut recovered = Vec::new();
@@ -560,6 +567,7 @@ impl Agent {
                 programs: Mutex::new(HashMap::new()),
                 networks,
                 http: config.http,
+                egress_tls,
                 sandboxes: RwLock::new(sandboxes),
                 containers: RwLock::new(containers),
                 creating: tokio::sync::Mutex::new(()),
@@ -1327,6 +1335,7 @@ impl Agent {
             network,
             dns: Arc::new(dns),
             stdio,
+            egress_tls: self.inner.egress_tls.clone(),
         })
     }
 

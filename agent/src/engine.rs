@@ -110,6 +110,8 @@ pub struct GuestConfig {
     pub dns: Arc<DnsSettings>,
     /// Streams a client is connected to, instead of the log.
     pub stdio: GuestStdio,
+    /// How outgoing HTTPS verifies servers.
+    pub egress_tls: crate::egress::TlsConfig,
 }
 
 /// A guest's standard streams when they are not (only) its log: an
@@ -511,6 +513,7 @@ impl WasmEngine {
                         config.limiter,
                         &config.network,
                         &config.dns,
+                        &config.egress_tls,
                     ),
                 );
                 store.limiter(|s| &mut s.limiter);
@@ -544,6 +547,7 @@ impl P2State {
         limiter: MemoryLimiter,
         network: &GuestNetwork,
         dns: &Arc<DnsSettings>,
+        egress_tls: &crate::egress::TlsConfig,
     ) -> Self {
         let resolver = Resolver {
             network: network.clone(),
@@ -553,7 +557,7 @@ impl P2State {
             wasi,
             table: ResourceTable::new(),
             http: WasiHttpCtx::new(),
-            hooks: PodHooks::new(resolver.clone()),
+            hooks: PodHooks::new(resolver.clone(), egress_tls.clone()),
             resolver,
             limiter,
         }
@@ -652,6 +656,7 @@ pub(crate) fn http_store(
             config.limiter.sibling(),
             &config.network,
             &config.dns,
+            &config.egress_tls,
         ),
     );
     store.limiter(|s| &mut s.limiter);
@@ -821,6 +826,7 @@ mod tests {
             network: GuestNetwork::None,
             dns: Arc::default(),
             stdio: GuestStdio::default(),
+            egress_tls: crate::egress::tls_config(None).unwrap(),
         }
     }
 

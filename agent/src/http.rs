@@ -375,11 +375,12 @@ impl Server {
 /// settings), or not at all without a network.
 pub struct PodHooks {
     resolver: Resolver,
+    tls: crate::egress::TlsConfig,
 }
 
 impl PodHooks {
-    pub(crate) fn new(resolver: Resolver) -> Self {
-        Self { resolver }
+    pub(crate) fn new(resolver: Resolver, tls: crate::egress::TlsConfig) -> Self {
+        Self { resolver, tls }
     }
 }
 
@@ -406,6 +407,7 @@ impl WasiHttpHooks for PodHooks {
     > {
         drop(fut);
         let resolver = self.resolver.clone();
+        let tls = self.tls.clone();
         Box::new(async move {
             if !resolver.network.allows_sockets() {
                 return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
@@ -421,11 +423,6 @@ impl WasiHttpHooks for PodHooks {
                 // Connect to the address the pod's resolver gives; the URI
                 // keeps the name for the Host header, which is already set.
                 let https = uri.scheme() == Some(&hyper::http::uri::Scheme::HTTPS);
-                if https {
-                    return Err(dns_error(format!(
-                        "HTTPS to a host name ({host}) is not supported from Wasm pods yet: use http or an address"
-                    )));
-                }
                 let ips = resolver
                     .resolve(&host)
                     .await
@@ -433,7 +430,20 @@ impl WasiHttpHooks for PodHooks {
                 let ip = ips
                     .first()
                     .ok_or_else(|| dns_error(format!("{host} has no address")))?;
-                let port = uri.port_u16().unwrap_or(80);
+                let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+                if https {
+                    // TLS verifies the name; the connection goes to the
+                    // address.
+                    let addr = SocketAddr::new(*ip, port);
+                    let sent = InNamespace::new(
+                        crate::egress::send(request, addr, &host, tls, options),
+                        &resolver.network,
+                    )
+                    .await
+                    .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e)))?;
+                    let (response, io) = sent?;
+                    return Ok((response, io));
+                }
                 let authority = SocketAddr::new(*ip, port).to_string();
                 let mut parts = uri.into_parts();
                 parts.authority = Some(

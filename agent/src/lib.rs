@@ -12,6 +12,7 @@
 mod agent;
 mod artifacts;
 pub mod container;
+pub mod egress;
 pub mod engine;
 pub mod error;
 pub mod events;

@@ -210,15 +210,16 @@ pub struct Registry {
     dir: tempfile::TempDir,
 }
 
-/// The files of a TLS registry, all in its directory.
+/// A throwaway CA and a server certificate it signed, all in one
+/// directory (see [`throwaway_tls`]).
 #[derive(Debug)]
-struct TlsFiles {
+pub struct TlsFiles {
     /// The throwaway CA's certificate, which clients must trust.
-    ca_pem: PathBuf,
-    /// The server certificate (for `IP:127.0.0.1` and `DNS:localhost`).
-    certificate: PathBuf,
+    pub ca_pem: PathBuf,
+    /// The server certificate.
+    pub certificate: PathBuf,
     /// The server certificate's private key.
-    key: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Registry {
@@ -287,7 +288,7 @@ impl Registry {
             None => None,
         };
         let tls = if tls {
-            Some(write_tls_files(root).await?)
+            Some(throwaway_tls(root, "IP:127.0.0.1, DNS:localhost").await?)
         } else {
             None
         };
@@ -575,7 +576,7 @@ subjectKeyIdentifier = hash
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectAltName = {names}
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 ";
@@ -583,8 +584,8 @@ authorityKeyIdentifier = keyid
 /// How the TLS files are made, one `openssl` command line per step, every
 /// file named relative to the registry's directory where they run: a CA, a
 /// key and certificate request for the server, the certificate the CA signs
-/// (P-256 keys, valid two days), and a check that it is accepted for a TLS
-/// server at `127.0.0.1`.
+/// (P-256 keys, valid two days), and a check that the CA accepts it for a
+/// TLS server.
 const OPENSSL_STEPS: [(&str, &str); 4] = [
     (
         "make the CA",
@@ -606,13 +607,16 @@ const OPENSSL_STEPS: [(&str, &str); 4] = [
     ),
     (
         "verify the server certificate",
-        "verify -CAfile ca.pem -purpose sslserver -verify_ip 127.0.0.1 server.pem",
+        "verify -CAfile ca.pem -purpose sslserver server.pem",
     ),
 ];
 
-/// Makes a TLS registry's files in `root` with [`OPENSSL_STEPS`].
-async fn write_tls_files(root: &Path) -> Result<TlsFiles, Error> {
-    write_file(&root.join("openssl.cnf"), OPENSSL_CONFIG.as_bytes())?;
+/// Makes a throwaway CA and a server certificate for `names` (an X.509
+/// `subjectAltName` value, such as `IP:127.0.0.1, DNS:localhost`) in `root`
+/// with [`OPENSSL_STEPS`] and the `openssl` CLI.
+pub async fn throwaway_tls(root: &Path, names: &str) -> Result<TlsFiles, Error> {
+    let config = OPENSSL_CONFIG.replace("{names}", names);
+    write_file(&root.join("openssl.cnf"), config.as_bytes())?;
     for (step, command_line) in OPENSSL_STEPS {
         let args: Vec<&str> = command_line.split_whitespace().collect();
         openssl(root, step, &args).await?;

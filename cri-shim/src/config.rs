@@ -86,6 +86,9 @@ pub struct HttpSection {
     pub request_timeout_seconds: Option<u64>,
     /// Function instances the node's pool has room for at once (256).
     pub pool_instances: Option<u32>,
+    /// PEM CA certificates functions trust for outgoing HTTPS, besides the
+    /// web PKI's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[network]`: CNI and pod network namespaces.
@@ -133,6 +136,7 @@ pub struct Settings {
     pub network: NetworkConfig,
     pub http: HttpOptions,
     pub http_pool_instances: u32,
+    pub http_ca_file: Option<PathBuf>,
     pub delegate: Option<DelegateSettings>,
     pub streaming: StreamingConfig,
 }
@@ -238,6 +242,7 @@ impl Settings {
                 .pool_instances
                 .unwrap_or(wasmlet_agent::engine::HTTP_POOL_INSTANCES)
                 .max(1),
+            http_ca_file: file.http.ca_file,
             streaming: {
                 let d = StreamingConfig::default();
                 StreamingConfig {

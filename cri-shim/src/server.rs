@@ -50,6 +50,7 @@ pub fn open_agent(settings: &Settings) -> anyhow::Result<Agent> {
         network: settings.network.clone(),
         http: settings.http.clone(),
         http_pool_instances: settings.http_pool_instances,
+        http_ca_file: settings.http_ca_file.clone(),
     })
     .with_context(|| format!("opening the state under {:?}", settings.root))
 }

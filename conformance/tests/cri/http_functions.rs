@@ -240,6 +240,93 @@ async fn outgoing_requests_resolve_and_leave_from_the_pod() {
     assert_eq!(status, 502, "{body}");
 }
 
+/// HTTPS to a host name: looked up with the pod's DNS settings, connected
+/// to from the pod, and the server's certificate verified against the name
+/// (SNI) with the CA of `[http] ca_file`; a certificate for another name
+/// fails the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outgoing_https_to_a_host_name_is_verified_against_that_name() {
+    use wasmlet_conformance::pod_network::DnsServer;
+    use wasmlet_conformance::registry::throwaway_tls;
+    let net = test_network();
+    let gateway = net.gateway();
+    let dir = tempfile::tempdir().unwrap();
+    let tls = throwaway_tls(dir.path(), "DNS:secure.test").await.unwrap();
+    std::fs::write(dir.path().join("hi.txt"), "hello over tls").unwrap();
+    let config = format!(
+        "{}\n[http]\nca_file = {:?}\n",
+        net.wasmlet_config(),
+        tls.ca_pem
+    );
+    let wasmlet = Wasmlet::builder().config(config).start().await;
+    let mut cri = wasmlet.cri();
+    let mut pod = wasmlet.pod().name("client").build();
+    pod.dns_config = Some(cri::DnsConfig {
+        servers: vec![gateway.clone()],
+        searches: vec!["test".into()],
+        options: vec![],
+    });
+    // The bridge has its (gateway) address once it has a pod.
+    let pod = cri.run_pod(pod).await.unwrap();
+    let ip = pod_ip(&wasmlet, &pod.id).await;
+    // An HTTPS server on the bridge's own address, and names for it.
+    let port = 8443;
+    let _server = tokio::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-WWW", "-accept"])
+        .arg(format!("{gateway}:{port}"))
+        .arg("-cert")
+        .arg(&tls.certificate)
+        .arg("-key")
+        .arg(&tls.key)
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
+    while tokio::net::TcpStream::connect((gateway.as_str(), port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "s_server did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _dns = DnsServer::start(
+        &gateway,
+        [
+            ("secure.test".to_owned(), gateway.parse().unwrap()),
+            ("other.test".to_owned(), gateway.parse().unwrap()),
+        ]
+        .into(),
+    )
+    .unwrap();
+    cri.start(&pod, function("client", 8080)).await.unwrap();
+    assert_eq!(
+        get(
+            &net,
+            &ip,
+            8080,
+            &format!("/fetch?url=https://secure.test:{port}/hi.txt")
+        )
+        .await,
+        (200, "fetched 200 hello over tls".to_owned())
+    );
+    // The same server under a name its certificate does not hold.
+    let (status, body) = get(
+        &net,
+        &ip,
+        8080,
+        &format!("/fetch?url=https://other.test:{port}/hi.txt"),
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("fetch failed"), "{body}");
+}
+
 /// The pod's annotations set a function's request timeout and concurrency:
 /// a request over the deadline is answered 504 and its instance ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

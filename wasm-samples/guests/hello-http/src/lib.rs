@@ -5,7 +5,7 @@
 //! - `GET /spin?ms=N` burns N milliseconds of CPU, then answers `spun N`;
 //! - `GET /alloc?mib=N` allocates and touches N MiB, then answers
 //!   `allocated N`;
-//! - `GET /fetch?url=http://HOST[:PORT]/PATH` makes that request through
+//! - `GET /fetch?url=http[s]://HOST[:PORT]/PATH` makes that request through
 //!   `wasi:http/outgoing-handler` and answers `fetched <status> <body>`
 //!   (or 502 with the error);
 //! - anything else answers `hello from <HELLO_NAME> path=<path>` (the
@@ -39,16 +39,20 @@ fn query(path: &str, key: &str) -> Option<u64> {
 
 /// GET `url` (plain HTTP) through the host; its status and body.
 fn fetch(url: &str) -> Result<(u16, String), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("only http:// URLs: {url}"))?;
+    let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
+        (Scheme::Http, rest)
+    } else if let Some(rest) = url.strip_prefix("https://") {
+        (Scheme::Https, rest)
+    } else {
+        return Err(format!("only http:// and https:// URLs: {url}"));
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let request = OutgoingRequest::new(Fields::new());
     request.set_method(&Method::Get).map_err(|()| "method")?;
-    request.set_scheme(Some(&Scheme::Http)).map_err(|()| "scheme")?;
+    request.set_scheme(Some(&scheme)).map_err(|()| "scheme")?;
     request
         .set_authority(Some(authority))
         .map_err(|()| format!("authority {authority}"))?;

@@ -1,0 +1,121 @@
+//! HTTPS from `wasi:http` functions to host names. The name is resolved
+//! with the pod's DNS settings and the connection made from the pod's
+//! namespace (as for plain HTTP), so TLS cannot be left to wasmtime's
+//! default client, which resolves on the host and verifies the address it
+//! was given: here the certificate is checked against the name the guest
+//! asked for (SNI), while the connection goes to the address wasmlet
+//! resolved.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
+
+/// The trust a node's functions verify servers with.
+pub type TlsConfig = Arc<rustls::ClientConfig>;
+
+/// The web PKI's roots (Mozilla's, as browsers), plus the PEM certificates
+/// in `extra_ca` (a private CA of the cluster's).
+pub fn tls_config(extra_ca: Option<&Path>) -> Result<TlsConfig, String> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = extra_ca {
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("reading CA certificates {path:?}: {e}"))?;
+        let mut added = 0;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("reading CA certificates {path:?}: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("CA certificate in {path:?}: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!("{path:?} holds no PEM certificate"));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS settings: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// What is left of a sent request's connection: it ends once the response
+/// body was read.
+pub type Connection = Box<dyn Future<Output = Result<(), Error>> + Send>;
+
+/// Sends `request` over TLS to `addr`, verifying the server as `name`.
+/// The caller polls this in the pod's namespace.
+pub async fn send(
+    mut request: hyper::Request<WasiBody>,
+    addr: SocketAddr,
+    name: &str,
+    tls: TlsConfig,
+    options: Option<RequestOptions>,
+) -> Result<(hyper::Response<WasiBody>, Connection), Error> {
+    // wasmtime's default client's defaults.
+    let limit = Duration::from_secs(600);
+    let connect_timeout = options.and_then(|o| o.connect_timeout).unwrap_or(limit);
+    let first_byte_timeout = options.and_then(|o| o.first_byte_timeout).unwrap_or(limit);
+    let server_name =
+        ServerName::try_from(name.to_owned()).map_err(|_| Error::HttpRequestUriInvalid)?;
+    let handshake = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(Error::Connect)?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(server_name, tcp)
+            .await
+            .map_err(Error::Tls)?;
+        Ok::<_, Error>(hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?)
+    };
+    let (mut sender, conn) = tokio::time::timeout(connect_timeout, handshake)
+        .await
+        .map_err(|_| Error::ConnectionTimeout)??;
+    // On the wire, the path alone (the URI keeps scheme and authority).
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    *request.uri_mut() = path.parse().map_err(|_| Error::HttpRequestUriInvalid)?;
+    let mut conn = Box::pin(async move { conn.await.map_err(Error::from) });
+    let response = tokio::select! {
+        response = tokio::time::timeout(first_byte_timeout, sender.send_request(request)) => {
+            response.map_err(|_| Error::ConnectionReadTimeout)??
+        }
+        ended = &mut conn => {
+            ended?;
+            return Err(Error::ConnectionTerminated);
+        }
+    };
+    let response = response.map(|body| body.map_err(Error::from).boxed_unsync());
+    Ok((response, Box::new(conn)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_must_hold_certificates() {
+        assert!(tls_config(None).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let error = tls_config(Some(&empty)).unwrap_err();
+        assert!(error.contains("no PEM certificate"), "{error}");
+        let missing = tls_config(Some(&dir.path().join("missing.pem"))).unwrap_err();
+        assert!(missing.contains("missing.pem"), "{missing}");
+    }
+}
