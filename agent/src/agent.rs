@@ -1580,7 +1580,7 @@ impl Agent {
         stdio: GuestStdio,
         extra_env: Vec<(String, String)>,
     ) -> Result<std::result::Result<(crate::engine::Guest, GuestNetwork), (i32, String)>> {
-        let Some(argv0) = cmd.first().filter(|c| !c.is_empty()) else {
+        let Some(first) = cmd.first() else {
             return Err(Error::InvalidArgument("exec needs a command".into()));
         };
         let entry = self.container(id)?;
@@ -1605,6 +1605,21 @@ impl Agent {
                     record.image_id
                 ))
             })?;
+        let mut cmd = cmd.to_vec();
+        // An empty argv[0] (and, in a compat image, `/proc/self/exe`) is
+        // the container's own program.
+        if first.is_empty() || (first == "/proc/self/exe" && image.compat.is_some()) {
+            match program(
+                &self.inner.images,
+                &self.inner.programs,
+                &image,
+                &record.spec,
+            ) {
+                Ok(own) => cmd[0] = own.argv[0].clone(),
+                Err(reason) => return Ok(Err((127, reason))),
+            }
+        }
+        let argv0 = &cmd[0];
         if image.compat.is_none() {
             let names = artifact_program_names(&image, &record.spec);
             if !names.iter().any(|n| n == argv0) {
@@ -1617,7 +1632,7 @@ impl Agent {
             }
         }
         let mut spec = record.spec.clone();
-        spec.command = cmd.to_vec();
+        spec.command = cmd.clone();
         spec.args.clear();
         spec.envs.extend(extra_env);
         if let Err(reason) = program(&self.inner.images, &self.inner.programs, &image, &spec) {

@@ -201,7 +201,7 @@ fn command_options(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result
 }
 
 pub fn exec_request(req: cri::ExecRequest) -> Result<Pending> {
-    if req.cmd.first().is_none_or(|c| c.is_empty()) {
+    if req.cmd.is_empty() {
         return Err(Error::InvalidArgument("exec needs a command".into()));
     }
     Ok(Pending::Exec {

@@ -316,6 +316,12 @@ async fn exec_sync_runs_a_program_of_the_image_beside_the_container() {
     );
 
     // What is not a program of the image: 127, as a shell says it.
+    // `/proc/self/exe` is the container's own program (the ticker, which
+    // runs until its timeout).
+    let own = exec(&mut cri, &id, &["/proc/self/exe"], 1)
+        .await
+        .unwrap_err();
+    assert_eq!(own.code(), tonic::Code::DeadlineExceeded, "{own:?}");
     let missing = exec(&mut cri, &id, &["sh", "-c", "true"], 10)
         .await
         .unwrap();

@@ -527,6 +527,13 @@ async fn exec_into_a_wasm_artifact_runs_its_one_program_by_its_names() {
         .await
         .unwrap_err();
     assert_eq!(slow.code(), tonic::Code::DeadlineExceeded, "{slow:?}");
+    // An empty argv[0] is the container's own program too.
+    let own = cri
+        .runtime()
+        .exec_sync(exec(&["", "x"], 1))
+        .await
+        .unwrap_err();
+    assert_eq!(own.code(), tonic::Code::DeadlineExceeded, "{own:?}");
     // Anything else is not in the image.
     let other = cri
         .runtime()
