@@ -1333,7 +1333,14 @@ impl Agent {
             log,
             limiter,
             network,
-            dns: Arc::new(dns),
+            dns: Arc::new(crate::network::DnsSettings {
+                hosts_file: spec
+                    .mounts
+                    .iter()
+                    .find(|m| m.container_path == "/etc/hosts")
+                    .map(|m| PathBuf::from(&m.host_path)),
+                ..dns
+            }),
             stdio,
             egress_tls: self.inner.egress_tls.clone(),
         })

@@ -73,6 +73,7 @@ pub fn sandbox_spec(
                 servers: d.servers.clone(),
                 searches: d.searches.clone(),
                 options: d.options.clone(),
+                hosts_file: None,
             })
             .unwrap_or_default(),
         resources: resources(config.linux.and_then(|l| l.resources)),

@@ -26,6 +26,27 @@ pub struct DnsSettings {
     pub searches: Vec<String>,
     /// resolv.conf options: `ndots:N`, `timeout:N`, `attempts:N` are used.
     pub options: Vec<String>,
+    /// The container's `/etc/hosts` (the kubelet's, with the pod's own
+    /// name and its `hostAliases`), read before asking the servers. Set per
+    /// container from its mounts, never stored with the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts_file: Option<std::path::PathBuf>,
+}
+
+/// The addresses `name` has in a hosts file's `text` (`IP NAME ALIAS...`
+/// lines, `#` comments), in the file's order; names compare without case.
+fn hosts_lookup(text: &str, name: &str) -> Vec<IpAddr> {
+    let name = name.trim_end_matches('.');
+    text.lines()
+        .map(|line| line.split('#').next().unwrap_or(""))
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let ip = fields.next()?.parse::<IpAddr>().ok()?;
+            fields
+                .any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(name))
+                .then_some(ip)
+        })
+        .collect()
 }
 
 impl DnsSettings {
@@ -105,6 +126,16 @@ impl Resolver {
         }
         if name.is_empty() || name.len() > 253 {
             return Err(LookupError::InvalidName);
+        }
+        if let Some(path) = &self.dns.hosts_file {
+            // Unreadable: as if empty (the servers still answer).
+            let text = tokio::fs::read_to_string(path).await.unwrap_or_default();
+            let mut found = hosts_lookup(&text, name);
+            if !found.is_empty() {
+                found.sort_by_key(|ip| ip.is_ipv6());
+                found.dedup();
+                return Ok(found);
+            }
         }
         if name.eq_ignore_ascii_case("localhost") {
             return Ok(vec![
@@ -313,11 +344,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_hosts_file_maps_names_and_aliases_without_case() {
+        let text = "# kubelet-managed\n127.0.0.1 localhost\n10.0.0.5\tweb web.ns.svc  # the pod\n\nfe80::1 Web\n10.0.0.9 db.internal. db\nbogus line\n";
+        assert_eq!(
+            hosts_lookup(text, "WEB"),
+            [
+                "10.0.0.5".parse::<IpAddr>().unwrap(),
+                "fe80::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            hosts_lookup(text, "db.internal"),
+            ["10.0.0.9".parse::<IpAddr>().unwrap()]
+        );
+        assert!(hosts_lookup(text, "kubelet-managed").is_empty());
+        assert!(hosts_lookup(text, "nowhere").is_empty());
+    }
+
+    #[test]
     fn search_order_follows_ndots() {
         let dns = DnsSettings {
             servers: vec!["10.96.0.10".into()],
             searches: vec!["ns.svc.cluster.local".into(), "svc.cluster.local".into()],
             options: vec!["ndots:2".into(), "timeout:1".into()],
+            hosts_file: None,
         };
         assert_eq!(
             dns.candidates("web"),

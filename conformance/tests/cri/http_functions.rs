@@ -226,11 +226,27 @@ async fn outgoing_requests_resolve_and_leave_from_the_pod() {
     });
     let b = cri.run_pod(config).await.unwrap();
     let b_ip = pod_ip(&wasmlet, &b.id).await;
-    cri.start(&b, function("b", 8080)).await.unwrap();
+    // The kubelet's /etc/hosts (hostAliases) is read before DNS.
+    let hosts = wasmlet.scratch("b-etc").join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{a_ip} db.internal db\n"),
+    )
+    .unwrap();
+    let b_function = function_builder("b", 8080)
+        .mount(&hosts, "/etc/hosts", true)
+        .build();
+    cri.start(&b, b_function).await.unwrap();
     assert_eq!(
         get(&net, &b_ip, 8080, "/fetch?url=http://svc-a:8080/hi").await,
         (200, "fetched 200 hello from a path=/hi\n".to_owned())
     );
+    let before = dns.queries().len();
+    assert_eq!(
+        get(&net, &b_ip, 8080, "/fetch?url=http://db:8080/hosts").await,
+        (200, "fetched 200 hello from a path=/hosts\n".to_owned())
+    );
+    assert_eq!(dns.queries().len(), before, "a hosts-file name went to DNS");
     let queries = dns.queries();
     assert!(!queries.is_empty());
     for (from, _) in &queries {
