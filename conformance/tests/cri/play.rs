@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 use tempfile::TempDir;
 
 use crate::daemon::Wasmlet;
-use crate::{ECHO_P1, ECHO_P2, HELLO_HTTP_P2, SLEEPER_P1, TICKER_P1};
+use crate::{ECHO_P1, ECHO_P2, HELLO_HTTP_P2, HOG_P1, SLEEPER_P1, TICKER_P1};
 
 /// How long one play may take: start an agent, compile, run, tear down.
 const PLAY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -645,4 +645,24 @@ spec:
         0,
         "{played}"
     );
+}
+
+#[test]
+fn resources_limits_become_the_containers_limits() {
+    let scene = Scene::new();
+    let yaml = format!(
+        "
+kind: Pod
+metadata: {{name: limited}}
+spec:
+  restartPolicy: Never
+  containers:
+    - name: hog
+      image: {HOG_P1}
+      resources: {{limits: {{memory: 8Mi, cpu: 200m}}}}
+"
+    );
+    let played = scene.play(&yaml, &images(&[(HOG_P1, wasm_samples::HOG_P1)]));
+    played.assert_stdout("[hog] holding 1 MiB");
+    played.assert_stderr("[hog] exited with code 137 (OOMKilled)");
 }

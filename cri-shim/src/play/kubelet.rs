@@ -158,10 +158,53 @@ impl PodIdentity<'_> {
             labels,
             annotations,
             log_path: container_log_path(&container.name, attempt),
-            linux: Some(cri::LinuxContainerConfig::default()),
+            linux: Some(cri::LinuxContainerConfig {
+                resources: Some(linux_resources(&container.resources)?),
+                ..Default::default()
+            }),
             ..Default::default()
         })
     }
+}
+
+/// The CFS period the kubelet sets, in microseconds.
+const CPU_PERIOD_US: i64 = 100_000;
+
+/// `resources` as the kubelet turns them into Linux resources: the memory
+/// limit in bytes, the CPU limit as a CFS quota over a 100 ms period, the
+/// CPU request as shares (1024 per CPU, at least 2).
+fn linux_resources(
+    resources: &super::manifest::ResourceRequirements,
+) -> anyhow::Result<cri::LinuxContainerResources> {
+    let read = |map: &std::collections::BTreeMap<String, serde_yaml_ng::Value>,
+                name: &str,
+                scale: f64|
+     -> anyhow::Result<Option<u64>> {
+        match map.get(name) {
+            None => Ok(None),
+            Some(value) => super::manifest::quantity(value, scale)
+                .map(Some)
+                .ok_or_else(|| anyhow::anyhow!("resources: {name} {value:?} is not a quantity")),
+        }
+    };
+    let mut out = cri::LinuxContainerResources::default();
+    if let Some(bytes) = read(&resources.limits, "memory", 1.0)? {
+        out.memory_limit_in_bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+    }
+    if let Some(millis) = read(&resources.limits, "cpu", 1000.0)? {
+        out.cpu_period = CPU_PERIOD_US;
+        out.cpu_quota = (i64::try_from(millis).unwrap_or(i64::MAX / CPU_PERIOD_US) * CPU_PERIOD_US
+            / 1000)
+            .max(1000);
+    }
+    let request =
+        read(&resources.requests, "cpu", 1000.0)?.or(read(&resources.limits, "cpu", 1000.0)?);
+    if let Some(millis) = request {
+        out.cpu_shares = i64::try_from(millis * 1024 / 1000)
+            .unwrap_or(i64::MAX)
+            .max(2);
+    }
+    Ok(out)
 }
 
 /// The container's log file relative to the pod's log directory.
@@ -243,6 +286,7 @@ spec:
       env: [{name: WHO, value: me}]
       volumeMounts: [{name: data, mountPath: /data, readOnly: true}]
       ports: [{name: http, containerPort: 8080}, {containerPort: 53, hostPort: 5353, protocol: UDP}]
+      resources: {limits: {memory: 64Mi, cpu: 500m}, requests: {cpu: '0.25'}}
   volumes: [{name: data, emptyDir: {}}]
 ",
         )
@@ -322,10 +366,32 @@ spec:
                 {"containerPort": 53, "hostPort": 5353, "protocol": "UDP"}
             ])
         );
+        let resources = config.linux.unwrap().resources.unwrap();
+        assert_eq!(resources.memory_limit_in_bytes, 64 * 1024 * 1024);
+        assert_eq!(
+            (resources.cpu_quota, resources.cpu_period),
+            (50_000, 100_000)
+        );
+        assert_eq!(resources.cpu_shares, 256);
         assert!(
             id.container_config(&pod.spec.containers[0], 0, "x", &BTreeMap::new())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn quantities_read_as_the_kubelet_reads_them() {
+        use crate::play::manifest::quantity;
+        let q = |s: &str, scale| quantity(&serde_yaml_ng::Value::String(s.into()), scale);
+        assert_eq!(q("64Mi", 1.0), Some(64 * 1024 * 1024));
+        assert_eq!(q("1G", 1.0), Some(1_000_000_000));
+        assert_eq!(q("500m", 1000.0), Some(500));
+        assert_eq!(q("2", 1000.0), Some(2000));
+        assert_eq!(q("0.1", 1000.0), Some(100));
+        assert_eq!(q("lots", 1.0), None);
+        assert_eq!(q("-1", 1.0), None);
+        let number = serde_yaml_ng::Value::Number(3.into());
+        assert_eq!(quantity(&number, 1.0), Some(3));
     }
 
     #[test]

@@ -109,6 +109,49 @@ pub struct Container {
     pub ports: Vec<ContainerPort>,
     pub readiness_probe: Option<Probe>,
     pub liveness_probe: Option<Probe>,
+    #[serde(default)]
+    pub resources: ResourceRequirements,
+}
+
+/// A container's `resources`: quantities by resource name (`cpu`,
+/// `memory`), as strings or numbers.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ResourceRequirements {
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub limits: std::collections::BTreeMap<String, serde_yaml_ng::Value>,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub requests: std::collections::BTreeMap<String, serde_yaml_ng::Value>,
+}
+
+/// A Kubernetes quantity (`64Mi`, `1G`, `500m`, `0.5`, `2`) times
+/// `scale` (1000 to read CPUs as millicores), rounded up, as the kubelet
+/// reads limits. `None` if it is not a quantity.
+pub fn quantity(value: &serde_yaml_ng::Value, scale: f64) -> Option<u64> {
+    let text = match value {
+        serde_yaml_ng::Value::String(s) => s.trim().to_owned(),
+        serde_yaml_ng::Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    const SUFFIXES: &[(&str, f64)] = &[
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("m", 1e-3),
+    ];
+    let (number, factor) = SUFFIXES
+        .iter()
+        .find_map(|(suffix, factor)| text.strip_suffix(suffix).map(|n| (n, *factor)))
+        .unwrap_or((text.as_str(), 1.0));
+    let number: f64 = number
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    Some((number * factor * scale).ceil() as u64)
 }
 
 /// A `ports` entry.
