@@ -1128,8 +1128,8 @@ impl Agent {
                 };
                 let metering = Metering {
                     usage,
-                    shared: PodCpu::new(&record.spec.resources)
-                        .into_iter()
+                    // Its own quota follows UpdateContainerResources.
+                    shared: std::iter::once(PodCpu::following(live.clone()))
                         .chain(pod_cpu)
                         .collect(),
                 };

@@ -128,13 +128,22 @@ impl LiveLimits {
     }
 }
 
-/// A pod's shared CPU account for a pod-level quota (`linux.resources` of
-/// the sandbox): its containers' CPU time is summed per period.
+/// A shared CPU account: a pod-level quota (`linux.resources` of the
+/// sandbox), whose containers' CPU time is summed per period, or an HTTP
+/// function's own quota, summed over its concurrent instances.
 #[derive(Debug)]
 pub struct PodCpu {
-    quota_ns: u64,
-    period_ns: u64,
+    limit: CpuLimit,
     state: std::sync::Mutex<(tokio::time::Instant, u64)>,
+}
+
+#[derive(Debug)]
+enum CpuLimit {
+    /// Quota and period, in nanoseconds.
+    Fixed(u64, u64),
+    /// Whatever the container's live limits say now (updated by
+    /// UpdateContainerResources).
+    Live(Arc<LiveLimits>),
 }
 
 impl PodCpu {
@@ -145,26 +154,39 @@ impl PodCpu {
             .cpu_period_us
             .filter(|p| *p > 0)
             .unwrap_or(DEFAULT_CPU_PERIOD_US);
-        Some(Arc::new(Self {
-            quota_ns: quota * 1_000,
-            period_ns: period * 1_000,
+        Some(Self::with(CpuLimit::Fixed(quota * 1_000, period * 1_000)))
+    }
+
+    /// An account following a container's live quota (none while it has
+    /// none).
+    pub fn following(live: Arc<LiveLimits>) -> Arc<Self> {
+        Self::with(CpuLimit::Live(live))
+    }
+
+    fn with(limit: CpuLimit) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
             state: std::sync::Mutex::new((tokio::time::Instant::now(), 0)),
-        }))
+        })
     }
 
     /// Charges `spent` nanoseconds; returns when the pod may run again if
     /// it has used its quota for this period.
     pub fn charge(&self, spent: u64) -> Option<tokio::time::Instant> {
+        let (quota_ns, period_ns) = match &self.limit {
+            CpuLimit::Fixed(quota, period) => (*quota, *period),
+            CpuLimit::Live(live) => live.cpu_quota()?,
+        };
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let period = std::time::Duration::from_nanos(self.period_ns);
+        let period = std::time::Duration::from_nanos(period_ns);
         if state.0.elapsed() >= period {
             *state = (tokio::time::Instant::now(), 0);
         }
         state.1 += spent;
-        (state.1 >= self.quota_ns).then(|| state.0 + period)
+        (state.1 >= quota_ns).then(|| state.0 + period)
     }
 }
 
@@ -340,6 +362,26 @@ pub fn release_free_heap() {
 mod tests {
     use super::*;
     use wasmtime::ResourceLimiter;
+
+    #[tokio::test]
+    async fn a_live_cpu_account_follows_the_containers_current_quota() {
+        let live = LiveLimits::new(&Resources::default());
+        let account = PodCpu::following(live.clone());
+        // No quota: never throttled.
+        assert!(account.charge(10_000_000_000).is_none());
+        live.set(&Resources {
+            cpu_quota_us: Some(10_000),
+            cpu_period_us: Some(1_000_000),
+            ..Default::default()
+        });
+        assert!(account.charge(5_000_000).is_none());
+        assert!(account.charge(5_000_000).is_some(), "10 ms of 10 ms used");
+        live.set(&Resources::default());
+        assert!(
+            account.charge(1_000_000_000).is_none(),
+            "the quota was lifted"
+        );
+    }
 
     #[test]
     fn container_and_pod_limits_both_hold_and_are_released() {
