@@ -215,7 +215,8 @@ async fn exec_with_a_terminal_edits_and_echoes_lines_and_knows_its_size() {
     let mut exec = RemoteCommand::connect(&url, Transport::WebSocket, TERMINAL)
         .await
         .unwrap();
-    exec.wait_stdout_contains("env STDIN_LINES=1", IO_TIMEOUT)
+    // The last line before it reads stdin.
+    exec.wait_stdout_contains("env TERM=xterm\r\n", IO_TIMEOUT)
         .await
         .unwrap();
     exec.write_stdin(b"abc\x03").await.unwrap();
