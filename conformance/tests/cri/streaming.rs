@@ -10,7 +10,7 @@ use wasmlet_conformance::{Code, ContainerConfigBuilder, CriClient, Error, Pod, a
 
 use crate::daemon::Wasmlet;
 use crate::networked::{networked, test_network};
-use crate::{ECHO_P1, GUEST_TIMEOUT, PONG_P2, TICKER_P1, UNKNOWN_ID};
+use crate::{ECHO_P1, GUEST_TIMEOUT, HOG_P1, PONG_P2, TICKER_P1, UNKNOWN_ID};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const TRANSPORTS: [Transport; 2] = [Transport::Spdy, Transport::WebSocket];
@@ -593,4 +593,70 @@ async fn an_idle_session_is_closed_and_garbage_only_ends_its_own_connection() {
         .await
         .unwrap();
     assert_eq!(outcome.exit_code, Some(3));
+}
+
+/// The working set of container `id`, which counts its exec'd instances.
+async fn working_set(cri: &mut CriClient, id: &str) -> u64 {
+    cri.runtime()
+        .container_stats(cri::ContainerStatsRequest {
+            container_id: id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .and_then(|s| s.memory)
+        .and_then(|m| m.working_set_bytes)
+        .map_or(0, |v| v.value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_whose_client_leaves_is_ended() {
+    const MIB: u64 = 1024 * 1024;
+    let wasmlet = Wasmlet::start().await;
+    let hog = ContainerConfigBuilder::new("hog", HOG_P1)
+        .env("HOG_LIMIT_MIB", "8")
+        .env("HOG_HOLD", "1")
+        .build();
+    let (mut cri, pod, id) = running(&wasmlet, hog.clone()).await;
+    let log = pod.container_log(&hog);
+    wasmlet_conformance::wait_for_log(&log, GUEST_TIMEOUT, "the hog to hold 8 MiB", |r| {
+        wasmlet_conformance::stream_lines(r, wasmlet_conformance::Stream::Stdout)
+            .iter()
+            .any(|l| l == "done holding 8 MiB")
+    })
+    .await
+    .unwrap();
+    let alone = working_set(&mut cri, &id).await;
+    // The same program exec'd holds as much again, for as long as it runs.
+    let options = StreamOptions {
+        stdin: false,
+        stderr: false,
+        ..ALL
+    };
+    let url = exec_url(&mut cri, &id, &["/proc/self/exe"], options)
+        .await
+        .unwrap();
+    let mut exec = RemoteCommand::connect(&url, Transport::Spdy, options)
+        .await
+        .unwrap();
+    exec.wait_stdout_contains("done holding 8 MiB", IO_TIMEOUT)
+        .await
+        .unwrap();
+    let both = working_set(&mut cri, &id).await;
+    assert!(both >= alone + 8 * MIB, "{alone} then {both}");
+    // Its client hangs up: the instance is ended and its memory returned.
+    drop(exec);
+    let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let now = working_set(&mut cri, &id).await;
+        if now < alone + MIB {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the exec'd instance still holds memory: {alone} alone, {now} now"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
