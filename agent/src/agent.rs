@@ -62,8 +62,6 @@ pub struct Attachment {
     /// The container's output from the attach on; closed when it exits.
     pub output: tokio::sync::broadcast::Receiver<crate::logs::Output>,
     pub stdin: Option<AttachedStdin>,
-    /// Turns true when the container exited.
-    pub exited: watch::Receiver<bool>,
     /// The container was created with `tty`.
     pub terminal: bool,
 }
@@ -380,6 +378,30 @@ struct Program {
     /// layer, or a compat program read before).
     digest: Option<crate::ids::Digest>,
     rootfs: Option<PathBuf>,
+}
+
+/// Reads `program`'s Wasm: the image's layer, or a compat image's file
+/// (whose kind and digest are read from its bytes).
+fn read_program(
+    images: &ImageStore,
+    image: &ImageRecord,
+    program: &Program,
+) -> std::result::Result<(crate::ids::Digest, WasmKind, Vec<u8>), String> {
+    match &program.file {
+        None => {
+            let bytes = images
+                .read_blob(&image.wasm_digest)
+                .map_err(|e| format!("reading the image's Wasm: {e}"))?;
+            Ok((image.wasm_digest.clone(), image.wasm_kind, bytes))
+        }
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).map_err(|e| format!("reading {:?}: {e}", program.argv[0]))?;
+            let kind = WasmKind::detect(&bytes)
+                .ok_or_else(|| format!("{:?} is not a WebAssembly program", program.argv[0]))?;
+            Ok((crate::ids::Digest::of(&bytes), kind, bytes))
+        }
+    }
 }
 
 /// Decides argv as Kubernetes does: `command` replaces the image's
@@ -1012,30 +1034,16 @@ impl Agent {
         }
         let inner = self.inner.clone();
         let image = image.clone();
-        tokio::task::spawn_blocking(move || match program.file {
-            None => {
-                let bytes = inner
-                    .images
-                    .read_blob(&image.wasm_digest)
-                    .map_err(|e| format!("reading the image's Wasm: {e}"))?;
-                inner
-                    .engine
-                    .prepare(&image.wasm_digest, image.wasm_kind, &bytes)
-            }
-            Some(path) => {
-                let bytes = std::fs::read(&path)
-                    .map_err(|e| format!("reading {:?}: {e}", program.argv[0]))?;
-                let kind = WasmKind::detect(&bytes)
-                    .ok_or_else(|| format!("{:?} is not a WebAssembly program", program.argv[0]))?;
-                let digest = crate::ids::Digest::of(&bytes);
-                let prepared = inner.engine.prepare(&digest, kind, &bytes)?;
-                if let Some(p) =
+        tokio::task::spawn_blocking(move || {
+            let (digest, kind, bytes) = read_program(&inner.images, &image, &program)?;
+            let prepared = inner.engine.prepare(&digest, kind, &bytes)?;
+            if program.file.is_some()
+                && let Some(p) =
                     lock(&inner.programs).get_mut(&(image.id.clone(), program.argv[0].clone()))
-                {
-                    p.digest = Some(digest);
-                }
-                Ok(prepared)
+            {
+                p.digest = Some(digest);
             }
+            Ok(prepared)
         })
         .await
         .map_err(|e| format!("compiling the image: {e}"))?
@@ -1707,7 +1715,6 @@ impl Agent {
                 writer: entry.stdin.clone(),
                 once: record.spec.stdin_once,
             }),
-            exited: entry.exited.subscribe(),
             terminal: record.spec.tty,
         })
     }
@@ -1739,34 +1746,26 @@ impl Agent {
         }
     }
 
-    /// The bytes of the program `image` runs by default (its Wasm layer,
-    /// or a compat image's entrypoint file), with their digest.
-    async fn default_program(&self, image: &ImageRecord) -> Result<(crate::ids::Digest, Vec<u8>)> {
+    /// The program `image` runs by default (its Wasm layer, or a compat
+    /// image's entrypoint file): digest, kind and bytes.
+    async fn default_program(
+        &self,
+        image: &ImageRecord,
+    ) -> Result<(crate::ids::Digest, WasmKind, Vec<u8>)> {
         let inner = self.inner.clone();
         let image = image.clone();
         tokio::task::spawn_blocking(move || {
-            let unreadable = |reason: String| Error::InvalidImage {
-                reference: image.id.to_string(),
-                reason,
-            };
-            let program = program(
+            program(
                 &inner.images,
                 &inner.programs,
                 &image,
                 &ContainerSpec::default(),
             )
-            .map_err(unreadable)?;
-            match program.file {
-                None => Ok((
-                    image.wasm_digest.clone(),
-                    inner.images.read_blob(&image.wasm_digest)?,
-                )),
-                Some(path) => {
-                    let bytes = std::fs::read(&path)
-                        .map_err(|e| unreadable(format!("reading {path:?}: {e}")))?;
-                    Ok((crate::ids::Digest::of(&bytes), bytes))
-                }
-            }
+            .and_then(|program| read_program(&inner.images, &image, &program))
+            .map_err(|reason| Error::InvalidImage {
+                reference: image.id.to_string(),
+                reason,
+            })
         })
         .await
         .map_err(|e| Error::Internal(format!("reading an image's program: {e}")))?
@@ -1786,7 +1785,7 @@ impl Agent {
     /// exports (see [`crate::inspect`]) and whether it is compiled.
     pub async fn inspect_image(&self, reference: &str) -> Result<ImageInspection> {
         let image = self.stored_image(reference)?;
-        let (wasm_digest, bytes) = self.default_program(&image).await?;
+        let (wasm_digest, _, bytes) = self.default_program(&image).await?;
         let description =
             crate::inspect::describe(&bytes).map_err(|reason| Error::InvalidImage {
                 reference: reference.to_owned(),
@@ -1810,35 +1809,28 @@ impl Agent {
     /// compiling.
     pub async fn precompile_image(&self, reference: &str) -> Result<Precompiled> {
         let image = self.stored_image(reference)?;
-        let (wasm_digest, bytes) = self.default_program(&image).await?;
-        let invalid = |reason: String| Error::InvalidImage {
-            reference: reference.to_owned(),
-            reason,
-        };
-        let kind = WasmKind::detect(&bytes).ok_or_else(|| invalid("not WebAssembly".into()))?;
+        let (wasm_digest, kind, bytes) = self.default_program(&image).await?;
         let engine = self.inner.engine.clone();
-        if engine.cached(&wasm_digest).is_some() {
+        if engine.is_compiled(&wasm_digest, kind, &bytes) {
             return Ok(Precompiled {
                 wasm_digest,
                 already_compiled: true,
                 took: Duration::ZERO,
             });
         }
-        let already_compiled = engine.is_compiled(&wasm_digest, kind, &bytes);
         let started = std::time::Instant::now();
         let digest = wasm_digest.clone();
         tokio::task::spawn_blocking(move || engine.prepare(&digest, kind, &bytes).map(drop))
             .await
             .map_err(|e| Error::Internal(format!("compiling: {e}")))?
-            .map_err(invalid)?;
+            .map_err(|reason| Error::InvalidImage {
+                reference: reference.to_owned(),
+                reason,
+            })?;
         Ok(Precompiled {
             wasm_digest,
-            already_compiled,
-            took: if already_compiled {
-                Duration::ZERO
-            } else {
-                started.elapsed()
-            },
+            already_compiled: false,
+            took: started.elapsed(),
         })
     }
 

@@ -56,6 +56,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::registry::{Framing, HTTP_TIMEOUT, Head, read_body, read_head};
+use crate::token_server::percent_decode;
 
 /// The kubectl binary run by [`KubeApi::kubectl`], looked up on `PATH`.
 pub const KUBECTL_BINARY: &str = "kubectl";
@@ -1077,24 +1078,6 @@ impl StreamingUrl {
             target,
         })
     }
-}
-
-/// Decodes a query component (`%XX`, and `+` for a space); `None` if it is
-/// malformed or not UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
-    let mut out = Vec::with_capacity(text.len());
-    let mut bytes = text.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'%' => {
-                let hex = [bytes.next()?, bytes.next()?];
-                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// A boolean query value as Go's `strconv.ParseBool` reads it.

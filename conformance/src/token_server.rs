@@ -602,7 +602,7 @@ fn decode_base64(text: &str) -> Option<Vec<u8>> {
 
 /// Decodes a query component (`%XX` and `+` for a space); `None` if it is
 /// malformed or not UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
+pub(crate) fn percent_decode(text: &str) -> Option<String> {
     let mut out = Vec::with_capacity(text.len());
     let mut bytes = text.bytes();
     while let Some(b) = bytes.next() {

@@ -189,4 +189,16 @@ async fn instance_stats_show_guest_memory_against_its_limit_and_oom() {
         .instances;
     assert_eq!(only.len(), 1);
     assert_eq!(only[0].container_id, hog_id);
+    // `wasmlet admin stats --pod` prints the same rows.
+    let out = wasmlet.cli(&["admin", "stats", "--pod", &other.id], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let rows: Vec<&str> = stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{stdout}");
+    assert!(
+        rows[0].starts_with(&hog_id[..13])
+            && rows[0].contains("CONTAINER_EXITED")
+            && rows[0].ends_with("true"),
+        "{stdout}"
+    );
 }

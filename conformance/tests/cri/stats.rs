@@ -10,11 +10,11 @@ use crate::{GUEST_TIMEOUT, HOG_P1, SLEEPER_P1, SPIN_P1};
 
 const MIB: u64 = 1024 * 1024;
 
-fn value(v: &Option<cri::UInt64Value>) -> u64 {
+pub(crate) fn value(v: &Option<cri::UInt64Value>) -> u64 {
     v.as_ref().map_or(0, |v| v.value)
 }
 
-async fn container_stats(wasmlet: &Wasmlet, id: &str) -> cri::ContainerStats {
+pub(crate) async fn container_stats(wasmlet: &Wasmlet, id: &str) -> cri::ContainerStats {
     wasmlet
         .cri()
         .runtime()

@@ -596,18 +596,9 @@ async fn an_idle_session_is_closed_and_garbage_only_ends_its_own_connection() {
 }
 
 /// The working set of container `id`, which counts its exec'd instances.
-async fn working_set(cri: &mut CriClient, id: &str) -> u64 {
-    cri.runtime()
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: id.to_owned(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .stats
-        .and_then(|s| s.memory)
-        .and_then(|m| m.working_set_bytes)
-        .map_or(0, |v| v.value)
+async fn working_set(wasmlet: &Wasmlet, id: &str) -> u64 {
+    let stats = crate::stats::container_stats(wasmlet, id).await;
+    crate::stats::value(&stats.memory.unwrap_or_default().working_set_bytes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -627,7 +618,7 @@ async fn an_exec_whose_client_leaves_is_ended() {
     })
     .await
     .unwrap();
-    let alone = working_set(&mut cri, &id).await;
+    let alone = working_set(&wasmlet, &id).await;
     // The same program exec'd holds as much again, for as long as it runs.
     let options = StreamOptions {
         stdin: false,
@@ -643,13 +634,13 @@ async fn an_exec_whose_client_leaves_is_ended() {
     exec.wait_stdout_contains("done holding 8 MiB", IO_TIMEOUT)
         .await
         .unwrap();
-    let both = working_set(&mut cri, &id).await;
+    let both = working_set(&wasmlet, &id).await;
     assert!(both >= alone + 8 * MIB, "{alone} then {both}");
     // Its client hangs up: the instance is ended and its memory returned.
     drop(exec);
     let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
     loop {
-        let now = working_set(&mut cri, &id).await;
+        let now = working_set(&wasmlet, &id).await;
         if now < alone + MIB {
             break;
         }
