@@ -13,15 +13,11 @@
 
 mod client;
 mod config;
-pub mod containerd;
 mod error;
-pub mod fault_proxy;
-pub mod kube_api;
+pub mod fixtures;
 mod log;
 pub mod pod_network;
-pub mod registry;
 pub mod streaming;
-pub mod token_server;
 
 pub use client::{CriClient, DEFAULT_RPC_TIMEOUT, KUBELET_API_VERSION};
 pub use config::{

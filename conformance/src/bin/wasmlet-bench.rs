@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use wasmlet_conformance::containerd::{Containerd, LinuxImage};
+use wasmlet_conformance::fixtures::containerd::{Containerd, LinuxImage};
 use wasmlet_conformance::pod_network::TestNetwork;
 use wasmlet_conformance::{ContainerConfigBuilder, CriClient, PodSandboxConfigBuilder, cri};
 

@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use tonic::Code;
-use wasmlet_conformance::registry::{OCI_CONFIG, OCI_MANIFEST, Registry, RegistryOptions};
+use wasmlet_conformance::fixtures::registry::{
+    OCI_CONFIG, OCI_MANIFEST, Registry, RegistryOptions,
+};
 use wasmlet_conformance::{
     ContainerConfigBuilder, Stream, assert_code, read_cri_log, stream_lines,
 };

@@ -11,11 +11,11 @@
 
 use std::time::Duration;
 
-use wasmlet_conformance::containerd::{
+use wasmlet_conformance::fixtures::containerd::{
     BUSYBOX_IMAGE, Containerd, LinuxImage, OCI_CONFIG, OCI_LAYER, OCI_MANIFEST,
 };
+use wasmlet_conformance::fixtures::registry::{Registry, RegistryOptions};
 use wasmlet_conformance::pod_network::TestNetwork;
-use wasmlet_conformance::registry::{Registry, RegistryOptions};
 use wasmlet_conformance::{
     Code, ContainerConfigBuilder, CriClient, Stream, assert_code, cri, stream_lines, wait_for_log,
 };

@@ -262,8 +262,8 @@ async fn outgoing_requests_resolve_and_leave_from_the_pod() {
 /// fails the request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outgoing_https_to_a_host_name_is_verified_against_that_name() {
+    use wasmlet_conformance::fixtures::registry::throwaway_tls;
     use wasmlet_conformance::pod_network::DnsServer;
-    use wasmlet_conformance::registry::throwaway_tls;
     let net = test_network();
     let gateway = net.gateway();
     let dir = tempfile::tempdir().unwrap();

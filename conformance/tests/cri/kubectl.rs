@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use wasmlet_conformance::kube_api::{
+use wasmlet_conformance::fixtures::kube_api::{
     ContainerDescription, KubeApi, KubectlTransport, PodDescription, StreamKind, StreamRequest,
     skip_without_kubectl,
 };

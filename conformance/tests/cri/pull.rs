@@ -16,8 +16,8 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use wasmlet_conformance::fault_proxy::{Fault, FaultProxy, PathMatch};
-use wasmlet_conformance::registry::{
+use wasmlet_conformance::fixtures::fault_proxy::{Fault, FaultProxy, PathMatch};
+use wasmlet_conformance::fixtures::registry::{
     Descriptor, OCI_CONFIG, OCI_MANIFEST, Registry, RegistryOptions, WASM_CONFIG, sha256_digest,
 };
 use wasmlet_conformance::{

@@ -4,8 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use wasmlet_conformance::fault_proxy::{Fault, FaultProxy, PathMatch};
-use wasmlet_conformance::registry::{
+use wasmlet_conformance::fixtures::fault_proxy::{Fault, FaultProxy, PathMatch};
+use wasmlet_conformance::fixtures::registry::{
     self, ACCEPT_MANIFESTS, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Descriptor, OCI_CONFIG,
     OCI_INDEX, OCI_MANIFEST, Registry, RegistryClient, RegistryOptions, Request, WASM_CONFIG,
     WASM_LAYER, sha256_digest,

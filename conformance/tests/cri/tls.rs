@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use wasmlet_conformance::registry::{Registry, RegistryOptions};
+use wasmlet_conformance::fixtures::registry::{Registry, RegistryOptions};
 use wasmlet_conformance::{
     Code, ContainerConfigBuilder, Stream, assert_code, read_cri_log, stream_lines,
 };

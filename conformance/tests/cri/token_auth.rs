@@ -14,8 +14,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use wasmlet_conformance::registry::{Registry, Request, send};
-use wasmlet_conformance::token_server::{SERVICE, TOKEN_PATH, TokenOptions, TokenServer};
+use wasmlet_conformance::fixtures::registry::{Registry, Request, send};
+use wasmlet_conformance::fixtures::token_server::{SERVICE, TOKEN_PATH, TokenOptions, TokenServer};
 use wasmlet_conformance::{
     Code, ContainerConfigBuilder, CriClient, Stream, assert_code, cri, read_cri_log, stream_lines,
 };
