@@ -65,6 +65,9 @@ pub struct TestNetwork {
     pub name: String,
     /// The first three octets of the /24, e.g. `10.213.7`.
     pub prefix: String,
+    /// A plugin directory searched before the real ones (see
+    /// [`TestNetwork::slow_down`]).
+    slow_bin: Option<PathBuf>,
 }
 
 impl TestNetwork {
@@ -134,7 +137,31 @@ impl TestNetwork {
             bridge,
             name,
             prefix,
+            slow_bin: None,
         })
+    }
+
+    /// Makes every call of the `bridge` plugin (ADD, DEL, CHECK...) take
+    /// `delay` longer, as a loaded node's plugins do: a `bridge` that
+    /// sleeps, then runs the real one, first on the runtime's plugin path.
+    pub fn slow_down(&mut self, delay: Duration) -> Result<(), String> {
+        let real = plugin_dir()
+            .ok_or("no CNI plugins installed")?
+            .join("bridge");
+        let bin = self.dir.path().join("slow-bin");
+        std::fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+        let script = format!(
+            "#!/bin/sh\nsleep {:.3}\nexec {:?} \"$@\"\n",
+            delay.as_secs_f64(),
+            real
+        );
+        let path = bin.join("bridge");
+        std::fs::write(&path, script).map_err(|e| e.to_string())?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        self.slow_bin = Some(bin);
+        Ok(())
     }
 
     pub fn conf_dir(&self) -> PathBuf {
@@ -148,9 +175,11 @@ impl TestNetwork {
 
     /// The `[network]` section of a wasmlet config using this network.
     pub fn wasmlet_config(&self) -> String {
-        let bins = PLUGIN_DIRS
+        let bins = self
+            .slow_bin
             .iter()
             .map(|d| format!("{d:?}"))
+            .chain(PLUGIN_DIRS.iter().map(|d| format!("{d:?}")))
             .collect::<Vec<_>>()
             .join(", ");
         format!(

@@ -114,20 +114,28 @@ async fn create_container_accepts_the_image_id_as_the_kubelet_sends_it() {
 }
 
 #[tokio::test]
-async fn create_container_with_the_same_name_and_attempt_twice_is_already_exists() {
+async fn create_container_retried_gets_the_same_container_until_it_is_started() {
     let wasmlet = Wasmlet::start().await;
     let mut cri = wasmlet.cri();
     let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
-    let config = ContainerConfigBuilder::new("echo", ECHO_P1).build();
+    let config = ContainerConfigBuilder::new("sleeper", SLEEPER_P1).build();
     let first = cri.create_container(&pod, config.clone()).await.unwrap();
 
+    // The kubelet's retry of a create whose answer it missed.
+    let retried = cri.create_container(&pod, config.clone()).await.unwrap();
+    assert_eq!(retried, first);
+    let listed = cri.list_containers(None).await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].id, first);
+
+    // Once started it is no longer what that create made: the name and
+    // attempt are taken.
+    cri.start_container(&first).await.unwrap();
     assert_code(
         cri.create_container(&pod, config).await,
         Code::AlreadyExists,
     );
-    let listed = cri.list_containers(None).await.unwrap();
-    assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(listed[0].id, first);
+    assert_eq!(cri.list_containers(None).await.unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -172,24 +180,33 @@ async fn start_container_makes_it_running() {
 }
 
 #[tokio::test]
-async fn start_container_twice_is_failed_precondition() {
+async fn start_retried_while_running_succeeds_and_start_after_exit_is_failed_precondition() {
     let wasmlet = Wasmlet::start().await;
     let mut cri = wasmlet.cri();
     let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
     let id = running_sleeper(&mut cri, &pod, "sleeper").await;
+    let started = cri.container_status(&id).await.unwrap().started_at;
 
-    assert_code(cri.start_container(&id).await, Code::FailedPrecondition);
+    // The kubelet's retry of a start whose answer it missed: the same run.
+    cri.start_container(&id).await.unwrap();
     let status = cri.container_status(&id).await.unwrap();
     assert_eq!(status.state(), cri::ContainerState::ContainerRunning);
+    assert_eq!(status.started_at, started, "not started again");
+
+    cri.stop_container(&id, 0).await.unwrap();
+    assert_code(cri.start_container(&id).await, Code::FailedPrecondition);
+    let status = cri.container_status(&id).await.unwrap();
+    assert_eq!(status.state(), cri::ContainerState::ContainerExited);
 }
 
 #[tokio::test]
-async fn start_stop_and_status_of_an_unknown_container_are_not_found() {
+async fn start_and_status_of_an_unknown_container_are_not_found_and_stop_succeeds() {
     let wasmlet = Wasmlet::start().await;
     let mut cri = wasmlet.cri();
     assert_code(cri.start_container(UNKNOWN_ID).await, Code::NotFound);
-    assert_code(cri.stop_container(UNKNOWN_ID, 0).await, Code::NotFound);
     assert_code(cri.container_status(UNKNOWN_ID).await, Code::NotFound);
+    // Stop is idempotent in the CRI: a container already gone is stopped.
+    cri.stop_container(UNKNOWN_ID, 0).await.unwrap();
 }
 
 /// Starts `image`, waits for its first log line, stops it with `timeout_seconds`

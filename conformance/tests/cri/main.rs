@@ -11,6 +11,7 @@ mod daemon;
 
 mod admin;
 mod bench;
+mod cancel;
 mod compat;
 mod container;
 mod daemon_lifecycle;

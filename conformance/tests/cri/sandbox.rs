@@ -78,16 +78,15 @@ async fn list_pod_sandbox_shows_the_sandbox_as_its_status_does() {
 }
 
 #[tokio::test]
-async fn run_pod_sandbox_with_the_metadata_of_an_existing_sandbox_is_already_exists() {
+async fn run_pod_sandbox_retried_gets_the_same_pod_and_a_stopped_pod_holds_its_name() {
     let wasmlet = Wasmlet::start().await;
     let mut cri = wasmlet.cri();
     let config = wasmlet.pod().build();
     let first = cri.run_pod(config.clone()).await.unwrap();
 
-    assert_code(
-        cri.run_pod_sandbox(config.clone(), "").await,
-        Code::AlreadyExists,
-    );
+    // The kubelet's retry of a run whose answer it missed.
+    let retried = cri.run_pod_sandbox(config.clone(), "").await.unwrap();
+    assert_eq!(retried, first.id);
 
     // A stopped sandbox still holds its name until it is removed.
     cri.stop_pod_sandbox(&first.id).await.unwrap();
@@ -145,12 +144,10 @@ async fn stop_pod_sandbox_makes_it_not_ready_and_is_idempotent() {
 }
 
 #[tokio::test]
-async fn stop_pod_sandbox_of_an_unknown_id_is_not_found() {
+async fn stop_pod_sandbox_of_an_unknown_id_succeeds() {
+    // Stop is idempotent in the CRI: a pod already gone is stopped.
     let wasmlet = Wasmlet::start().await;
-    assert_code(
-        wasmlet.cri().stop_pod_sandbox(UNKNOWN_ID).await,
-        Code::NotFound,
-    );
+    wasmlet.cri().stop_pod_sandbox(UNKNOWN_ID).await.unwrap();
 }
 
 #[tokio::test]

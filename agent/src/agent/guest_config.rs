@@ -1,0 +1,380 @@
+//! What a container's guest is given, from its spec and its image: the
+//! program and argv (Kubernetes' command/args over the image's entrypoint,
+//! looked up in a compat image), the environment, preopened mounts (file
+//! mounts gathered into directories), the working directory and how an HTTP
+//! function is served.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Agent, lock};
+use crate::container::{ContainerSpec, Mount};
+use crate::engine::{GuestConfig, GuestStdio, Preopen};
+use crate::http::HttpOptions;
+use crate::ids::ContainerId;
+use crate::image::{ImageRecord, ImageStore, WasmKind};
+use crate::limits::MemoryLimiter;
+use crate::logs::ContainerLog;
+use crate::network::GuestNetwork;
+use crate::sandbox::SandboxRecord;
+
+/// What one guest run gets besides its container's spec: where its
+/// output goes, its memory account, its network and its stdio.
+pub(super) struct GuestSetup {
+    pub(super) log: ContainerLog,
+    pub(super) limiter: MemoryLimiter,
+    pub(super) network: GuestNetwork,
+    pub(super) dns: crate::network::DnsSettings,
+    pub(super) stdio: GuestStdio,
+}
+
+/// WASI preview1 has no current directory: wasi-libc resolves relative
+/// paths against a preopen named `.`. So the directory backing the
+/// container's working directory (inside one of its mounts) is preopened
+/// again as `.`; WASI 0.2 guests also get it as their initial cwd.
+pub(super) fn working_dir_preopen(working_dir: &str, preopens: &[Preopen]) -> Option<Preopen> {
+    let wd = Path::new(working_dir);
+    if !wd.is_absolute() || wd == Path::new("/") {
+        return None;
+    }
+    let (mount, rest) = preopens
+        .iter()
+        .filter_map(|p| Some((p, wd.strip_prefix(&p.guest_path).ok()?)))
+        .max_by_key(|(p, _)| p.guest_path.len())?;
+    if rest
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return None;
+    }
+    let host_path = mount.host_path.join(rest);
+    host_path.is_dir().then(|| Preopen {
+        host_path,
+        guest_path: ".".to_owned(),
+        readonly: mount.readonly,
+    })
+}
+
+/// What a container runs: its argv and, for compat images, the program's
+/// file inside the unpacked root.
+pub(super) struct Program {
+    pub(super) argv: Vec<String>,
+    /// `None` for a Wasm artifact (the program is the image's Wasm layer).
+    pub(super) file: Option<PathBuf>,
+    /// The program's digest when known without reading it (an artifact's
+    /// layer, or a compat program read before).
+    pub(super) digest: Option<crate::ids::Digest>,
+    pub(super) rootfs: Option<PathBuf>,
+}
+
+/// Reads `program`'s Wasm: the image's layer, or a compat image's file
+/// (whose kind and digest are read from its bytes).
+pub(super) fn read_program(
+    images: &ImageStore,
+    image: &ImageRecord,
+    program: &Program,
+) -> std::result::Result<(crate::ids::Digest, WasmKind, Vec<u8>), String> {
+    match &program.file {
+        None => {
+            let bytes = images
+                .read_blob(&image.wasm_digest)
+                .map_err(|e| format!("reading the image's Wasm: {e}"))?;
+            Ok((image.wasm_digest.clone(), image.wasm_kind, bytes))
+        }
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).map_err(|e| format!("reading {:?}: {e}", program.argv[0]))?;
+            let kind = WasmKind::detect(&bytes)
+                .ok_or_else(|| format!("{:?} is not a WebAssembly program", program.argv[0]))?;
+            Ok((crate::ids::Digest::of(&bytes), kind, bytes))
+        }
+    }
+}
+
+/// Decides argv as Kubernetes does: `command` replaces the image's
+/// entrypoint and `args` its cmd. For a compat image `argv[0]` is then
+/// looked up inside the image root, so one image can carry several
+/// programs.
+pub(super) fn program(
+    images: &ImageStore,
+    cache: &ProgramCache,
+    image: &ImageRecord,
+    spec: &ContainerSpec,
+) -> std::result::Result<Program, String> {
+    let Some(config) = &image.compat else {
+        let argv0 = match spec.command.first() {
+            Some(c) => c.clone(),
+            None => image
+                .first_name()
+                .map_or_else(|| "main.wasm".to_owned(), |n| n.basename().to_owned()),
+        };
+        let rest = spec.command.iter().skip(1).chain(&spec.args).cloned();
+        return Ok(Program {
+            argv: std::iter::once(argv0).chain(rest).collect(),
+            file: None,
+            digest: Some(image.wasm_digest.clone()),
+            rootfs: None,
+        });
+    };
+    let argv: Vec<String> = if !spec.command.is_empty() {
+        spec.command.iter().chain(&spec.args).cloned().collect()
+    } else if !spec.args.is_empty() {
+        config
+            .entrypoint
+            .iter()
+            .chain(&spec.args)
+            .cloned()
+            .collect()
+    } else {
+        config
+            .entrypoint
+            .iter()
+            .chain(&config.cmd)
+            .cloned()
+            .collect()
+    };
+    let argv0 = argv
+        .first()
+        .ok_or("neither the container nor the image names a program to run")?;
+    let rootfs = images.rootfs_path(&image.id);
+    let key = (image.id.clone(), argv0.clone());
+    let cached = lock(cache)
+        .get(&key)
+        .map(|p| (p.file.clone(), p.digest.clone()));
+    let (file, digest) = match cached {
+        Some(hit) => hit,
+        None => {
+            let file = crate::rootfs::resolve_program(&rootfs, argv0, config.path_env())?;
+            lock(cache).insert(
+                key,
+                ResolvedProgram {
+                    file: file.clone(),
+                    digest: None,
+                },
+            );
+            (file, None)
+        }
+    };
+    Ok(Program {
+        argv,
+        file: Some(file),
+        digest,
+        rootfs: Some(rootfs),
+    })
+}
+
+/// A program resolved inside a compat image's root, and its digest once
+/// read: image roots never change, so neither is looked up again.
+pub(super) struct ResolvedProgram {
+    pub(super) file: PathBuf,
+    pub(super) digest: Option<crate::ids::Digest>,
+}
+
+/// Resolved programs by (image id, `argv[0]`).
+pub(super) type ProgramCache = Mutex<HashMap<(crate::ids::Digest, String), ResolvedProgram>>;
+
+/// The annotation in which the kubelet lists a container's ports (JSON).
+pub(super) const CONTAINER_PORTS_ANNOTATION: &str = "io.kubernetes.container.ports";
+
+/// The names under which a Wasm artifact's one program may be exec'd: the
+/// container's own command, the name the image gives it, and
+/// `/proc/self/exe`.
+pub(super) fn artifact_program_names(image: &ImageRecord, spec: &ContainerSpec) -> Vec<String> {
+    let mut names = vec!["/proc/self/exe".to_owned()];
+    if let Some(c) = spec.command.first() {
+        names.push(c.clone());
+    }
+    if let Some(n) = image.first_name() {
+        names.push(n.basename().to_owned());
+    }
+    names.push("main.wasm".to_owned());
+    names.dedup();
+    names
+}
+
+impl Agent {
+    /// How a container's HTTP function is served: the first TCP port the
+    /// kubelet lists for the container (its `ports`), the node's defaults
+    /// for the rest, overridden by the pod annotations
+    /// `wasmlet.dev/http-max-concurrency` and
+    /// `wasmlet.dev/http-request-timeout-seconds`.
+    pub(super) fn http_options(
+        &self,
+        sandbox: &SandboxRecord,
+        spec: &ContainerSpec,
+    ) -> HttpOptions {
+        let mut options = self.inner.http.clone();
+        if let Some(port) = spec
+            .annotations
+            .get(CONTAINER_PORTS_ANNOTATION)
+            .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+            .as_ref()
+            .and_then(serde_json::Value::as_array)
+            .and_then(|ports| {
+                ports.iter().find_map(|p| {
+                    let tcp = p
+                        .get("protocol")
+                        .and_then(serde_json::Value::as_str)
+                        .is_none_or(|proto| proto.eq_ignore_ascii_case("tcp"));
+                    let port = p.get("containerPort").and_then(serde_json::Value::as_u64)?;
+                    tcp.then(|| u16::try_from(port).ok()).flatten()
+                })
+            })
+        {
+            options.port = port;
+        }
+        let annotation = |key: &str| {
+            sandbox
+                .spec
+                .annotations
+                .get(key)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|v| *v > 0)
+        };
+        if let Some(n) = annotation("wasmlet.dev/http-max-concurrency") {
+            options.max_concurrency = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(secs) = annotation("wasmlet.dev/http-request-timeout-seconds") {
+            options.request_timeout = Duration::from_secs(secs);
+        }
+        options
+    }
+
+    /// What a guest of container `id` running `spec` in `image` gets.
+    pub(super) fn guest_config(
+        &self,
+        id: &ContainerId,
+        image: &ImageRecord,
+        spec: &ContainerSpec,
+        setup: GuestSetup,
+    ) -> std::result::Result<GuestConfig, String> {
+        let GuestSetup {
+            log,
+            limiter,
+            network,
+            dns,
+            stdio,
+        } = setup;
+        let program = program(&self.inner.images, &self.inner.programs, image, spec)?;
+        let mut preopens = Vec::new();
+        if let Some(root) = &program.rootfs {
+            preopens.push(Preopen {
+                host_path: root.clone(),
+                guest_path: "/".to_owned(),
+                readonly: true,
+            });
+        }
+        preopens.extend(self.preopens(id, &spec.mounts)?);
+        let working_dir = if spec.working_dir.is_empty() {
+            image
+                .compat
+                .as_ref()
+                .map(|c| c.working_dir.clone())
+                .unwrap_or_default()
+        } else {
+            spec.working_dir.clone()
+        };
+        if let Some(dir) = working_dir_preopen(&working_dir, &preopens) {
+            preopens.push(dir);
+        }
+        // The image's environment first; the container's wins.
+        let mut env: Vec<(String, String)> = image
+            .compat
+            .iter()
+            .flat_map(|c| c.env.iter())
+            .filter_map(|e| e.split_once('='))
+            .filter(|(k, _)| !spec.envs.iter().any(|(ck, _)| ck == k))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        env.extend(spec.envs.iter().cloned());
+        Ok(GuestConfig {
+            argv: program.argv,
+            env,
+            preopens,
+            working_dir: (!working_dir.is_empty()).then_some(working_dir),
+            log,
+            limiter,
+            network,
+            dns: Arc::new(crate::network::DnsSettings {
+                hosts_file: spec
+                    .mounts
+                    .iter()
+                    .find(|m| m.container_path == "/etc/hosts")
+                    .map(|m| PathBuf::from(&m.host_path)),
+                ..dns
+            }),
+            stdio,
+            egress_tls: self.inner.egress_tls.clone(),
+        })
+    }
+
+    /// Turns mounts into preopened directories. WASI preopens only
+    /// directories, so file mounts (`/etc/hosts`, `/dev/termination-log`)
+    /// are gathered by parent directory into a per-container directory of
+    /// hard links (copies across filesystems) that is preopened instead.
+    pub(super) fn preopens(
+        &self,
+        id: &ContainerId,
+        mounts: &[Mount],
+    ) -> std::result::Result<Vec<Preopen>, String> {
+        let mut preopens = Vec::new();
+        let mut file_groups: BTreeMap<String, Vec<&Mount>> = BTreeMap::new();
+        for m in mounts {
+            let meta = std::fs::metadata(&m.host_path).map_err(|e| {
+                format!(
+                    "mount source {:?} for {:?}: {e}",
+                    m.host_path, m.container_path
+                )
+            })?;
+            if meta.is_dir() {
+                preopens.push(Preopen {
+                    host_path: PathBuf::from(&m.host_path),
+                    guest_path: m.container_path.clone(),
+                    readonly: m.readonly,
+                });
+            } else {
+                let parent = Path::new(&m.container_path)
+                    .parent()
+                    .map_or_else(|| "/".to_owned(), |p| p.to_string_lossy().into_owned());
+                file_groups.entry(parent).or_default().push(m);
+            }
+        }
+        for (n, (parent, files)) in file_groups.into_iter().enumerate() {
+            if preopens.iter().any(|p| p.guest_path == parent) {
+                tracing::warn!(container_id = %id, %parent, "file mounts under a directory that is itself mounted are not visible");
+                continue;
+            }
+            let dir = self
+                .container_dir(id)
+                .join("file-mounts")
+                .join(n.to_string());
+            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
+            for m in &files {
+                let name = Path::new(&m.container_path).file_name().ok_or_else(|| {
+                    format!("mount target {:?} has no file name", m.container_path)
+                })?;
+                let target = dir.join(name);
+                let _ = std::fs::remove_file(&target);
+                if std::fs::hard_link(&m.host_path, &target).is_err() {
+                    std::fs::copy(&m.host_path, &target).map_err(|e| {
+                        format!(
+                            "mounting file {:?} at {:?}: {e}",
+                            m.host_path, m.container_path
+                        )
+                    })?;
+                    if !m.readonly {
+                        tracing::warn!(container_id = %id, host_path = %m.host_path, "file mount copied across filesystems: the guest's writes will not reach the host");
+                    }
+                }
+            }
+            preopens.push(Preopen {
+                host_path: dir,
+                guest_path: parent,
+                readonly: files.iter().all(|m| m.readonly),
+            });
+        }
+        Ok(preopens)
+    }
+}

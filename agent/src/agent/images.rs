@@ -1,0 +1,258 @@
+//! Images: pull (deduplicated, compiled in the background), import,
+//! status, list, removal, and what an image runs (inspect, precompile).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::guest_config::{program, read_program};
+use super::{Agent, lock};
+use crate::container::ContainerSpec;
+use crate::error::{Error, Result};
+use crate::image::{FsUsage, ImageRecord, WasmKind};
+use crate::registry::Credentials;
+
+/// What a stored image runs, as the admin API shows it.
+#[derive(Clone, Debug)]
+pub struct ImageInspection {
+    pub image: ImageRecord,
+    /// The program the image runs by default, and its size.
+    pub wasm_digest: crate::ids::Digest,
+    pub wasm_size: u64,
+    pub description: crate::inspect::WasmDescription,
+    /// The engine holds it compiled (memory or disk cache).
+    pub compiled: bool,
+}
+
+/// What [`Agent::precompile_image`] did.
+#[derive(Clone, Debug)]
+pub struct Precompiled {
+    pub wasm_digest: crate::ids::Digest,
+    pub already_compiled: bool,
+    pub took: Duration,
+}
+
+pub(super) type PullResult = std::result::Result<ImageRecord, Arc<Error>>;
+
+impl Agent {
+    /// The program `image` runs by default (its Wasm layer, or a compat
+    /// image's entrypoint file): digest, kind and bytes.
+    async fn default_program(
+        &self,
+        image: &ImageRecord,
+    ) -> Result<(crate::ids::Digest, WasmKind, Vec<u8>)> {
+        let inner = self.inner.clone();
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || {
+            program(
+                &inner.images,
+                &inner.programs,
+                &image,
+                &ContainerSpec::default(),
+            )
+            .and_then(|program| read_program(&inner.images, &image, &program))
+            .map_err(|reason| Error::InvalidImage {
+                reference: image.id.to_string(),
+                reason,
+            })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("reading an image's program: {e}")))?
+    }
+
+    fn stored_image(&self, reference: &str) -> Result<ImageRecord> {
+        self.inner
+            .images
+            .resolve(reference)
+            .ok_or_else(|| Error::NotFound {
+                kind: "image",
+                id: reference.to_owned(),
+            })
+    }
+
+    /// What stored image `reference` runs: its program's kind, imports and
+    /// exports (see [`crate::inspect`]) and whether it is compiled.
+    pub async fn inspect_image(&self, reference: &str) -> Result<ImageInspection> {
+        let image = self.stored_image(reference)?;
+        let (wasm_digest, _, bytes) = self.default_program(&image).await?;
+        let description =
+            crate::inspect::describe(&bytes).map_err(|reason| Error::InvalidImage {
+                reference: reference.to_owned(),
+                reason,
+            })?;
+        let compiled = self
+            .inner
+            .engine
+            .is_compiled(&wasm_digest, description.kind, &bytes);
+        Ok(ImageInspection {
+            image,
+            wasm_size: bytes.len() as u64,
+            wasm_digest,
+            description,
+            compiled,
+        })
+    }
+
+    /// Compiles stored image `reference`'s program now, into memory and
+    /// the disk cache, so that the first container of it starts without
+    /// compiling.
+    pub async fn precompile_image(&self, reference: &str) -> Result<Precompiled> {
+        let image = self.stored_image(reference)?;
+        let (wasm_digest, kind, bytes) = self.default_program(&image).await?;
+        let engine = self.inner.engine.clone();
+        if engine.is_compiled(&wasm_digest, kind, &bytes) {
+            return Ok(Precompiled {
+                wasm_digest,
+                already_compiled: true,
+                took: Duration::ZERO,
+            });
+        }
+        let started = std::time::Instant::now();
+        let digest = wasm_digest.clone();
+        tokio::task::spawn_blocking(move || engine.prepare(&digest, kind, &bytes).map(drop))
+            .await
+            .map_err(|e| Error::Internal(format!("compiling: {e}")))?
+            .map_err(|reason| Error::InvalidImage {
+                reference: reference.to_owned(),
+                reason,
+            })?;
+        Ok(Precompiled {
+            wasm_digest,
+            already_compiled: false,
+            took: started.elapsed(),
+        })
+    }
+
+    /// Packages the Wasm file at `path` as an OCI Wasm artifact named
+    /// `reference` in the image store.
+    pub fn import_image(&self, path: &Path, reference: &str) -> Result<ImageRecord> {
+        let bytes = std::fs::read(path).map_err(Error::io("reading", path))?;
+        let record = self.inner.images.import_wasm(&bytes, reference)?;
+        tracing::info!(image = %record.id, reference, "image imported");
+        Ok(record)
+    }
+
+    /// Pulls `reference` from its registry into the store. An image that
+    /// was imported (not pulled) has no registry and is served as stored.
+    /// Concurrent pulls of one reference share one download.
+    pub async fn pull_image(
+        &self,
+        reference: &str,
+        credentials: &Credentials,
+    ) -> Result<ImageRecord> {
+        crate::image::ImageName::parse(reference)?;
+        if let Some(local) = self.inner.images.resolve(reference)
+            && local.imported
+        {
+            return Ok(local);
+        }
+        let key = format!(
+            "{reference}\0{}\0{}{}{}",
+            credentials.username,
+            credentials.auth,
+            credentials.identity_token,
+            credentials.registry_token
+        );
+        let shared = {
+            let mut pulls = lock(&self.inner.pulls);
+            pulls
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let agent = self.clone();
+                    let reference = reference.to_owned();
+                    let credentials = credentials.clone();
+                    let fut: futures::future::BoxFuture<'static, PullResult> =
+                        Box::pin(async move {
+                            let result = agent
+                                .inner
+                                .registry
+                                .pull(&agent.inner.images, &reference, &credentials)
+                                .await
+                                .map_err(Arc::new);
+                            lock(&agent.inner.pulls).remove(&key);
+                            if let Ok(image) = &result {
+                                agent.precompile_in_background(image.clone());
+                            }
+                            result
+                        });
+                    futures::FutureExt::shared(fut)
+                })
+                .clone()
+        };
+        // Run the download on its own task so a kubelet that gives up on
+        // the call does not cancel it for the others waiting.
+        let handle = tokio::spawn(shared);
+        match handle.await {
+            Ok(Ok(image)) => Ok(image),
+            Ok(Err(e)) => Err(e.duplicate()),
+            Err(e) => Err(Error::Internal(format!("pull task failed: {e}"))),
+        }
+    }
+
+    /// Compiles a freshly pulled image off the request path, so that its
+    /// first container starts from the compiled artifact.
+    fn precompile_in_background(&self, image: ImageRecord) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let _permit = inner.compile_slots.acquire().await;
+            let digest = image.wasm_digest.clone();
+            let worker = inner.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let inner = worker;
+                let bytes = inner
+                    .images
+                    .read_blob(&image.wasm_digest)
+                    .map_err(|e| e.to_string())?;
+                inner
+                    .engine
+                    .precompile(&image.wasm_digest, image.wasm_kind, &bytes)
+            })
+            .await;
+            match done {
+                Ok(Ok(())) => tracing::debug!(%digest, "precompiled"),
+                Ok(Err(reason)) => {
+                    tracing::warn!(%digest, %reason, "precompiling the pulled image failed; containers will report why when they start")
+                }
+                Err(e) => tracing::warn!(%digest, error = %e, "precompile task failed"),
+            }
+        });
+    }
+
+    /// Whether `reference` names a Wasm image, from its registry's
+    /// manifest; nothing is downloaded into the store.
+    pub async fn probe_image(
+        &self,
+        reference: &str,
+        credentials: &Credentials,
+    ) -> Result<crate::registry::ImageKind> {
+        self.inner.registry.probe(reference, credentials).await
+    }
+
+    pub fn image_status(&self, reference: &str) -> Option<ImageRecord> {
+        self.inner.images.resolve(reference)
+    }
+
+    /// The stored manifest of an image, for verbose status.
+    pub fn image_manifest(&self, image: &ImageRecord) -> Result<Vec<u8>> {
+        self.inner.images.read_blob(&image.manifest_digest)
+    }
+
+    pub fn list_images(&self) -> Vec<ImageRecord> {
+        self.inner.images.list()
+    }
+
+    /// Removes an image; removing one that does not exist succeeds.
+    pub fn remove_image(&self, reference: &str) -> Result<()> {
+        if let Some(image) = self.inner.images.resolve(reference) {
+            self.inner.images.remove(image.id.as_str())?;
+            self.inner.engine.forget(&image.wasm_digest);
+            lock(&self.inner.programs).retain(|(id, _), _| *id != image.id);
+            tracing::info!(image = %image.id, reference, "image removed");
+        }
+        Ok(())
+    }
+
+    pub fn image_fs_usage(&self) -> Result<FsUsage> {
+        self.inner.images.usage()
+    }
+}
