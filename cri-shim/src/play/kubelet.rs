@@ -178,7 +178,7 @@ fn linux_resources(
 ) -> anyhow::Result<cri::LinuxContainerResources> {
     let read = |map: &std::collections::BTreeMap<String, serde_yaml_ng::Value>,
                 name: &str,
-                scale: f64|
+                scale: u64|
      -> anyhow::Result<Option<u64>> {
         match map.get(name) {
             None => Ok(None),
@@ -188,17 +188,16 @@ fn linux_resources(
         }
     };
     let mut out = cri::LinuxContainerResources::default();
-    if let Some(bytes) = read(&resources.limits, "memory", 1.0)? {
+    if let Some(bytes) = read(&resources.limits, "memory", 1)? {
         out.memory_limit_in_bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
     }
-    if let Some(millis) = read(&resources.limits, "cpu", 1000.0)? {
+    if let Some(millis) = read(&resources.limits, "cpu", 1000)? {
         out.cpu_period = CPU_PERIOD_US;
         out.cpu_quota = (i64::try_from(millis).unwrap_or(i64::MAX / CPU_PERIOD_US) * CPU_PERIOD_US
             / 1000)
             .max(1000);
     }
-    let request =
-        read(&resources.requests, "cpu", 1000.0)?.or(read(&resources.limits, "cpu", 1000.0)?);
+    let request = read(&resources.requests, "cpu", 1000)?.or(read(&resources.limits, "cpu", 1000)?);
     if let Some(millis) = request {
         out.cpu_shares = i64::try_from(millis * 1024 / 1000)
             .unwrap_or(i64::MAX)
@@ -383,15 +382,21 @@ spec:
     fn quantities_read_as_the_kubelet_reads_them() {
         use crate::play::manifest::quantity;
         let q = |s: &str, scale| quantity(&serde_yaml_ng::Value::String(s.into()), scale);
-        assert_eq!(q("64Mi", 1.0), Some(64 * 1024 * 1024));
-        assert_eq!(q("1G", 1.0), Some(1_000_000_000));
-        assert_eq!(q("500m", 1000.0), Some(500));
-        assert_eq!(q("2", 1000.0), Some(2000));
-        assert_eq!(q("0.1", 1000.0), Some(100));
-        assert_eq!(q("lots", 1.0), None);
-        assert_eq!(q("-1", 1.0), None);
+        assert_eq!(q("64Mi", 1), Some(64 * 1024 * 1024));
+        assert_eq!(q("1G", 1), Some(1_000_000_000));
+        assert_eq!(q("500m", 1000), Some(500));
+        assert_eq!(q("2", 1000), Some(2000));
+        assert_eq!(q("0.1", 1000), Some(100));
+        assert_eq!(q("0.0001", 1000), Some(1), "rounded up");
+        assert_eq!(q("1e3", 1), Some(1000));
+        assert_eq!(q("1.5Gi", 1), Some(1536 * 1024 * 1024));
+        assert_eq!(q("1e30", 1), Some(u64::MAX), "saturated");
+        assert_eq!(q("lots", 1), None);
+        assert_eq!(q("-1", 1), None);
+        assert_eq!(q("", 1), None);
+        assert_eq!(q(".", 1), None);
         let number = serde_yaml_ng::Value::Number(3.into());
-        assert_eq!(quantity(&number, 1.0), Some(3));
+        assert_eq!(quantity(&number, 1), Some(3));
     }
 
     #[test]

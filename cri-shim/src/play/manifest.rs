@@ -123,35 +123,93 @@ pub struct ResourceRequirements {
     pub requests: std::collections::BTreeMap<String, serde_yaml_ng::Value>,
 }
 
-/// A Kubernetes quantity (`64Mi`, `1G`, `500m`, `0.5`, `2`) times
+/// A Kubernetes quantity (`64Mi`, `1G`, `500m`, `0.5`, `2`, `1e3`) times
 /// `scale` (1000 to read CPUs as millicores), rounded up, as the kubelet
-/// reads limits. `None` if it is not a quantity.
-pub fn quantity(value: &serde_yaml_ng::Value, scale: f64) -> Option<u64> {
+/// reads limits: in exact decimal arithmetic, never through floating
+/// point (`157677226038m` CPUs is 157677226038 millicores, not one more).
+/// Past `u64::MAX` it saturates. `None` if it is not a quantity.
+pub fn quantity(value: &serde_yaml_ng::Value, scale: u64) -> Option<u64> {
     let text = match value {
         serde_yaml_ng::Value::String(s) => s.trim().to_owned(),
         serde_yaml_ng::Value::Number(n) => n.to_string(),
         _ => return None,
     };
-    const SUFFIXES: &[(&str, f64)] = &[
-        ("Ki", 1024.0),
-        ("Mi", 1024.0 * 1024.0),
-        ("Gi", 1024.0 * 1024.0 * 1024.0),
-        ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("m", 1e-3),
+    /// Suffixes: a power of 1024, or a power of ten.
+    const SUFFIXES: &[(&str, u32, i32)] = &[
+        ("Ki", 1, 0),
+        ("Mi", 2, 0),
+        ("Gi", 3, 0),
+        ("Ti", 4, 0),
+        ("Pi", 5, 0),
+        ("Ei", 6, 0),
+        ("k", 0, 3),
+        ("M", 0, 6),
+        ("G", 0, 9),
+        ("T", 0, 12),
+        ("P", 0, 15),
+        ("E", 0, 18),
+        ("m", 0, -3),
     ];
-    let (number, factor) = SUFFIXES
+    let (number, kibis, tens) = SUFFIXES
         .iter()
-        .find_map(|(suffix, factor)| text.strip_suffix(suffix).map(|n| (n, *factor)))
-        .unwrap_or((text.as_str(), 1.0));
-    let number: f64 = number
-        .parse()
-        .ok()
-        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
-    Some((number * factor * scale).ceil() as u64)
+        .find_map(|(suffix, kibis, tens)| text.strip_suffix(suffix).map(|n| (n, *kibis, *tens)))
+        .unwrap_or((text.as_str(), 0, 0));
+    let (mantissa, exponent) = decimal(number)?;
+    let numerator = mantissa
+        .checked_mul(1024u128.checked_pow(kibis)?)
+        .and_then(|n| n.checked_mul(u128::from(scale)));
+    let Some(numerator) = numerator else {
+        return Some(u64::MAX);
+    };
+    let tens = exponent.checked_add(i64::from(tens))?;
+    let value = if tens >= 0 {
+        u32::try_from(tens)
+            .ok()
+            .and_then(|t| 10u128.checked_pow(t))
+            .and_then(|p| numerator.checked_mul(p))
+            .unwrap_or(if numerator == 0 { 0 } else { u128::MAX })
+    } else {
+        match u32::try_from(-tens)
+            .ok()
+            .and_then(|t| 10u128.checked_pow(t))
+        {
+            Some(divisor) => numerator.div_ceil(divisor),
+            // Smaller than one unit: rounded up to one.
+            None => u128::from(numerator > 0),
+        }
+    };
+    Some(u64::try_from(value).unwrap_or(u64::MAX))
+}
+
+/// A non-negative decimal (`12`, `0.5`, `+3.`, `1e-3`) as its digits and
+/// the power of ten they are scaled by.
+fn decimal(text: &str) -> Option<(u128, i64)> {
+    let text = text.strip_prefix('+').unwrap_or(text);
+    let (digits, exponent) = match text.find(['e', 'E']) {
+        Some(at) => (&text[..at], text[at + 1..].parse::<i64>().ok()?),
+        None => (text, 0),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    if whole.is_empty() && fraction.is_empty() {
+        return None;
+    }
+    if !whole
+        .bytes()
+        .chain(fraction.bytes())
+        .all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    // Trailing zeros of the fraction change nothing and may not fit.
+    let fraction = fraction.trim_end_matches('0');
+    let mut mantissa: u128 = 0;
+    for b in whole.bytes().chain(fraction.bytes()) {
+        mantissa = mantissa
+            .checked_mul(10)?
+            .checked_add(u128::from(b - b'0'))?;
+    }
+    let fraction_len = i64::try_from(fraction.len()).ok()?;
+    Some((mantissa, exponent.checked_sub(fraction_len)?))
 }
 
 /// A `ports` entry.
@@ -922,5 +980,114 @@ spec:
         .unwrap();
         let (_, args) = pod.spec.containers[0].command_and_args();
         assert_eq!(args, ["hello world, world"]);
+    }
+}
+
+/// Property tests: a Pod manifest is untrusted input; whatever it holds,
+/// parsing answers with a pod or an error, never a panic.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A YAML scalar that may need quoting, and sometimes is not one.
+    fn scalar() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9-]{0,12}",
+            ".{0,40}",
+            Just(String::new()),
+            Just("~".to_owned()),
+            Just("null".to_owned()),
+            Just("[]".to_owned()),
+            Just("{a: b}".to_owned()),
+            Just("1e400".to_owned()),
+            Just("-1".to_owned()),
+            Just("99999999999999999999".to_owned()),
+        ]
+    }
+
+    /// A manifest shaped like a pod, with arbitrary values where its
+    /// fields go, some of them of the wrong type.
+    fn pod_like() -> impl Strategy<Value = String> {
+        (
+            scalar(),
+            scalar(),
+            proptest::collection::vec((scalar(), scalar(), scalar(), scalar(), scalar()), 0..4),
+            scalar(),
+        )
+            .prop_map(|(kind, name, containers, restart)| {
+                let mut yaml = format!(
+                    "kind: {}\nmetadata:\n  name: {}\nspec:\n  restartPolicy: {}\n  containers:\n",
+                    quoted(&kind),
+                    quoted(&name),
+                    quoted(&restart)
+                );
+                for (cname, image, port, memory, mount) in containers {
+                    yaml.push_str(&format!(
+                        "    - name: {}\n      image: {}\n      ports: [{{containerPort: {}}}]\n      resources: {{limits: {{memory: {}, cpu: {}}}}}\n      volumeMounts: [{{name: v, mountPath: {}}}]\n",
+                        quoted(&cname),
+                        quoted(&image),
+                        port,
+                        quoted(&memory),
+                        quoted(&memory),
+                        quoted(&mount)
+                    ));
+                }
+                yaml
+            })
+    }
+
+    /// `s` as a double-quoted YAML string.
+    fn quoted(s: &str) -> String {
+        serde_json::to_string(s).expect("a string serializes")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_text_parses_or_fails_cleanly(text in ".{0,400}") {
+            let _ = Pod::parse(&text);
+        }
+
+        #[test]
+        fn any_pod_shaped_manifest_parses_or_fails_cleanly(yaml in pod_like()) {
+            if let Ok(pod) = Pod::parse(&yaml) {
+                // What parsed was checked: named, with named containers.
+                prop_assert!(!pod.name.is_empty());
+                prop_assert!(!pod.spec.containers.is_empty());
+                prop_assert!(pod.spec.containers.iter().all(|c| !c.name.is_empty() && !c.image.is_empty()));
+            }
+        }
+
+        #[test]
+        fn quantities_never_panic_and_scale_as_the_kubelet_reads_them(
+            n in 0u64..(1 << 40),
+            text in ".{0,24}",
+            scale in prop_oneof![Just(1u64), Just(1000)],
+        ) {
+            let _ = quantity(&serde_yaml_ng::Value::String(text), scale);
+            prop_assert_eq!(
+                quantity(&serde_yaml_ng::Value::String(format!("{n}Mi")), 1),
+                Some(n * 1024 * 1024)
+            );
+            prop_assert_eq!(
+                quantity(&serde_yaml_ng::Value::String(format!("{n}m")), 1000),
+                Some(n)
+            );
+            prop_assert_eq!(
+                quantity(&serde_yaml_ng::Value::String(format!("{}.{:03}", n / 1000, n % 1000)), 1000),
+                Some(n)
+            );
+        }
+
+        #[test]
+        fn dollars_escaped_as_the_kubelet_escapes_them_come_back_verbatim(
+            text in ".{0,60}",
+            env in proptest::collection::vec(("[A-Z]{1,3}", ".{0,8}"), 0..4),
+        ) {
+            let escaped = text.replace('$', "$$");
+            prop_assert_eq!(expand(&escaped, &env), text);
+        }
     }
 }
