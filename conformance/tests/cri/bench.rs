@@ -43,11 +43,34 @@ fn the_benchmark_runs_every_scenario_and_writes_its_report() {
         baseline["pod_start_p50_speedup"].as_f64().unwrap() > 0.0,
         "{baseline}"
     );
+    assert_eq!(report["soak"]["cycles"], 20, "{report}");
+    assert_eq!(report["soak_with_cni"]["cycles"], 4, "{report}");
+    assert!(
+        report["soak"]["samples"][0]["threads"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert!(
+        report["cpu_quota"]["both_cores_busy_share"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{report}"
+    );
+    for neighbour in ["spinning", "memory_bomb", "log_flood"] {
+        assert!(
+            report["neighbours"][neighbour]["run"]["requests"]
+                .as_u64()
+                .unwrap()
+                > 0,
+            "{report}"
+        );
+    }
     assert!(report["command"].as_str().unwrap().contains("--smoke"));
     let markdown = std::fs::read_to_string(json_path.replace(".json", ".md")).unwrap();
     assert!(
         markdown.contains("| pod start | p50 ms (to first log line) |")
-            && markdown.contains("| baseline: containerd + runc | pod start p50 ms"),
+            && markdown.contains("| baseline: containerd + runc | pod start p50 ms")
+            && markdown.contains("| noisy neighbours | p99 ratio, neighbour spinning |"),
         "{markdown}"
     );
 }

@@ -7,11 +7,20 @@
 //! table into the output directory (`bench/results/` by default), with the
 //! machine's description and the exact command.
 //!
+//! Besides: what one pod does to the others (a function's latency beside
+//! a spinning, memory-bombing or log-flooding neighbour; a CPU quota's
+//! accuracy on idle and busy cores) and a soak of many pod cycles with the
+//! agent's resources sampled (`isolation`). `--only a,b` runs some
+//! scenarios: pod-start, density, churn, functions, neighbours, quota,
+//! soak, baseline.
+//!
 //! By default it starts the `wasmlet` binary next to itself on a private
 //! root (importing the sample guests); `--endpoint` measures a runtime that
 //! already serves a socket instead (with `--pid` for its memory). Timings
 //! are reported, never asserted: `--smoke` runs every scenario at a tiny
 //! scale, for CI to check that the benchmark itself works.
+
+mod isolation;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +34,21 @@ use wasmlet_conformance::{ContainerConfigBuilder, CriClient, PodSandboxConfigBui
 
 const SLEEPER: &str = "wasmlet.local/samples/sleeper:p1";
 const HELLO_HTTP: &str = "wasmlet.local/samples/hello-http:p2";
+const SPIN: &str = "wasmlet.local/samples/spin:p1";
+const HOG: &str = "wasmlet.local/samples/hog:p1";
+const TICKER: &str = "wasmlet.local/samples/ticker:p1";
+
+/// The scenarios `--only` can name, in the order they run.
+const SCENARIOS: &[&str] = &[
+    "pod-start",
+    "density",
+    "churn",
+    "soak",
+    "functions",
+    "neighbours",
+    "quota",
+    "baseline",
+];
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -40,14 +64,26 @@ struct Options {
     http_seconds: u64,
     http_concurrency: usize,
     wasmtime: Option<PathBuf>,
+    soak_cycles: usize,
+    soak_cni_cycles: usize,
+    only: Vec<String>,
     command: String,
+}
+
+impl Options {
+    fn runs(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: wasmlet-bench [--smoke] [--out DIR] [--endpoint SOCKET --pid PID | --wasmlet BIN]\n\
          \x20                    [--start-pods N] [--density-pods N] [--churn-seconds S] [--churn-workers N]\n\
-         \x20                    [--http-seconds S] [--http-concurrency C] [--wasmtime BIN]"
+         \x20                    [--http-seconds S] [--http-concurrency C] [--wasmtime BIN]\n\
+         \x20                    [--soak-cycles N] [--soak-cni-cycles N] [--only SCENARIO,...]\n\
+         scenarios: {}",
+        SCENARIOS.join(", ")
     );
     std::process::exit(2)
 }
@@ -67,6 +103,9 @@ fn parse_options() -> Options {
         http_seconds: 10,
         http_concurrency: 16,
         wasmtime: None,
+        soak_cycles: 100_000,
+        soak_cni_cycles: 2_000,
+        only: Vec::new(),
         command: args.join(" "),
     };
     let mut it = args.into_iter().skip(1);
@@ -87,6 +126,14 @@ fn parse_options() -> Options {
                 o.http_concurrency = value().parse().unwrap_or_else(|_| usage())
             }
             "--wasmtime" => o.wasmtime = Some(PathBuf::from(value())),
+            "--soak-cycles" => o.soak_cycles = value().parse().unwrap_or_else(|_| usage()),
+            "--soak-cni-cycles" => o.soak_cni_cycles = value().parse().unwrap_or_else(|_| usage()),
+            "--only" => {
+                o.only = value().split(',').map(str::to_owned).collect();
+                if o.only.iter().any(|s| !SCENARIOS.contains(&s.as_str())) {
+                    usage()
+                }
+            }
             _ => usage(),
         }
     }
@@ -97,6 +144,8 @@ fn parse_options() -> Options {
         o.churn_workers = o.churn_workers.min(2);
         o.http_seconds = o.http_seconds.min(1);
         o.http_concurrency = o.http_concurrency.min(2);
+        o.soak_cycles = o.soak_cycles.min(20);
+        o.soak_cni_cycles = o.soak_cni_cycles.min(4);
     }
     o
 }
@@ -117,6 +166,8 @@ struct Runtime {
     idle_image: &'static str,
     /// The baseline runtime, when this is it.
     _containerd: Option<Containerd>,
+    /// The state root of a wasmlet the bench started.
+    root: Option<PathBuf>,
 }
 
 impl Drop for Runtime {
@@ -155,6 +206,7 @@ async fn start_runtime(o: &Options, network: Option<&TestNetwork>) -> Result<Run
             host_network: false,
             idle_image: SLEEPER,
             _containerd: None,
+            root: None,
         });
     }
     let bin = wasmlet_binary(o);
@@ -162,6 +214,9 @@ async fn start_runtime(o: &Options, network: Option<&TestNetwork>) -> Result<Run
     for (reference, file) in [
         (SLEEPER, wasm_samples::SLEEPER_P1),
         (HELLO_HTTP, wasm_samples::HELLO_HTTP_P2),
+        (SPIN, wasm_samples::SPIN_P1),
+        (HOG, wasm_samples::HOG_P1),
+        (TICKER, wasm_samples::TICKER_P1),
     ] {
         let out = Command::new(&bin)
             .args(["image", "import", "--root"])
@@ -216,6 +271,7 @@ async fn start_runtime(o: &Options, network: Option<&TestNetwork>) -> Result<Run
         host_network: false,
         idle_image: SLEEPER,
         _containerd: None,
+        root: Some(root),
     })
 }
 
@@ -254,6 +310,7 @@ async fn start_containerd(net: &TestNetwork) -> Result<Runtime, String> {
         host_network: true,
         idle_image: BUSYBOX_IDLE,
         _containerd: Some(containerd),
+        root: None,
     })
 }
 
@@ -1051,6 +1108,44 @@ fn markdown(report: &Value) -> String {
             &["functions", "throughput_ratio_to_wasmtime_serve"],
         ),
         (
+            "noisy neighbours",
+            "function p99 ms, quiet",
+            &["neighbours", "quiet", "latency", "p99_ms"],
+        ),
+        (
+            "noisy neighbours",
+            "p99 ratio, neighbour spinning",
+            &["neighbours", "spinning", "p99_ratio_to_quiet"],
+        ),
+        (
+            "noisy neighbours",
+            "p99 ratio, neighbour bombing memory to its limit",
+            &["neighbours", "memory_bomb", "p99_ratio_to_quiet"],
+        ),
+        (
+            "noisy neighbours",
+            "p99 ratio, neighbour flooding its log",
+            &["neighbours", "log_flood", "p99_ratio_to_quiet"],
+        ),
+        (
+            "noisy neighbours",
+            "throughput ratio, neighbour spinning",
+            &["neighbours", "spinning", "throughput_ratio_to_quiet"],
+        ),
+        (
+            "CPU quota 10%",
+            "share of a core, idle cores",
+            &["cpu_quota", "quiet_share"],
+        ),
+        (
+            "CPU quota 10%",
+            "share of a core, both cores busy",
+            &["cpu_quota", "both_cores_busy_share"],
+        ),
+        ("soak", "pod cycles", &["soak", "cycles"]),
+        ("soak", "cycles per s", &["soak", "cycles_per_second"]),
+        ("soak with CNI", "pod cycles", &["soak_with_cni", "cycles"]),
+        (
             "baseline: containerd + runc",
             "pods",
             &["baseline_runtime", "pod_start", "pods"],
@@ -1125,6 +1220,29 @@ fn markdown(report: &Value) -> String {
         md.push_str(&parts.join(", "));
         md.push('\n');
     }
+    for key in ["soak", "soak_with_cni"] {
+        if let Some(samples) = report[key]["samples"].as_array() {
+            md.push_str(&format!(
+                "\n{key} samples (RSS KiB / descriptors / threads / state bytes / network namespaces): "
+            ));
+            let parts: Vec<String> = samples
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {}/{}/{}/{}/{}",
+                        s["at"].as_str().unwrap_or(""),
+                        s["rss_kib"],
+                        s["open_fds"],
+                        s["threads"],
+                        s["disk_bytes"],
+                        s["netns"]
+                    )
+                })
+                .collect();
+            md.push_str(&parts.join(", "));
+            md.push('\n');
+        }
+    }
     md
 }
 
@@ -1149,53 +1267,105 @@ async fn run(o: Options) -> Result<PathBuf, String> {
                 .map_or(0, |d| d.as_secs())
         ),
     );
-    eprintln!("wasmlet-bench: pod start ({} pods)", o.start_pods);
-    report.insert("pod_start", pod_start(&o, &rt, &mut cri).await?);
-    eprintln!("wasmlet-bench: density ({} idle pods)", o.density_pods);
-    report.insert("density", density(&o, &rt, &mut cri).await?);
-    eprintln!("wasmlet-bench: churn ({} s)", o.churn_seconds);
-    report.insert("churn", churn(&o, &rt, &mut cri, 1).await?);
-    eprintln!(
-        "wasmlet-bench: churn ({} s, {} workers)",
-        o.churn_seconds, o.churn_workers
-    );
-    report.insert(
-        "churn_concurrent",
-        churn(&o, &rt, &mut cri, o.churn_workers).await?,
-    );
+    if o.runs("pod-start") {
+        eprintln!("wasmlet-bench: pod start ({} pods)", o.start_pods);
+        report.insert("pod_start", pod_start(&o, &rt, &mut cri).await?);
+    }
+    if o.runs("density") {
+        eprintln!("wasmlet-bench: density ({} idle pods)", o.density_pods);
+        report.insert("density", density(&o, &rt, &mut cri).await?);
+    }
+    if o.runs("churn") {
+        eprintln!("wasmlet-bench: churn ({} s)", o.churn_seconds);
+        report.insert("churn", churn(&o, &rt, &mut cri, 1).await?);
+        eprintln!(
+            "wasmlet-bench: churn ({} s, {} workers)",
+            o.churn_seconds, o.churn_workers
+        );
+        report.insert(
+            "churn_concurrent",
+            churn(&o, &rt, &mut cri, o.churn_workers).await?,
+        );
+    }
+    if o.runs("soak") {
+        eprintln!("wasmlet-bench: soak ({} pod cycles)", o.soak_cycles);
+        report.insert("soak", isolation::soak(&o, &rt, &mut cri, None).await?);
+    }
+    if o.runs("quota") {
+        eprintln!("wasmlet-bench: CPU quota accuracy");
+        report.insert("cpu_quota", isolation::quota(&o, &rt, &mut cri).await?);
+    }
     drop(cri);
     drop(rt);
-    let (functions, cni_start) = match &net {
-        Some(net) if o.endpoint.is_none() => {
+    let networked = ["functions", "neighbours", "soak"]
+        .iter()
+        .any(|s| o.runs(s));
+    match &net {
+        Some(net) if o.endpoint.is_none() && networked => {
             let rt = start_runtime(&o, Some(net)).await?;
             let mut cri = connect(&rt.socket).await?;
-            let pods = o.start_pods.min(100);
-            eprintln!("wasmlet-bench: pod start with a CNI network ({pods} pods)");
-            let cni_start = pod_start(
-                &Options {
-                    start_pods: pods,
+            if o.runs("functions") {
+                let pods = o.start_pods.min(100);
+                eprintln!("wasmlet-bench: pod start with a CNI network ({pods} pods)");
+                let cni_start = pod_start(
+                    &Options {
+                        start_pods: pods,
+                        ..o.clone()
+                    },
+                    &rt,
+                    &mut cri,
+                )
+                .await?;
+                report.insert("pod_start_with_cni", cni_start);
+                eprintln!("wasmlet-bench: functions ({} s)", o.http_seconds);
+                report.insert("functions", functions(&o, &rt, &mut cri, net).await?);
+            }
+            if o.runs("neighbours") {
+                eprintln!(
+                    "wasmlet-bench: noisy neighbours ({} s each)",
+                    o.http_seconds
+                );
+                report.insert(
+                    "neighbours",
+                    isolation::neighbours(&o, &rt, &mut cri, net).await?,
+                );
+            }
+            if o.runs("soak") {
+                eprintln!(
+                    "wasmlet-bench: soak with a CNI network ({} pod cycles)",
+                    o.soak_cni_cycles
+                );
+                let cni = Options {
+                    soak_cycles: o.soak_cni_cycles,
                     ..o.clone()
-                },
-                &rt,
-                &mut cri,
-            )
-            .await?;
-            eprintln!("wasmlet-bench: functions ({} s)", o.http_seconds);
-            (functions(&o, &rt, &mut cri, net).await?, cni_start)
+                };
+                report.insert(
+                    "soak_with_cni",
+                    isolation::soak(&cni, &rt, &mut cri, Some(&net.netns_dir())).await?,
+                );
+            }
         }
-        _ => {
+        _ if networked => {
             let why =
                 json!("not measured: needs root and the CNI plugins (containernetworking-plugins)");
-            (why.clone(), why)
+            for key in [
+                "pod_start_with_cni",
+                "functions",
+                "neighbours",
+                "soak_with_cni",
+            ] {
+                report.insert(key, why.clone());
+            }
         }
-    };
-    report.insert("pod_start_with_cni", cni_start);
-    report.insert("functions", functions);
-    let baseline = match &net {
-        Some(net) if o.endpoint.is_none() => baseline(&o, net, &report).await?,
-        _ => json!("not measured: needs root, the CNI plugins, containerd and runc"),
-    };
-    report.insert("baseline_runtime", baseline);
+        _ => {}
+    }
+    if o.runs("baseline") {
+        let baseline = match &net {
+            Some(net) if o.endpoint.is_none() => baseline(&o, net, &report).await?,
+            _ => json!("not measured: needs root, the CNI plugins, containerd and runc"),
+        };
+        report.insert("baseline_runtime", baseline);
+    }
     let report = serde_json::to_value(&report).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&o.out).map_err(|e| format!("creating {}: {e}", o.out.display()))?;
     let stem = format!(
