@@ -4,35 +4,41 @@
 //! containers (as explicit state machines), the wasmtime engine, container
 //! logs and the persistent state database. Its one entry point is the
 //! [`Agent`] facade, whose async methods mirror the CRI verbs in domain
-//! terms.
+//! terms, taking and returning the plain data in [`model`].
 //!
 //! It must not know about gRPC, protobuf or tonic: the `wasmlet-cri` crate
 //! converts wire requests into the types here and errors into statuses.
+//!
+//! Below the facade (`agent`), by concern: `model` (plain data, a leaf),
+//! `state` (the state database), `images` (store, registry, root
+//! filesystems), `runtime` (the engine and everything a running guest
+//! needs) and `network` (pod namespaces, CNI, DNS).
 
 mod agent;
-mod artifacts;
-pub mod container;
-pub mod egress;
-pub mod engine;
 pub mod error;
-pub mod events;
-pub mod http;
-pub mod ids;
-pub mod image;
-pub mod inspect;
-pub mod limits;
-pub mod logs;
-pub mod network;
-pub mod registry;
-pub mod rootfs;
-pub mod sandbox;
-pub mod stats;
-pub mod stdio;
-pub mod store;
-pub mod time;
+mod images;
+pub mod model;
+mod network;
+mod runtime;
+mod state;
 
 pub use agent::{
     Agent, AgentConfig, AttachedStdin, Attachment, ContainerUsage, ExecOutput, ExecStdio,
     ImageInspection, PodUsage, Precompiled, RuntimeInfo, TerminalSize,
 };
 pub use error::{Error, Result};
+
+// What an `AgentConfig` is made of.
+pub use images::registry::RegistryConfig;
+pub use network::{CniPaths, NetworkConfig};
+pub use runtime::engine::HTTP_POOL_INSTANCES;
+pub use runtime::http::HttpOptions;
+
+// Registry access: what a pull takes and a probe answers, and the client
+// itself for `wasmlet image push`, which runs beside a serving agent.
+pub use images::registry::{Credentials, ImageKind, Registry};
+
+// What exec and attach sessions carry, and the terminal line discipline
+// the streaming server applies to them.
+pub use runtime::logs::{Output, Stream};
+pub use runtime::stdio::{INPUT_BUFFER, LineDiscipline, OUTPUT_CHUNKS, onlcr};

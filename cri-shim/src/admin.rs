@@ -3,7 +3,7 @@
 
 use tonic::{Request, Response, Status};
 use wasmlet_agent::Agent;
-use wasmlet_agent::container::ContainerFilter;
+use wasmlet_agent::model::container::ContainerFilter;
 use wasmlet_proto::admin;
 use wasmlet_proto::admin::admin_server::Admin;
 

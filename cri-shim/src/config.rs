@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
-use wasmlet_agent::http::HttpOptions;
-use wasmlet_agent::network::{CniPaths, NetworkConfig};
-use wasmlet_agent::registry::RegistryConfig;
+use wasmlet_agent::{CniPaths, HttpOptions, NetworkConfig, RegistryConfig};
 use wasmlet_proto::cri::CgroupDriver;
 
 use crate::streaming::StreamingConfig;
@@ -240,7 +238,7 @@ impl Settings {
             http_pool_instances: file
                 .http
                 .pool_instances
-                .unwrap_or(wasmlet_agent::engine::HTTP_POOL_INSTANCES)
+                .unwrap_or(wasmlet_agent::HTTP_POOL_INSTANCES)
                 .max(1),
             http_ca_file: file.http.ca_file,
             streaming: {

@@ -3,19 +3,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use wasmlet_agent::container::{
+use wasmlet_agent::model::container::{
     ContainerFilter, ContainerMetadata, ContainerRecord, ContainerSpec, ContainerState, Mount,
-    Resources,
 };
-use wasmlet_agent::ids::{ContainerId, SandboxId};
-use wasmlet_agent::image::ImageRecord;
-use wasmlet_agent::network::{DnsSettings, PortMapping};
-use wasmlet_agent::registry::Credentials;
-use wasmlet_agent::sandbox::{
+use wasmlet_agent::model::ids::{ContainerId, SandboxId};
+use wasmlet_agent::model::image::ImageRecord;
+use wasmlet_agent::model::network::{DnsSettings, PortMapping};
+use wasmlet_agent::model::resources::Resources;
+use wasmlet_agent::model::sandbox::{
     PodMetadata, SandboxFilter, SandboxRecord, SandboxSpec, SandboxState,
 };
-use wasmlet_agent::stats::Usage;
-use wasmlet_agent::{ContainerUsage, PodUsage};
+use wasmlet_agent::model::usage::Usage;
+use wasmlet_agent::{ContainerUsage, Credentials, PodUsage};
 use wasmlet_agent::{Error, Result};
 use wasmlet_proto::{admin, cri};
 
@@ -382,7 +381,7 @@ pub fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
     let exit = r
         .exit
         .clone()
-        .unwrap_or_else(|| wasmlet_agent::container::ExitStatus {
+        .unwrap_or_else(|| wasmlet_agent::model::container::ExitStatus {
             code: 0,
             reason: String::new(),
             message: String::new(),
@@ -686,8 +685,8 @@ pub fn image_inspection(i: wasmlet_agent::ImageInspection) -> admin::InspectImag
         wasm_digest: i.wasm_digest.to_string(),
         wasm_size_bytes: i.wasm_size,
         kind: match i.description.kind {
-            wasmlet_agent::image::WasmKind::Module => admin::WasmKind::Module,
-            wasmlet_agent::image::WasmKind::Component => admin::WasmKind::Component,
+            wasmlet_agent::model::image::WasmKind::Module => admin::WasmKind::Module,
+            wasmlet_agent::model::image::WasmKind::Component => admin::WasmKind::Component,
         } as i32,
         http_function: i.description.http_function,
         imports: i

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use wasmlet_agent::registry::{Credentials, Registry};
+use wasmlet_agent::{Credentials, Registry};
 use wasmlet_proto::cri;
 use wasmlet_proto::cri::image_service_client::ImageServiceClient;
 
@@ -118,7 +118,7 @@ pub async fn run(settings: Settings, command: ImageCommand) -> anyhow::Result<()
             let bytes = std::fs::read(&file).with_context(|| format!("reading {file:?}"))?;
             let mut config = settings.registry.clone();
             if insecure {
-                let name = wasmlet_agent::image::ImageName::parse(&reference)?;
+                let name = wasmlet_agent::model::image::ImageName::parse(&reference)?;
                 let host = name
                     .repository
                     .split('/')

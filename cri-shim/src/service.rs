@@ -10,8 +10,8 @@ use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 use wasmlet_agent::Agent;
-use wasmlet_agent::container::ContainerFilter;
-use wasmlet_agent::events::{LifecycleEvent, LifecycleKind};
+use wasmlet_agent::model::container::ContainerFilter;
+use wasmlet_agent::model::events::{LifecycleEvent, LifecycleKind};
 use wasmlet_proto::cri;
 use wasmlet_proto::cri::image_service_server::ImageService;
 use wasmlet_proto::cri::runtime_service_server::RuntimeService;
@@ -81,7 +81,7 @@ impl Cri {
             }
             Pending::PortForward { sandbox, .. } => {
                 let record = self.agent.pod_sandbox_status(sandbox).map_err(to_status)?;
-                if record.state != wasmlet_agent::sandbox::SandboxState::Ready {
+                if record.state != wasmlet_agent::model::sandbox::SandboxState::Ready {
                     return Err(Status::failed_precondition(format!(
                         "pod sandbox {sandbox} is not ready"
                     )));

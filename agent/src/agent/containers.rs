@@ -24,17 +24,19 @@ use super::guest_config::{program, read_program};
 use super::ops::detached;
 use super::run::Run;
 use super::{Agent, lock, read, write};
-use crate::container::{
-    ContainerFilter, ContainerMetadata, ContainerRecord, ContainerSpec, ContainerState, Resources,
-};
-use crate::engine::Prepared;
 use crate::error::{Error, Result};
-use crate::events::LifecycleKind;
-use crate::ids::{ContainerId, SandboxId};
-use crate::image::ImageRecord;
-use crate::stats::{CpuRate, GuestUsage};
-use crate::store::Change;
-use crate::time::Timestamp;
+use crate::model::container::{
+    ContainerFilter, ContainerMetadata, ContainerRecord, ContainerSpec, ContainerState,
+};
+use crate::model::events::LifecycleKind;
+use crate::model::ids::{ContainerId, SandboxId};
+use crate::model::image::ImageRecord;
+use crate::model::resources::Resources;
+use crate::model::time::Timestamp;
+use crate::model::usage::CpuRate;
+use crate::runtime::engine::Prepared;
+use crate::runtime::usage::GuestUsage;
+use crate::state::Change;
 
 /// How long past the kubelet's timeout a stop may take before it is
 /// reported as failed. Guests yield every epoch tick, so this is generous.
@@ -183,8 +185,12 @@ impl Agent {
                 kind: "image",
                 id: spec.image.clone(),
             })?;
-        let log_file = (!sandbox.spec.log_directory.is_empty() && !spec.log_path.is_empty())
-            .then(|| Path::new(&sandbox.spec.log_directory).join(&spec.log_path));
+        // Relative to the pod's log directory even when written absolute,
+        // as containerd joins them.
+        let log_file =
+            (!sandbox.spec.log_directory.is_empty() && !spec.log_path.is_empty()).then(|| {
+                Path::new(&sandbox.spec.log_directory).join(spec.log_path.trim_start_matches('/'))
+            });
         let prepared = self.prepare(&image, &spec).await;
 
         // The pod may have been stopped or removed while this compiled.
@@ -287,7 +293,7 @@ impl Agent {
     }
 
     /// Reopens a running container's log file after the kubelet rotated
-    /// it (renamed the file); see [`crate::logs::ContainerLog::reopen`].
+    /// it (renamed the file); see `ContainerLog::reopen`.
     pub fn reopen_container_log(&self, id: &ContainerId) -> Result<()> {
         match self.container(id)?.running() {
             Some(run) => run.log.reopen(),
@@ -435,12 +441,10 @@ impl Agent {
     pub fn update_container_resources(&self, id: &ContainerId, resources: Resources) -> Result<()> {
         let entry = self.container(id)?;
         let mut record = lock(&entry.record);
-        let before = record.clone();
-        record.spec.resources = resources.clone();
-        if let Err(e) = self.inner.state.apply(&[Change::PutContainer(&record)]) {
-            *record = before;
-            return Err(e);
-        }
+        self.inner.state.update_sync(&mut record, |r| {
+            r.spec.resources = resources.clone();
+            Ok(true)
+        })?;
         if let Some(run) = entry.running() {
             run.limits.set(&resources);
         }

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Agent;
-use super::guest_config::{GuestSetup, artifact_program_names, program};
-use crate::engine::GuestStdio;
+use super::guest_config::{GuestSetup, artifact_program_names, pod_hostname, program};
 use crate::error::{Error, Result};
-use crate::ids::{ContainerId, SandboxId};
-use crate::logs::{ContainerLog, Stream};
+use crate::model::ids::{ContainerId, SandboxId};
 use crate::network::{GuestNetwork, InNamespace};
+use crate::runtime::host::GuestStdio;
+use crate::runtime::logs::{ContainerLog, Stream};
 
 /// The most output an exec keeps per stream (the rest is dropped).
 pub const EXEC_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
@@ -46,7 +46,7 @@ pub struct TerminalSize {
 /// A client attached to a running container (see [`Agent::attach`]).
 pub struct Attachment {
     /// The container's output from the attach on; closed when it exits.
-    pub output: tokio::sync::broadcast::Receiver<crate::logs::Output>,
+    pub output: tokio::sync::broadcast::Receiver<crate::runtime::logs::Output>,
     pub stdin: Option<AttachedStdin>,
     /// The container was created with `tty`.
     pub terminal: bool,
@@ -78,14 +78,16 @@ impl AttachedStdin {
 }
 
 /// An exec'd instance running; dropping it ends the instance.
-struct ExecRun(tokio::task::JoinHandle<std::result::Result<crate::engine::GuestExit, String>>);
+struct ExecRun(
+    tokio::task::JoinHandle<std::result::Result<crate::runtime::guest::GuestExit, String>>,
+);
 
 impl ExecRun {
-    async fn wait(mut self) -> Result<crate::engine::GuestExit> {
+    async fn wait(mut self) -> Result<crate::runtime::guest::GuestExit> {
         match (&mut self.0).await {
             Ok(Ok(exit)) => Ok(exit),
-            Ok(Err(message)) => Ok(crate::engine::GuestExit {
-                code: crate::engine::TRAP_EXIT_CODE,
+            Ok(Err(message)) => Ok(crate::runtime::guest::GuestExit {
+                code: crate::runtime::guest::TRAP_EXIT_CODE,
                 message,
             }),
             Err(e) => Err(Error::Internal(format!("exec task failed: {e}"))),
@@ -163,9 +165,12 @@ impl Agent {
     /// code once the instance ended and all its output was handed over.
     /// Dropping the future ends the instance.
     pub async fn exec(&self, id: &ContainerId, cmd: &[String], stdio: ExecStdio) -> Result<i32> {
-        let stdout = crate::stdio::ChannelOutput::new(stdio.stdout, stdio.terminal.is_some());
+        let stdout =
+            crate::runtime::stdio::ChannelOutput::new(stdio.stdout, stdio.terminal.is_some());
         let stderr = match stdio.stderr {
-            Some(tx) if stdio.terminal.is_none() => crate::stdio::ChannelOutput::new(tx, false),
+            Some(tx) if stdio.terminal.is_none() => {
+                crate::runtime::stdio::ChannelOutput::new(tx, false)
+            }
             _ => stdout.clone(),
         };
         let guest_stdio = GuestStdio {
@@ -214,7 +219,8 @@ impl Agent {
         log: ContainerLog,
         stdio: GuestStdio,
         extra_env: Vec<(String, String)>,
-    ) -> Result<std::result::Result<(crate::engine::Guest, GuestNetwork), (i32, String)>> {
+    ) -> Result<std::result::Result<(crate::runtime::guest::Guest, GuestNetwork), (i32, String)>>
+    {
         let Some(first) = cmd.first() else {
             return Err(Error::InvalidArgument("exec needs a command".into()));
         };
@@ -288,11 +294,12 @@ impl Agent {
                     network: network.clone(),
                     dns: sandbox.spec.dns.clone(),
                     stdio,
+                    hostname: pod_hostname(&sandbox),
                 },
             )
             .map_err(Error::FailedPrecondition)?;
         match self.inner.engine.instantiate(&prepared, config).await {
-            Ok(crate::engine::Guest::Http(_)) => Ok(Err((
+            Ok(crate::runtime::guest::Guest::Http(_)) => Ok(Err((
                 126,
                 format!("{argv0}: is a wasi:http function, not a command"),
             ))),
@@ -302,7 +309,7 @@ impl Agent {
     }
 
     /// Runs an exec'd instance on the guest runtime, in its pod's network.
-    fn spawn_exec(&self, guest: crate::engine::Guest, network: GuestNetwork) -> ExecRun {
+    fn spawn_exec(&self, guest: crate::runtime::guest::Guest, network: GuestNetwork) -> ExecRun {
         ExecRun(
             self.inner
                 .guests
@@ -342,7 +349,7 @@ impl Agent {
     /// node's for a host-network pod.
     pub async fn port_forward(&self, id: &SandboxId, port: u16) -> Result<tokio::net::TcpStream> {
         let sandbox = self.pod_sandbox_status(id)?;
-        if sandbox.state != crate::sandbox::SandboxState::Ready {
+        if sandbox.state != crate::model::sandbox::SandboxState::Ready {
             return Err(Error::FailedPrecondition(format!(
                 "pod sandbox {id} is not ready: nothing to forward to"
             )));

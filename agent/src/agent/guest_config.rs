@@ -10,15 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{Agent, lock};
-use crate::container::{ContainerSpec, Mount};
-use crate::engine::{GuestConfig, GuestStdio, Preopen};
-use crate::http::HttpOptions;
-use crate::ids::ContainerId;
-use crate::image::{ImageRecord, ImageStore, WasmKind};
-use crate::limits::MemoryLimiter;
-use crate::logs::ContainerLog;
+use crate::images::store::ImageStore;
+use crate::model::container::{ContainerSpec, Mount};
+use crate::model::ids::ContainerId;
+use crate::model::image::{ImageRecord, WasmKind};
+use crate::model::sandbox::SandboxRecord;
 use crate::network::GuestNetwork;
-use crate::sandbox::SandboxRecord;
+use crate::runtime::host::{GuestConfig, GuestStdio, Preopen};
+use crate::runtime::http::HttpOptions;
+use crate::runtime::limits::MemoryLimiter;
+use crate::runtime::logs::ContainerLog;
 
 /// What one guest run gets besides its container's spec: where its
 /// output goes, its memory account, its network and its stdio.
@@ -26,8 +27,47 @@ pub(super) struct GuestSetup {
     pub(super) log: ContainerLog,
     pub(super) limiter: MemoryLimiter,
     pub(super) network: GuestNetwork,
-    pub(super) dns: crate::network::DnsSettings,
+    pub(super) dns: crate::model::network::DnsSettings,
     pub(super) stdio: GuestStdio,
+    /// The pod's hostname, for `HOSTNAME` (see [`pod_hostname`]).
+    pub(super) hostname: Option<String>,
+}
+
+/// The hostname a pod's containers see, as containerd gives it: the
+/// sandbox's, or the node's for a pod on the node's network without one.
+pub(super) fn pod_hostname(sandbox: &SandboxRecord) -> Option<String> {
+    if !sandbox.spec.hostname.is_empty() {
+        return Some(sandbox.spec.hostname.clone());
+    }
+    sandbox
+        .spec
+        .host_network
+        .then(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .flatten()
+        .map(|h| h.trim().to_owned())
+}
+
+/// A guest's environment: `HOSTNAME`, then the image's (`KEY=VALUE`
+/// entries), then the container's; a later definition of a name replaces
+/// an earlier one, in place.
+pub(super) fn guest_env(
+    hostname: Option<&str>,
+    image: &[String],
+    container: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let defined = hostname
+        .map(|h| ("HOSTNAME", h))
+        .into_iter()
+        .chain(image.iter().filter_map(|e| e.split_once('=')))
+        .chain(container.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    for (key, value) in defined {
+        match env.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value.to_owned(),
+            None => env.push((key.to_owned(), value.to_owned())),
+        }
+    }
+    env
 }
 
 /// WASI preview1 has no current directory: wasi-libc resolves relative
@@ -65,7 +105,7 @@ pub(super) struct Program {
     pub(super) file: Option<PathBuf>,
     /// The program's digest when known without reading it (an artifact's
     /// layer, or a compat program read before).
-    pub(super) digest: Option<crate::ids::Digest>,
+    pub(super) digest: Option<crate::model::ids::Digest>,
     pub(super) rootfs: Option<PathBuf>,
 }
 
@@ -75,7 +115,7 @@ pub(super) fn read_program(
     images: &ImageStore,
     image: &ImageRecord,
     program: &Program,
-) -> std::result::Result<(crate::ids::Digest, WasmKind, Vec<u8>), String> {
+) -> std::result::Result<(crate::model::ids::Digest, WasmKind, Vec<u8>), String> {
     match &program.file {
         None => {
             let bytes = images
@@ -88,7 +128,7 @@ pub(super) fn read_program(
                 std::fs::read(path).map_err(|e| format!("reading {:?}: {e}", program.argv[0]))?;
             let kind = WasmKind::detect(&bytes)
                 .ok_or_else(|| format!("{:?} is not a WebAssembly program", program.argv[0]))?;
-            Ok((crate::ids::Digest::of(&bytes), kind, bytes))
+            Ok((crate::model::ids::Digest::of(&bytes), kind, bytes))
         }
     }
 }
@@ -146,7 +186,7 @@ pub(super) fn program(
     let (file, digest) = match cached {
         Some(hit) => hit,
         None => {
-            let file = crate::rootfs::resolve_program(&rootfs, argv0, config.path_env())?;
+            let file = crate::images::rootfs::resolve_program(&rootfs, argv0, config.path_env())?;
             lock(cache).insert(
                 key,
                 ResolvedProgram {
@@ -169,11 +209,11 @@ pub(super) fn program(
 /// read: image roots never change, so neither is looked up again.
 pub(super) struct ResolvedProgram {
     pub(super) file: PathBuf,
-    pub(super) digest: Option<crate::ids::Digest>,
+    pub(super) digest: Option<crate::model::ids::Digest>,
 }
 
 /// Resolved programs by (image id, `argv[0]`).
-pub(super) type ProgramCache = Mutex<HashMap<(crate::ids::Digest, String), ResolvedProgram>>;
+pub(super) type ProgramCache = Mutex<HashMap<(crate::model::ids::Digest, String), ResolvedProgram>>;
 
 /// The annotation in which the kubelet lists a container's ports (JSON).
 pub(super) const CONTAINER_PORTS_ANNOTATION: &str = "io.kubernetes.container.ports";
@@ -256,6 +296,7 @@ impl Agent {
             network,
             dns,
             stdio,
+            hostname,
         } = setup;
         let program = program(&self.inner.images, &self.inner.programs, image, spec)?;
         let mut preopens = Vec::new();
@@ -279,16 +320,8 @@ impl Agent {
         if let Some(dir) = working_dir_preopen(&working_dir, &preopens) {
             preopens.push(dir);
         }
-        // The image's environment first; the container's wins.
-        let mut env: Vec<(String, String)> = image
-            .compat
-            .iter()
-            .flat_map(|c| c.env.iter())
-            .filter_map(|e| e.split_once('='))
-            .filter(|(k, _)| !spec.envs.iter().any(|(ck, _)| ck == k))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        env.extend(spec.envs.iter().cloned());
+        let image_env = image.compat.as_ref().map_or(&[][..], |c| &c.env[..]);
+        let env = guest_env(hostname.as_deref(), image_env, &spec.envs);
         Ok(GuestConfig {
             argv: program.argv,
             env,
@@ -297,7 +330,7 @@ impl Agent {
             log,
             limiter,
             network,
-            dns: Arc::new(crate::network::DnsSettings {
+            dns: Arc::new(crate::model::network::DnsSettings {
                 hosts_file: spec
                     .mounts
                     .iter()
@@ -376,5 +409,84 @@ impl Agent {
             });
         }
         Ok(preopens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn the_environment_is_hostname_then_image_then_container_later_ones_winning() {
+        let image = [
+            "PATH=/bin".to_owned(),
+            "MODE=image".to_owned(),
+            "junk".to_owned(),
+        ];
+        let env = guest_env(
+            Some("pod-a"),
+            &image,
+            &kv(&[("MODE", "container"), ("EXTRA", "1")]),
+        );
+        assert_eq!(
+            env,
+            kv(&[
+                ("HOSTNAME", "pod-a"),
+                ("PATH", "/bin"),
+                ("MODE", "container"),
+                ("EXTRA", "1")
+            ])
+        );
+        // A container (or image) setting HOSTNAME itself wins.
+        let env = guest_env(Some("pod-a"), &[], &kv(&[("HOSTNAME", "mine")]));
+        assert_eq!(env, kv(&[("HOSTNAME", "mine")]));
+        assert!(guest_env(None, &[], &[]).is_empty());
+    }
+
+    #[test]
+    fn a_pod_without_a_hostname_on_the_node_network_gets_the_node_s() {
+        let mut sandbox = SandboxRecord::new(crate::model::sandbox::SandboxSpec {
+            hostname: "web-0".into(),
+            ..Default::default()
+        });
+        assert_eq!(pod_hostname(&sandbox).as_deref(), Some("web-0"));
+        sandbox.spec.hostname.clear();
+        assert_eq!(pod_hostname(&sandbox), None);
+        sandbox.spec.host_network = true;
+        let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(pod_hostname(&sandbox).as_deref(), Some(node.trim()));
+    }
+
+    fn preopen(host: &Path, guest: &str) -> Preopen {
+        Preopen {
+            host_path: host.to_owned(),
+            guest_path: guest.to_owned(),
+            readonly: false,
+        }
+    }
+
+    #[test]
+    fn the_working_directory_is_found_in_the_deepest_mount_holding_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outer, inner) = (dir.path().join("outer"), dir.path().join("inner"));
+        std::fs::create_dir_all(outer.join("data/sub")).unwrap();
+        std::fs::create_dir_all(inner.join("sub")).unwrap();
+        let preopens = [preopen(&outer, "/srv"), preopen(&inner, "/srv/data")];
+        let wd = working_dir_preopen("/srv/data/sub", &preopens).unwrap();
+        assert_eq!(wd.host_path, inner.join("sub"));
+        assert_eq!(wd.guest_path, ".");
+        // Outside every mount, escaping one, missing, or the root: none.
+        assert!(working_dir_preopen("/elsewhere", &preopens).is_none());
+        assert!(working_dir_preopen("/srv/../etc", &preopens).is_none());
+        assert!(working_dir_preopen("/srv/none", &preopens).is_none());
+        assert!(working_dir_preopen("/", &preopens).is_none());
+        assert!(working_dir_preopen("relative", &preopens).is_none());
     }
 }

@@ -7,19 +7,19 @@ use std::time::Duration;
 
 use super::guest_config::{program, read_program};
 use super::{Agent, lock};
-use crate::container::ContainerSpec;
 use crate::error::{Error, Result};
-use crate::image::{FsUsage, ImageRecord, WasmKind};
-use crate::registry::Credentials;
+use crate::images::registry::Credentials;
+use crate::model::container::ContainerSpec;
+use crate::model::image::{FsUsage, ImageRecord, WasmKind};
 
 /// What a stored image runs, as the admin API shows it.
 #[derive(Clone, Debug)]
 pub struct ImageInspection {
     pub image: ImageRecord,
     /// The program the image runs by default, and its size.
-    pub wasm_digest: crate::ids::Digest,
+    pub wasm_digest: crate::model::ids::Digest,
     pub wasm_size: u64,
-    pub description: crate::inspect::WasmDescription,
+    pub description: crate::images::inspect::WasmDescription,
     /// The engine holds it compiled (memory or disk cache).
     pub compiled: bool,
 }
@@ -27,7 +27,7 @@ pub struct ImageInspection {
 /// What [`Agent::precompile_image`] did.
 #[derive(Clone, Debug)]
 pub struct Precompiled {
-    pub wasm_digest: crate::ids::Digest,
+    pub wasm_digest: crate::model::ids::Digest,
     pub already_compiled: bool,
     pub took: Duration,
 }
@@ -40,7 +40,7 @@ impl Agent {
     async fn default_program(
         &self,
         image: &ImageRecord,
-    ) -> Result<(crate::ids::Digest, WasmKind, Vec<u8>)> {
+    ) -> Result<(crate::model::ids::Digest, WasmKind, Vec<u8>)> {
         let inner = self.inner.clone();
         let image = image.clone();
         tokio::task::spawn_blocking(move || {
@@ -71,12 +71,12 @@ impl Agent {
     }
 
     /// What stored image `reference` runs: its program's kind, imports and
-    /// exports (see [`crate::inspect`]) and whether it is compiled.
+    /// exports (see `images::inspect`) and whether it is compiled.
     pub async fn inspect_image(&self, reference: &str) -> Result<ImageInspection> {
         let image = self.stored_image(reference)?;
         let (wasm_digest, _, bytes) = self.default_program(&image).await?;
         let description =
-            crate::inspect::describe(&bytes).map_err(|reason| Error::InvalidImage {
+            crate::images::inspect::describe(&bytes).map_err(|reason| Error::InvalidImage {
                 reference: reference.to_owned(),
                 reason,
             })?;
@@ -140,7 +140,7 @@ impl Agent {
         reference: &str,
         credentials: &Credentials,
     ) -> Result<ImageRecord> {
-        crate::image::ImageName::parse(reference)?;
+        crate::model::image::ImageName::parse(reference)?;
         if let Some(local) = self.inner.images.resolve(reference)
             && local.imported
         {
@@ -224,7 +224,7 @@ impl Agent {
         &self,
         reference: &str,
         credentials: &Credentials,
-    ) -> Result<crate::registry::ImageKind> {
+    ) -> Result<crate::images::registry::ImageKind> {
         self.inner.registry.probe(reference, credentials).await
     }
 

@@ -20,20 +20,21 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::container::ExitStatus;
-use crate::engine::WasmEngine;
 use crate::error::{Error, Result};
-use crate::events::LifecycleEvent;
-use crate::http::HttpOptions;
-use crate::ids::{ContainerId, SandboxId};
-use crate::image::ImageStore;
-use crate::limits::{PodCpu, PodMemory};
+use crate::images::registry::{Registry, RegistryConfig};
+use crate::images::store::ImageStore;
+use crate::model::container::ExitStatus;
+use crate::model::events::LifecycleEvent;
+use crate::model::ids::{ContainerId, SandboxId};
+use crate::model::sandbox::PodMetadata;
+use crate::model::time::Timestamp;
+use crate::model::usage::CpuRate;
 use crate::network::{NetworkConfig, Networks};
-use crate::registry::{Registry, RegistryConfig};
-use crate::sandbox::PodMetadata;
-use crate::stats::CpuRate;
-use crate::store::{Change, StateStore};
-use crate::time::Timestamp;
+use crate::runtime::engine::WasmEngine;
+use crate::runtime::guest_runtime::GuestRuntime;
+use crate::runtime::http::HttpOptions;
+use crate::runtime::limits::{PodCpu, PodMemory};
+use crate::state::{Change, StateStore};
 
 pub use exec::{AttachedStdin, Attachment, ExecOutput, ExecStdio, TerminalSize};
 pub use images::{ImageInspection, Precompiled};
@@ -77,44 +78,6 @@ pub struct RuntimeInfo {
     pub wasmtime_version: &'static str,
 }
 
-/// The runtime guests run on, apart from the one serving requests: the OS
-/// schedules the server's threads fairly against busy guests, so a node full
-/// of spinning guests still answers the kubelet promptly.
-struct GuestRuntime {
-    runtime: Option<tokio::runtime::Runtime>,
-    handle: tokio::runtime::Handle,
-}
-
-impl GuestRuntime {
-    fn new() -> Result<Self> {
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-        crate::network::netns::remember_host_namespace()
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("wasmlet-guest")
-            // A blocking-pool thread spawned while a guest was polled inside
-            // its pod's network namespace would start there: put it back.
-            .on_thread_start(|| {
-                if let Err(error) = crate::network::netns::return_to_host_namespace() {
-                    tracing::error!(%error, "guest thread cannot leave a pod's network namespace");
-                    std::process::abort();
-                }
-            })
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Internal(format!("starting the guest runtime: {e}")))?;
-        Ok(Self {
-            handle: rt.handle().clone(),
-            runtime: Some(rt),
-        })
-    }
-
-    fn handle(&self) -> &tokio::runtime::Handle {
-        &self.handle
-    }
-}
-
 struct Inner {
     root: PathBuf,
     guests: GuestRuntime,
@@ -138,7 +101,7 @@ struct Inner {
     /// Serialises joining other runtimes' pods.
     joining: tokio::sync::Mutex<()>,
     /// Lifecycle events, for GetContainerEvents.
-    events: crate::events::Events,
+    events: crate::state::events::Events,
     /// Pods removed since free heap was last handed back to the kernel.
     removed_since_trim: std::sync::atomic::AtomicUsize,
     /// Bounds background compiles of pulled images.
@@ -154,7 +117,7 @@ struct Inner {
     networks: Networks,
     http: HttpOptions,
     /// How functions verify the servers they call over HTTPS.
-    egress_tls: crate::egress::TlsConfig,
+    egress_tls: crate::runtime::egress::TlsConfig,
 }
 
 /// The agent. Cheap to clone; all clones share one state.
@@ -175,15 +138,6 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Drop for GuestRuntime {
-    fn drop(&mut self) {
-        // Dropping a runtime may not block inside another runtime.
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 impl Agent {
     /// Opens the state under `config.root` (creating it), recovers from a
     /// previous run, and builds the engine.
@@ -199,7 +153,7 @@ impl Agent {
         let images = ImageStore::open(&root.join("images"), state.clone(), snapshot.images)?;
         let engine = WasmEngine::with_pool(Some(root.join("compiled")), config.http_pool_instances)
             .map_err(Error::Internal)?;
-        let egress_tls = crate::egress::tls_config(config.http_ca_file.as_deref())
+        let egress_tls = crate::runtime::egress::tls_config(config.http_ca_file.as_deref())
             .map_err(Error::InvalidArgument)?;
 
         let now = Timestamp::now();
@@ -229,7 +183,7 @@ impl Agent {
         let networks = Networks::new(config.network);
         let mut sandbox_records = snapshot.sandboxes;
         for record in &mut sandbox_records {
-            if record.state != crate::sandbox::SandboxState::Ready {
+            if record.state != crate::model::sandbox::SandboxState::Ready {
                 continue;
             }
             let adopted = match (&record.spec.joined, &record.network) {

@@ -12,13 +12,13 @@ use std::time::Duration;
 use super::ops::detached;
 use super::{Agent, ContainerEntry, TRIM_EVERY, lock, read, write};
 use crate::error::{Error, Result};
-use crate::events::LifecycleKind;
-use crate::ids::{ContainerId, SandboxId};
-use crate::limits::{PodCpu, PodMemory};
+use crate::model::events::LifecycleKind;
+use crate::model::ids::{ContainerId, SandboxId};
+use crate::model::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
+use crate::model::time::Timestamp;
 use crate::network::NetworkRequest;
-use crate::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
-use crate::store::Change;
-use crate::time::Timestamp;
+use crate::runtime::limits::{PodCpu, PodMemory};
+use crate::state::Change;
 
 /// One sandbox: its record, and the lock its state-changing verbs hold.
 pub(super) struct SandboxEntry {
@@ -72,7 +72,7 @@ impl Agent {
     async fn run_pod_sandbox_now(
         &self,
         spec: SandboxSpec,
-        meta: crate::sandbox::PodMetadata,
+        meta: crate::model::sandbox::PodMetadata,
     ) -> Result<SandboxId> {
         if let Some(existing) = read(&self.inner.sandboxes)
             .values()
@@ -261,20 +261,18 @@ impl Agent {
             tracing::info!(sandbox_id = %id, "pod network torn down");
         }
         let mut record = lock(&sandbox.record);
-        let before = record.clone();
         // One commit records both the teardown and the stop.
-        let torn_down = match record.network.as_mut() {
-            Some(n) if network.is_some() => {
-                n.torn_down = true;
-                true
-            }
-            _ => false,
-        };
-        if record.stop() || torn_down {
-            if let Err(e) = self.inner.state.apply(&[Change::PutSandbox(&record)]) {
-                *record = before;
-                return Err(e);
-            }
+        let changed = self.inner.state.update_sync(&mut record, |r| {
+            let torn_down = match r.network.as_mut() {
+                Some(n) if network.is_some() => {
+                    n.torn_down = true;
+                    true
+                }
+                _ => false,
+            };
+            Ok(r.stop() || torn_down)
+        })?;
+        if changed {
             tracing::info!(sandbox_id = %id, "pod sandbox stopped");
             // No longer the ready pod its RunPodSandbox made: a run retried
             // from now on is a new call (and finds the name taken).
@@ -377,7 +375,7 @@ impl Agent {
                 .compare_exchange(removed, 0, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            tokio::task::spawn_blocking(crate::limits::release_free_heap);
+            tokio::task::spawn_blocking(crate::runtime::limits::release_free_heap);
         }
     }
 

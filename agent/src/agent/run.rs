@@ -11,24 +11,29 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio::sync::{oneshot, watch};
 
 use super::containers::{ContainerEntry, RunSlot};
-use super::guest_config::GuestSetup;
+use super::guest_config::{GuestSetup, pod_hostname};
 use super::{Agent, lock};
-use crate::container::{ContainerRecord, ExitStatus};
-use crate::engine::{Guest, GuestExit, GuestStdio, Prepared, TRAP_EXIT_CODE};
 use crate::error::{Error, Result};
-use crate::events::LifecycleKind;
-use crate::http::{HttpExit, HttpFunction, HttpOptions, Metering, StopRequest};
-use crate::ids::ContainerId;
-use crate::limits::{LiveLimits, MemoryLimiter, PodCpu};
-use crate::logs::{ContainerLog, Stream};
+use crate::model::container::{ContainerRecord, ExitStatus};
+use crate::model::events::LifecycleKind;
+use crate::model::ids::ContainerId;
+use crate::model::sandbox::SandboxRecord;
+use crate::model::time::Timestamp;
 use crate::network::{GuestNetwork, InNamespace};
-use crate::sandbox::SandboxRecord;
-use crate::stats::{GuestUsage, Metered};
-use crate::store::Change;
-use crate::time::Timestamp;
+use crate::runtime::engine::Prepared;
+use crate::runtime::guest::{Guest, GuestExit, TRAP_EXIT_CODE};
+use crate::runtime::host::GuestStdio;
+use crate::runtime::http::{HttpExit, HttpFunction, HttpOptions, Metering, StopRequest};
+use crate::runtime::limits::{LiveLimits, MemoryLimiter, PodCpu};
+use crate::runtime::logs::{ContainerLog, Stream};
+use crate::runtime::metering::Metered;
+use crate::runtime::usage::GuestUsage;
+use crate::state::Change;
 
 /// One run of a container's guest, from its start to its exit.
 pub(super) struct Run {
@@ -170,7 +175,7 @@ impl Agent {
     ) -> std::result::Result<Launch, StartError> {
         let usage = GuestUsage::new();
         let pod_cpu = self.pod_cpu(sandbox);
-        let limits = record.spec.resources.live();
+        let limits = LiveLimits::new(&record.spec.resources);
         let limiter =
             MemoryLimiter::live(limits.clone(), self.pod_memory(sandbox)).with_usage(usage.clone());
         let oom = limiter.oom_flag();
@@ -179,7 +184,7 @@ impl Agent {
         let mut stdio = GuestStdio::default();
         let mut stdin = None;
         if record.spec.stdin {
-            let (writer, reader) = crate::stdio::stdin_pipe();
+            let (writer, reader) = crate::runtime::stdio::stdin_pipe();
             stdin = Some(writer);
             stdio.stdin = Some(reader);
         }
@@ -189,6 +194,7 @@ impl Agent {
             network: network.clone(),
             dns: sandbox.spec.dns.clone(),
             stdio,
+            hostname: pod_hostname(sandbox),
         };
         let failed = |reason: String| StartError {
             reason,
@@ -242,10 +248,11 @@ impl Agent {
     fn commit_running(&self, entry: &Arc<ContainerEntry>, launch: Launch) -> Result<()> {
         let Launch { run, kill_rx, body } = launch;
         let mut record = lock(&entry.record);
-        let before = record.clone();
-        record.start(Timestamp::now())?;
-        if let Err(e) = self.inner.state.apply(&[Change::PutContainer(&record)]) {
-            *record = before;
+        let started = self.inner.state.update_sync(&mut record, |r| {
+            r.start(Timestamp::now())?;
+            Ok(true)
+        });
+        if let Err(e) = started {
             run.log.close();
             return Err(e);
         }
@@ -256,10 +263,8 @@ impl Agent {
         self.forget_create(&record);
         *lock(&entry.run) = RunSlot::Running(run.clone());
         let id = record.id.clone();
-        let agent = self.clone();
-        let owner = entry.clone();
         let log = run.log.clone();
-        match body {
+        let guest: BoxFuture<'static, ExitStatus> = match body {
             Body::Http {
                 function,
                 listener,
@@ -271,8 +276,9 @@ impl Agent {
                     Stream::Stderr,
                     &format!("wasmlet: serving wasi:http on port {}", options.port),
                 );
-                self.inner.guests.handle().spawn(async move {
-                    let status = match function.serve(listener, options, metering, kill_rx).await {
+                let log = log.clone();
+                Box::pin(async move {
+                    match function.serve(listener, options, metering, kill_rx).await {
                         HttpExit::Drained => ExitStatus::guest(0, String::new()),
                         HttpExit::Interrupted { why, requests } => ExitStatus::killed(&format!(
                             "{why}; {requests} request(s) still in flight were interrupted"
@@ -281,10 +287,8 @@ impl Agent {
                             log.write_line(Stream::Stderr, &format!("wasmlet: {message}"));
                             ExitStatus::guest(TRAP_EXIT_CODE, message)
                         }
-                    };
-                    log.close();
-                    agent.finish(&owner, Some(run.as_ref()), status);
-                });
+                    }
+                })
             }
             Body::Command {
                 guest,
@@ -293,10 +297,11 @@ impl Agent {
                 oom,
             } => {
                 let memory = record.clone();
-                self.inner.guests.handle().spawn(async move {
+                let (usage, limits, log) = (run.usage.clone(), run.limits.clone(), log.clone());
+                Box::pin(async move {
                     let running = InNamespace::new(guest.run(), &network);
-                    let status = tokio::select! {
-                        exit = Metered::new(running, run.usage.clone()).with_limits(run.limits.clone()).with_pod_cpu(pod_cpu) => {
+                    tokio::select! {
+                        exit = Metered::new(running, usage).with_limits(limits).with_pod_cpu(pod_cpu) => {
                             let exit = exit.unwrap_or_else(|message| GuestExit {
                                 code: TRAP_EXIT_CODE,
                                 message,
@@ -311,12 +316,34 @@ impl Agent {
                             }
                         }
                         stop = kill_rx => ExitStatus::killed(stop.map_or("the runtime stopped it", |s| s.why)),
-                    };
-                    log.close();
-                    agent.finish(&owner, Some(run.as_ref()), status);
-                });
+                    }
+                })
             }
-        }
+        };
+        let agent = self.clone();
+        let owner = entry.clone();
+        let container_id = id.clone();
+        self.inner.guests.handle().spawn(async move {
+            // A fault of wasmlet's own while it runs this guest ends this
+            // container, not the node, and never leaves it running with
+            // no guest behind it.
+            let status = match std::panic::AssertUnwindSafe(guest).catch_unwind().await {
+                Ok(status) => status,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(%container_id, panic = %what, "wasmlet failed while running a guest; the container is ended");
+                    let message = "internal error in wasmlet while running the guest (the node's wasmlet log has the details)";
+                    log.write_line(Stream::Stderr, &format!("wasmlet: {message}"));
+                    ExitStatus::lost(message.to_owned())
+                }
+            };
+            log.close();
+            agent.finish(&owner, Some(run.as_ref()), status);
+        });
         tracing::info!(container_id = %id, "container started");
         self.inner
             .events

@@ -4,12 +4,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{Agent, ContainerEntry, lock, read};
-use crate::container::{ContainerFilter, ContainerRecord};
 use crate::error::Result;
-use crate::ids::{ContainerId, SandboxId};
-use crate::sandbox::{SandboxFilter, SandboxRecord};
-use crate::stats::{INSTANCE_OVERHEAD_BYTES, Usage};
-use crate::time::Timestamp;
+use crate::model::container::{ContainerFilter, ContainerRecord};
+use crate::model::ids::{ContainerId, SandboxId};
+use crate::model::sandbox::{SandboxFilter, SandboxRecord};
+use crate::model::time::Timestamp;
+use crate::model::usage::Usage;
+use crate::runtime::usage::INSTANCE_OVERHEAD_BYTES;
 
 /// A container's record with its resource use.
 #[derive(Clone, Debug)]

@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
+
+use crate::model::network::{NetworkList, PortMapping};
 
 /// How long one plugin may run before it is killed.
 const PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -26,18 +27,6 @@ const PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct CniPaths {
     pub conf_dir: PathBuf,
     pub bin_dirs: Vec<PathBuf>,
-}
-
-/// A network configuration list (a `.conflist`, or a single `.conf` made
-/// into a list of one), exactly as it was used for ADD, so that DEL runs
-/// with the same one even if the file changed since.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct NetworkList {
-    pub name: String,
-    pub cni_version: String,
-    pub plugins: Vec<Value>,
-    /// The file it came from.
-    pub source: PathBuf,
 }
 
 impl NetworkList {
@@ -113,19 +102,6 @@ impl NetworkList {
     }
 }
 
-/// A hostPort mapping, as the `portMappings` capability carries it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortMapping {
-    #[serde(rename = "hostPort")]
-    pub host_port: u16,
-    #[serde(rename = "containerPort")]
-    pub container_port: u16,
-    /// `tcp`, `udp` or `sctp`.
-    pub protocol: String,
-    #[serde(rename = "hostIP", default, skip_serializing_if = "String::is_empty")]
-    pub host_ip: String,
-}
-
 /// Who a CNI call is for.
 #[derive(Clone, Debug)]
 pub struct Attachment {
@@ -147,10 +123,6 @@ pub struct Cni {
 impl Cni {
     pub fn new(paths: CniPaths) -> Self {
         Self { paths }
-    }
-
-    pub fn paths(&self) -> &CniPaths {
-        &self.paths
     }
 
     /// Whether a plugin binary of this type is installed.

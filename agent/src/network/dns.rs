@@ -15,23 +15,9 @@ use std::time::Duration;
 
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
-use serde::{Deserialize, Serialize};
 
 use super::GuestNetwork;
-
-/// The sandbox's DNS settings (CRI `DNSConfig`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DnsSettings {
-    pub servers: Vec<String>,
-    pub searches: Vec<String>,
-    /// resolv.conf options: `ndots:N`, `timeout:N`, `attempts:N` are used.
-    pub options: Vec<String>,
-    /// The container's `/etc/hosts` (the kubelet's, with the pod's own
-    /// name and its `hostAliases`), read before asking the servers. Set per
-    /// container from its mounts, never stored with the sandbox.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hosts_file: Option<std::path::PathBuf>,
-}
+use crate::model::network::DnsSettings;
 
 /// The addresses `name` has in a hosts file's `text` (`IP NAME ALIAS...`
 /// lines, `#` comments), in the file's order; names compare without case.

@@ -17,13 +17,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use serde::{Deserialize, Serialize};
-
-pub use cni::{CniPaths, NetworkList, PortMapping};
-pub use dns::{DnsSettings, Resolver};
+pub use cni::CniPaths;
+pub use dns::Resolver;
 pub use netns::NetNs;
 
-use crate::ids::SandboxId;
+use crate::model::ids::SandboxId;
+use crate::model::network::{NetworkList, PodNetwork, PortMapping};
 
 /// Where CNI and the pinned namespaces live.
 #[derive(Clone, Debug)]
@@ -43,23 +42,6 @@ impl Default for NetworkConfig {
             netns_dir: PathBuf::from("/run/netns"),
         }
     }
-}
-
-/// How a pod is networked, kept in its sandbox record.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PodNetwork {
-    pub netns: PathBuf,
-    /// The configuration ADD ran with (DEL runs with the same).
-    pub list: NetworkList,
-    /// The last plugin's ADD result.
-    pub result: serde_json::Value,
-    /// The pod's addresses, primary first.
-    pub ips: Vec<String>,
-    pub args: BTreeMap<String, String>,
-    pub port_mappings: Vec<PortMapping>,
-    /// Set once DEL succeeded and the namespace is gone.
-    #[serde(default)]
-    pub torn_down: bool,
 }
 
 /// What a pod asks of the network.

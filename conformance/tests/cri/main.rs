@@ -18,6 +18,7 @@ mod daemon_lifecycle;
 mod delegate;
 mod events;
 mod exec_wasm;
+mod hostile;
 mod http_functions;
 mod image;
 mod isolation;

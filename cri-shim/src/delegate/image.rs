@@ -3,7 +3,7 @@
 //! sides.
 
 use tonic::{Request, Response, Status};
-use wasmlet_agent::registry::ImageKind;
+use wasmlet_agent::ImageKind;
 use wasmlet_proto::cri;
 use wasmlet_proto::cri::image_service_server::ImageService;
 

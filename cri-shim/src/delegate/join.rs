@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use tonic::{Request, Status};
-use wasmlet_agent::ids::SandboxId;
-use wasmlet_agent::sandbox::JoinedPod;
+use wasmlet_agent::model::ids::SandboxId;
+use wasmlet_agent::model::sandbox::JoinedPod;
 use wasmlet_proto::cri;
 use wasmlet_proto::cri::runtime_service_server::RuntimeService;
 

@@ -27,7 +27,7 @@ mod runtime;
 
 use tonic::{Response, Status};
 use wasmlet_agent::Agent;
-use wasmlet_agent::ids::{ContainerId, SandboxId};
+use wasmlet_agent::model::ids::{ContainerId, SandboxId};
 
 use crate::service::Cri;
 

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use tonic::{Request, Response, Status};
-use wasmlet_agent::time::Timestamp;
+use wasmlet_agent::model::time::Timestamp;
 use wasmlet_proto::cri;
 use wasmlet_proto::cri::runtime_service_server::RuntimeService;
 

@@ -33,7 +33,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use wasmlet_agent::Agent;
-use wasmlet_agent::ids::{ContainerId, SandboxId};
+use wasmlet_agent::model::ids::{ContainerId, SandboxId};
 
 /// How long a URL handed out stays valid (the kubelet's default).
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60);

@@ -11,10 +11,11 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use wasmlet_agent::ids::{ContainerId, SandboxId};
-use wasmlet_agent::logs::Stream as LogStream;
-use wasmlet_agent::stdio::{INPUT_BUFFER, LineDiscipline, OUTPUT_CHUNKS, onlcr};
-use wasmlet_agent::{Agent, ExecStdio, TerminalSize};
+use wasmlet_agent::model::ids::{ContainerId, SandboxId};
+use wasmlet_agent::{
+    Agent, ExecStdio, INPUT_BUFFER, LineDiscipline, OUTPUT_CHUNKS, Stream as LogStream,
+    TerminalSize, onlcr,
+};
 
 use super::spdy::{self, header};
 use super::{CommandOptions, Out, Outgoing, Pending, Sink, Streaming};

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ids::SandboxId;
-use crate::time::Timestamp;
+use crate::model::ids::SandboxId;
+use crate::model::time::Timestamp;
 
 /// The identity the kubelet gives a pod; unique per node while it exists.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -32,16 +32,16 @@ pub struct SandboxSpec {
     pub runtime_handler: String,
     /// Pod-level limits (the kubelet's pod resources), over all containers.
     #[serde(default)]
-    pub resources: crate::container::Resources,
+    pub resources: crate::model::resources::Resources,
     /// The pod shares the node's network namespace (`hostNetwork`).
     #[serde(default)]
     pub host_network: bool,
     /// hostPort mappings, handed to the CNI plugins.
     #[serde(default)]
-    pub port_mappings: Vec<crate::network::PortMapping>,
+    pub port_mappings: Vec<crate::model::network::PortMapping>,
     /// How the pod's guests look names up.
     #[serde(default)]
-    pub dns: crate::network::DnsSettings,
+    pub dns: crate::model::network::DnsSettings,
     /// Set when this sandbox stands in for a pod another runtime runs
     /// (the Wasm containers of a `compat-smart` pod): it joins that pod's
     /// network namespace instead of making one, and is not a pod of its own.
@@ -88,7 +88,7 @@ pub struct SandboxRecord {
     pub created_at: Timestamp,
     /// The pod's CNI network, when it has one.
     #[serde(default)]
-    pub network: Option<crate::network::PodNetwork>,
+    pub network: Option<crate::model::network::PodNetwork>,
 }
 
 impl SandboxRecord {

@@ -42,8 +42,8 @@ use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
 
 use crate::error::{Error, Result};
-use crate::ids::Digest;
-use crate::image::WasmKind;
+use crate::model::ids::Digest;
+use crate::model::image::WasmKind;
 
 /// Mixed into the fingerprint: bump it when the layout or metadata changes.
 const LAYOUT_VERSION: &str = "wasmlet-artifacts-v1";

@@ -4,7 +4,7 @@
 
 use wasmparser::{ComponentTypeRef, Encoding, Parser, Payload, TypeRef};
 
-use crate::image::WasmKind;
+use crate::model::image::WasmKind;
 
 /// One import of a module (`module` and `name`) or component (`name`).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,10 +16,10 @@ use std::sync::{Condvar, Mutex};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::container::ContainerRecord;
 use crate::error::{Error, Result};
-use crate::image::ImageRecord;
-use crate::sandbox::SandboxRecord;
+use crate::model::container::ContainerRecord;
+use crate::model::image::ImageRecord;
+use crate::model::sandbox::SandboxRecord;
 
 const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
 const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
@@ -228,7 +228,7 @@ fn read_all<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{SandboxRecord, SandboxSpec};
+    use crate::model::sandbox::{SandboxRecord, SandboxSpec};
 
     fn sandbox(hostname: &str) -> SandboxRecord {
         SandboxRecord::new(SandboxSpec {

@@ -10,9 +10,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ids::{ContainerId, Digest, SandboxId};
-use crate::sandbox::labels_match;
-use crate::time::Timestamp;
+use crate::model::ids::{ContainerId, Digest, SandboxId};
+use crate::model::resources::Resources;
+use crate::model::sandbox::labels_match;
+use crate::model::time::Timestamp;
 
 /// A host path made visible to the guest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,32 +53,9 @@ pub struct ContainerSpec {
     /// The stdin closes when the first attached client closes its own.
     #[serde(default)]
     pub stdin_once: bool,
-    /// Attach clients get a terminal (see `crate::stdio`).
+    /// Attach clients get a terminal (see the runtime's `stdio`).
     #[serde(default)]
     pub tty: bool,
-}
-
-/// Resource limits, as the kubelet gives them (Linux container resources).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Resources {
-    /// Caps the sum of the guest's linear memories and tables.
-    pub memory_limit_bytes: Option<u64>,
-    /// CPU time allowed per period (CFS quota), in microseconds.
-    #[serde(default)]
-    pub cpu_quota_us: Option<u64>,
-    /// The CFS period, in microseconds (default 100 ms).
-    #[serde(default)]
-    pub cpu_period_us: Option<u64>,
-    /// Relative CPU weight of busy guests (see `LiveLimits::yield_ticks`).
-    #[serde(default)]
-    pub cpu_shares: Option<u64>,
-}
-
-impl Resources {
-    /// The live limits a running guest is held to.
-    pub fn live(&self) -> std::sync::Arc<crate::limits::LiveLimits> {
-        crate::limits::LiveLimits::new(self)
-    }
 }
 
 /// The states of a container, as CRI names them.

@@ -10,8 +10,7 @@
 //! interrupted.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -22,16 +21,17 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks, WasiHttpView};
 
-use crate::engine::{GuestConfig, P2State, http_store};
-use crate::limits::PodCpu;
-use crate::logs::Stream;
-use crate::network::{GuestNetwork, InNamespace, Resolver};
-use crate::stats::{GuestUsage, Metered};
+use crate::network::{GuestNetwork, InNamespace};
+use crate::runtime::host::{GuestConfig, P2State, http_store};
+use crate::runtime::limits::PodCpu;
+use crate::runtime::logs::Stream;
+use crate::runtime::metering::Metered;
+use crate::runtime::usage::GuestUsage;
 
 /// How an HTTP function is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -367,104 +367,5 @@ impl Server {
                 )
             }
         }
-    }
-}
-
-/// `wasi:http` hooks for a pod's instances: outgoing requests leave from
-/// the pod's network namespace (names resolved with the pod's DNS
-/// settings), or not at all without a network.
-pub struct PodHooks {
-    resolver: Resolver,
-    tls: crate::egress::TlsConfig,
-}
-
-impl PodHooks {
-    pub(crate) fn new(resolver: Resolver, tls: crate::egress::TlsConfig) -> Self {
-        Self { resolver, tls }
-    }
-}
-
-fn dns_error(message: String) -> wasmtime_wasi_http::Error {
-    wasmtime_wasi_http::Error::DnsError {
-        rcode: Some(message),
-        info_code: None,
-    }
-}
-
-impl WasiHttpHooks for PodHooks {
-    fn send_request(
-        &mut self,
-        mut request: hyper::Request<WasiBody>,
-        options: Option<RequestOptions>,
-        fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-    ) -> Box<
-        dyn Future<
-                Output = wasmtime_wasi_http::Result<(
-                    hyper::Response<WasiBody>,
-                    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-                )>,
-            > + Send,
-    > {
-        drop(fut);
-        let resolver = self.resolver.clone();
-        let tls = self.tls.clone();
-        Box::new(async move {
-            if !resolver.network.allows_sockets() {
-                return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
-            }
-            let uri = request.uri().clone();
-            let host = uri
-                .host()
-                .unwrap_or("")
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            if host.parse::<IpAddr>().is_err() {
-                // Connect to the address the pod's resolver gives; the URI
-                // keeps the name for the Host header, which is already set.
-                let https = uri.scheme() == Some(&hyper::http::uri::Scheme::HTTPS);
-                let ips = resolver
-                    .resolve(&host)
-                    .await
-                    .map_err(|e| dns_error(format!("looking up {host}: {e:?}")))?;
-                let ip = ips
-                    .first()
-                    .ok_or_else(|| dns_error(format!("{host} has no address")))?;
-                let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-                if https {
-                    // TLS verifies the name; the connection goes to the
-                    // address.
-                    let addr = SocketAddr::new(*ip, port);
-                    let sent = InNamespace::new(
-                        crate::egress::send(request, addr, &host, tls, options),
-                        &resolver.network,
-                    )
-                    .await
-                    .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e)))?;
-                    let (response, io) = sent?;
-                    return Ok((response, io));
-                }
-                let authority = SocketAddr::new(*ip, port).to_string();
-                let mut parts = uri.into_parts();
-                parts.authority = Some(
-                    authority
-                        .parse()
-                        .map_err(|_| wasmtime_wasi_http::Error::HttpRequestUriInvalid)?,
-                );
-                *request.uri_mut() = hyper::Uri::from_parts(parts)
-                    .map_err(|_| wasmtime_wasi_http::Error::HttpRequestUriInvalid)?;
-            }
-            let sent = InNamespace::new(
-                wasmtime_wasi_http::default_send_request(request, options),
-                &resolver.network,
-            )
-            .await
-            .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e)))?;
-            let (response, io) = sent?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = _> + Send>,
-            ))
-        })
     }
 }

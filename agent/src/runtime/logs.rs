@@ -17,7 +17,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 use crate::error::{Error, Result};
-use crate::time::Timestamp;
+use crate::model::time::Timestamp;
 
 /// The longest line written as one record, as containerd's
 /// `max_container_log_line_size` default.

@@ -1,3 +1,6 @@
+//! Outgoing requests of `wasi:http` functions: [`PodHooks`] sends them from
+//! the pod's network namespace, names resolved with its DNS settings.
+//!
 //! HTTPS from `wasi:http` functions to host names. The name is resolved
 //! with the pod's DNS settings and the connection made from the pod's
 //! namespace (as for plain HTTP), so TLS cannot be left to wasmtime's
@@ -6,7 +9,7 @@
 //! asked for (SNI), while the connection goes to the address wasmlet
 //! resolved.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +18,9 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
-use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+use crate::network::{InNamespace, Resolver};
 
 /// The trust a node's functions verify servers with.
 pub type TlsConfig = Arc<rustls::ClientConfig>;
@@ -101,6 +106,105 @@ pub async fn send(
     };
     let response = response.map(|body| body.map_err(Error::from).boxed_unsync());
     Ok((response, Box::new(conn)))
+}
+
+/// `wasi:http` hooks for a pod's instances: outgoing requests leave from
+/// the pod's network namespace (names resolved with the pod's DNS
+/// settings), or not at all without a network.
+pub struct PodHooks {
+    resolver: Resolver,
+    tls: TlsConfig,
+}
+
+impl PodHooks {
+    pub(crate) fn new(resolver: Resolver, tls: TlsConfig) -> Self {
+        Self { resolver, tls }
+    }
+}
+
+fn dns_error(message: String) -> wasmtime_wasi_http::Error {
+    wasmtime_wasi_http::Error::DnsError {
+        rcode: Some(message),
+        info_code: None,
+    }
+}
+
+impl WasiHttpHooks for PodHooks {
+    fn send_request(
+        &mut self,
+        mut request: hyper::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = wasmtime_wasi_http::Result<(
+                    hyper::Response<WasiBody>,
+                    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+                )>,
+            > + Send,
+    > {
+        drop(fut);
+        let resolver = self.resolver.clone();
+        let tls = self.tls.clone();
+        Box::new(async move {
+            if !resolver.network.allows_sockets() {
+                return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
+            }
+            let uri = request.uri().clone();
+            let host = uri
+                .host()
+                .unwrap_or("")
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            if host.parse::<IpAddr>().is_err() {
+                // Connect to the address the pod's resolver gives; the URI
+                // keeps the name for the Host header, which is already set.
+                let https = uri.scheme() == Some(&hyper::http::uri::Scheme::HTTPS);
+                let ips = resolver
+                    .resolve(&host)
+                    .await
+                    .map_err(|e| dns_error(format!("looking up {host}: {e:?}")))?;
+                let ip = ips
+                    .first()
+                    .ok_or_else(|| dns_error(format!("{host} has no address")))?;
+                let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+                if https {
+                    // TLS verifies the name; the connection goes to the
+                    // address.
+                    let addr = SocketAddr::new(*ip, port);
+                    let sent = InNamespace::new(
+                        send(request, addr, &host, tls, options),
+                        &resolver.network,
+                    )
+                    .await
+                    .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e)))?;
+                    let (response, io) = sent?;
+                    return Ok((response, io));
+                }
+                let authority = SocketAddr::new(*ip, port).to_string();
+                let mut parts = uri.into_parts();
+                parts.authority = Some(
+                    authority
+                        .parse()
+                        .map_err(|_| wasmtime_wasi_http::Error::HttpRequestUriInvalid)?,
+                );
+                *request.uri_mut() = hyper::Uri::from_parts(parts)
+                    .map_err(|_| wasmtime_wasi_http::Error::HttpRequestUriInvalid)?;
+            }
+            let sent = InNamespace::new(
+                wasmtime_wasi_http::default_send_request(request, options),
+                &resolver.network,
+            )
+            .await
+            .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e)))?;
+            let (response, io) = sent?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -7,30 +7,12 @@
 
 use tokio::sync::broadcast;
 
-use crate::ids::SandboxId;
-use crate::time::Timestamp;
+use crate::model::events::{LifecycleEvent, LifecycleKind};
+use crate::model::ids::SandboxId;
+use crate::model::time::Timestamp;
 
 /// Events a subscriber may fall behind by before it is told it lagged.
 pub const EVENT_BUFFER: usize = 4096;
-
-/// What happened, in CRI's terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LifecycleKind {
-    Created,
-    Started,
-    Stopped,
-    Deleted,
-}
-
-/// One transition of a container, or of a sandbox (then `id` is the
-/// sandbox's own id, as containerd reports sandboxes).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LifecycleEvent {
-    pub id: String,
-    pub sandbox_id: SandboxId,
-    pub kind: LifecycleKind,
-    pub at: Timestamp,
-}
 
 /// The sending side, owned by the agent.
 pub struct Events {

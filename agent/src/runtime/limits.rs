@@ -7,8 +7,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::container::Resources;
-use crate::stats::GuestUsage;
+use crate::model::resources::Resources;
+use crate::runtime::usage::GuestUsage;
 
 /// The most instances one store may hold (a component instantiates a few
 /// core instances; a module one).
@@ -36,12 +36,8 @@ impl PodMemory {
         })
     }
 
-    /// The pod's own limit.
-    pub fn limit(&self) -> Option<u64> {
-        self.limit
-    }
-
     /// Bytes charged to the pod now.
+    #[cfg(test)]
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
@@ -124,8 +120,18 @@ impl LiveLimits {
             0 => DEFAULT_CPU_PERIOD_US,
             p => p,
         };
-        Some((quota * 1_000, period * 1_000))
+        Some(cfs_nanos(quota, period))
     }
+}
+
+/// A CFS quota and period in microseconds as nanoseconds, held to the
+/// ranges the kernel accepts (a period of 1 ms to 1 s, a quota of at least
+/// 1 ms), whatever a request said.
+fn cfs_nanos(quota_us: u64, period_us: u64) -> (u64, u64) {
+    (
+        quota_us.max(1_000).saturating_mul(1_000),
+        period_us.clamp(1_000, 1_000_000) * 1_000,
+    )
 }
 
 /// A shared CPU account: a pod-level quota (`linux.resources` of the
@@ -154,7 +160,8 @@ impl PodCpu {
             .cpu_period_us
             .filter(|p| *p > 0)
             .unwrap_or(DEFAULT_CPU_PERIOD_US);
-        Some(Self::with(CpuLimit::Fixed(quota * 1_000, period * 1_000)))
+        let (quota, period) = cfs_nanos(quota, period);
+        Some(Self::with(CpuLimit::Fixed(quota, period)))
     }
 
     /// An account following a container's live quota (none while it has
@@ -206,6 +213,7 @@ pub struct MemoryLimiter {
 
 impl MemoryLimiter {
     /// A limiter charging `limit` (if any) and `pod`.
+    #[cfg(test)]
     pub fn new(limit: Option<u64>, pod: Arc<PodMemory>) -> Self {
         let resources = Resources {
             memory_limit_bytes: limit,

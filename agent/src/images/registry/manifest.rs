@@ -1,0 +1,305 @@
+//! Manifests and indexes as registries serve them, and telling a Wasm
+//! image from any other by its manifest alone.
+
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+
+use super::{Credentials, Registry, classify, failure};
+use crate::error::{RegistryFailure, Result};
+use crate::model::ids::Digest;
+use crate::model::image::ImageName;
+
+/// Wasm layer media types in use today.
+pub const WASM_LAYER_MEDIA_TYPES: &[&str] = &[
+    crate::images::store::WASM_LAYER_MEDIA_TYPE,
+    "application/vnd.wasm.content.layer.v1+wasm",
+    "application/vnd.bytecodealliance.wasm.component.layer.v0+wasm",
+];
+
+pub(super) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(super) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const ACCEPTED: &[&str] = &[
+    crate::images::store::OCI_MANIFEST_MEDIA_TYPE,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_LIST,
+];
+
+#[derive(Deserialize)]
+pub(super) struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    pub(super) media_type: String,
+    pub(super) digest: String,
+    pub(super) size: u64,
+    #[serde(default)]
+    pub(super) platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct Platform {
+    #[serde(default)]
+    pub(super) architecture: String,
+    #[serde(default)]
+    pub(super) os: String,
+}
+
+/// Config media types of ordinary (container) images.
+pub(super) const IMAGE_CONFIG_MEDIA_TYPES: &[&str] = &[
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
+
+#[derive(Deserialize)]
+pub(super) struct OciImageConfig {
+    #[serde(default)]
+    pub(super) config: Option<OciRuntimeConfig>,
+}
+
+#[derive(Default, Deserialize)]
+pub(super) struct OciRuntimeConfig {
+    #[serde(rename = "Entrypoint", default)]
+    pub(super) entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default)]
+    pub(super) cmd: Option<Vec<String>>,
+    #[serde(rename = "Env", default)]
+    pub(super) env: Option<Vec<String>>,
+    #[serde(rename = "WorkingDir", default)]
+    pub(super) working_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct Manifest {
+    #[serde(rename = "mediaType", default)]
+    pub(super) media_type: String,
+    #[serde(default)]
+    pub(super) annotations: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) config: Option<Descriptor>,
+    #[serde(default)]
+    pub(super) layers: Vec<Descriptor>,
+    #[serde(default)]
+    pub(super) manifests: Vec<Descriptor>,
+}
+
+/// What an image in a registry is, judged from its manifest (and, for an
+/// ordinary image manifest, its config's platform) without downloading
+/// any layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    /// Wasm: a Wasm layer or config media type, an index entry for a Wasm
+    /// platform, a config whose os/architecture is Wasm, or the
+    /// `module.wasm.image/variant` annotation.
+    Wasm,
+    /// Anything else (an ordinary Linux image, say), with what was seen.
+    Other(String),
+}
+
+/// The manifest annotation crun and runwasi use to mark Wasm images
+/// packaged as ordinary images.
+const VARIANT_ANNOTATION: &str = "module.wasm.image/variant";
+
+/// The largest image config read to learn an image's platform.
+const MAX_PROBED_CONFIG: u64 = 1024 * 1024;
+
+#[derive(Deserialize)]
+struct ConfigPlatform {
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    os: String,
+}
+
+fn is_wasm_platform(os: &str, architecture: &str) -> bool {
+    matches!(os, "wasip1" | "wasip2" | "wasi") || matches!(architecture, "wasm" | "wasm32")
+}
+
+/// A manifest or index as JSON, or why it is not one.
+pub(super) fn parse_manifest(reference: &str, bytes: &[u8]) -> Result<Manifest> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        failure(
+            reference,
+            RegistryFailure::Invalid,
+            format!("manifest is not valid JSON: {e}"),
+        )
+    })
+}
+
+/// The index entry for Wasm, as the ecosystem labels it.
+pub(super) fn choose_wasm_platform(entries: &[Descriptor]) -> Option<&Descriptor> {
+    let score = |d: &Descriptor| {
+        let p = d.platform.as_ref()?;
+        match (p.os.as_str(), p.architecture.as_str()) {
+            ("wasip2", _) => Some(0),
+            ("wasip1", _) => Some(1),
+            ("wasi", _) => Some(2),
+            (_, "wasm" | "wasm32") => Some(3),
+            _ => None,
+        }
+    };
+    entries
+        .iter()
+        .filter_map(|d| Some((score(d)?, d)))
+        .min_by_key(|(s, _)| *s)
+        .map(|(_, d)| d)
+}
+
+impl Registry {
+    pub(super) async fn fetch_manifest(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        auth: &RegistryAuth,
+        shown: &str,
+    ) -> Result<(Vec<u8>, Digest)> {
+        let registry = reference.resolve_registry().to_owned();
+        self.retry("fetching the manifest", || async {
+            let (bytes, _) = client
+                .pull_manifest_raw(reference, auth, ACCEPTED)
+                .await
+                .map_err(|e| classify(shown, &registry, e))?;
+            if bytes.len() as u64 > self.config.max_manifest_bytes {
+                return Err(failure(
+                    shown,
+                    RegistryFailure::TooLarge,
+                    format!(
+                        "manifest is {} bytes, over the {} byte limit",
+                        bytes.len(),
+                        self.config.max_manifest_bytes
+                    ),
+                ));
+            }
+            let digest = Digest::of(&bytes);
+            if let Some(expected) = reference.digest()
+                && expected != digest.as_str()
+            {
+                return Err(failure(
+                    shown,
+                    RegistryFailure::Corrupt,
+                    format!("manifest has digest {digest}, not the requested {expected}"),
+                ));
+            }
+            Ok((bytes.to_vec(), digest))
+        })
+        .await
+    }
+
+    /// Tells whether `reference` is a Wasm image by reading its manifest
+    /// (and at most a small config blob). Nothing is stored.
+    pub async fn probe(&self, reference: &str, credentials: &Credentials) -> Result<ImageKind> {
+        let client = &self.client();
+        let name = ImageName::parse(reference)?;
+        let oci_ref = Self::reference(&name, reference)?;
+        let auth = self.auth_for(&oci_ref, credentials, "pull").await?;
+        let (bytes, _) = self
+            .fetch_manifest(client, &oci_ref, &auth, reference)
+            .await?;
+        let manifest: Manifest = parse_manifest(reference, &bytes)?;
+        if manifest.annotations.contains_key(VARIANT_ANNOTATION) {
+            return Ok(ImageKind::Wasm);
+        }
+        if !manifest.manifests.is_empty() && manifest.config.is_none() {
+            if choose_wasm_platform(&manifest.manifests).is_some() {
+                return Ok(ImageKind::Wasm);
+            }
+            let platforms: Vec<String> = manifest
+                .manifests
+                .iter()
+                .filter_map(|m| m.platform.as_ref())
+                .map(|p| format!("{}/{}", p.os, p.architecture))
+                .collect();
+            return Ok(ImageKind::Other(format!(
+                "an index for {}",
+                platforms.join(", ")
+            )));
+        }
+        let Some(config) = &manifest.config else {
+            return Ok(ImageKind::Other("a manifest without a config".into()));
+        };
+        if config.media_type == crate::images::store::WASM_CONFIG_MEDIA_TYPE
+            || manifest
+                .layers
+                .iter()
+                .any(|l| WASM_LAYER_MEDIA_TYPES.contains(&l.media_type.as_str()))
+        {
+            return Ok(ImageKind::Wasm);
+        }
+        if !IMAGE_CONFIG_MEDIA_TYPES.contains(&config.media_type.as_str())
+            || config.size > MAX_PROBED_CONFIG
+        {
+            return Ok(ImageKind::Other(format!("config {}", config.media_type)));
+        }
+        let descriptor = oci_client::manifest::OciDescriptor {
+            media_type: config.media_type.clone(),
+            digest: config.digest.clone(),
+            size: config.size as i64,
+            ..Default::default()
+        };
+        let registry = oci_ref.resolve_registry().to_owned();
+        let mut bytes = Vec::with_capacity(config.size as usize);
+        client
+            .pull_blob(&oci_ref, &descriptor, &mut bytes)
+            .await
+            .map_err(|e| classify(reference, &registry, e))?;
+        if Digest::of(&bytes).as_str() != config.digest {
+            return Err(failure(
+                reference,
+                RegistryFailure::Corrupt,
+                format!("config blob does not match its digest {}", config.digest),
+            ));
+        }
+        let platform: ConfigPlatform = serde_json::from_slice(&bytes).map_err(|e| {
+            failure(
+                reference,
+                RegistryFailure::Invalid,
+                format!("image config is not valid JSON: {e}"),
+            )
+        })?;
+        Ok(if is_wasm_platform(&platform.os, &platform.architecture) {
+            ImageKind::Wasm
+        } else {
+            ImageKind::Other(format!(
+                "an image for {}/{}",
+                platform.os, platform.architecture
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_resolution_prefers_wasm_platforms() {
+        let entry = |os: &str, arch: &str, d: char| Descriptor {
+            media_type: String::new(),
+            digest: format!("sha256:{}", d.to_string().repeat(64)),
+            size: 1,
+            platform: Some(Platform {
+                architecture: arch.into(),
+                os: os.into(),
+            }),
+        };
+        let entries = vec![
+            entry("linux", "amd64", 'a'),
+            entry("wasip1", "wasm", 'b'),
+            entry("wasip2", "wasm", 'c'),
+        ];
+        assert!(
+            choose_wasm_platform(&entries)
+                .unwrap()
+                .digest
+                .ends_with('c')
+        );
+        assert!(choose_wasm_platform(&entries[..1]).is_none());
+        let entries = vec![entry("linux", "amd64", 'a'), entry("unknown", "wasm", 'd')];
+        assert!(
+            choose_wasm_platform(&entries)
+                .unwrap()
+                .digest
+                .ends_with('d')
+        );
+    }
+}
