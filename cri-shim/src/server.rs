@@ -64,6 +64,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     agent.remove_orphaned_networks().await;
+    // Compiled programs of images removed while no agent ran go, in the
+    // background (compat images' programs are hashed for it).
+    let collector = agent.clone();
+    tokio::spawn(async move {
+        if let Err(error) = collector.collect_compiled().await {
+            tracing::warn!(%error, "collecting the compiled programs no image runs");
+        }
+    });
     let streaming = Streaming::start(settings.streaming.clone(), agent.clone())
         .await
         .with_context(|| {

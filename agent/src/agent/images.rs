@@ -1,6 +1,7 @@
 //! Images: pull (deduplicated, compiled in the background), import,
 //! status, list, removal, and what an image runs (inspect, precompile).
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use super::{Agent, lock};
 use crate::error::{Error, Result};
 use crate::images::registry::Credentials;
 use crate::model::container::ContainerSpec;
+use crate::model::ids::Digest;
 use crate::model::image::{FsUsage, ImageRecord, WasmKind};
 
 /// What a stored image runs, as the admin API shows it.
@@ -169,10 +171,13 @@ impl Agent {
                                 .pull(&agent.inner.images, &reference, &credentials)
                                 .await
                                 .map_err(Arc::new);
-                            lock(&agent.inner.pulls).remove(&key);
                             if let Ok(image) = &result {
-                                agent.precompile_in_background(image.clone());
+                                // The kubelet gives PullImage no deadline
+                                // but CreateContainer two minutes: a big
+                                // module compiles here, not there.
+                                agent.precompile_pulled(image.clone()).await;
                             }
+                            lock(&agent.inner.pulls).remove(&key);
                             result
                         });
                     futures::FutureExt::shared(fut)
@@ -189,33 +194,30 @@ impl Agent {
         }
     }
 
-    /// Compiles a freshly pulled image off the request path, so that its
-    /// first container starts from the compiled artifact.
-    fn precompile_in_background(&self, image: ImageRecord) {
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            let _permit = inner.compile_slots.acquire().await;
-            let digest = image.wasm_digest.clone();
-            let worker = inner.clone();
-            let done = tokio::task::spawn_blocking(move || {
-                let inner = worker;
-                let bytes = inner
-                    .images
-                    .read_blob(&image.wasm_digest)
-                    .map_err(|e| e.to_string())?;
-                inner
-                    .engine
-                    .precompile(&image.wasm_digest, image.wasm_kind, &bytes)
-            })
-            .await;
-            match done {
-                Ok(Ok(())) => tracing::debug!(%digest, "precompiled"),
-                Ok(Err(reason)) => {
-                    tracing::warn!(%digest, %reason, "precompiling the pulled image failed; containers will report why when they start")
-                }
-                Err(e) => tracing::warn!(%digest, error = %e, "precompile task failed"),
+    /// Compiles a freshly pulled image before its pull answers (at most
+    /// `compile_parallelism` at once), so that its first container starts
+    /// from the compiled artifact. A program that does not compile does not
+    /// fail the pull: its containers report why when they start.
+    async fn precompile_pulled(&self, image: ImageRecord) {
+        let _permit = self.inner.compile_slots.acquire().await;
+        let (digest, kind, bytes) = match self.default_program(&image).await {
+            Ok(program) => program,
+            Err(error) => {
+                tracing::warn!(image = %image.id, %error, "reading the pulled image's program to precompile it");
+                return;
             }
-        });
+        };
+        let engine = self.inner.engine.clone();
+        let compiling = digest.clone();
+        let done =
+            tokio::task::spawn_blocking(move || engine.precompile(&compiling, kind, &bytes)).await;
+        match done {
+            Ok(Ok(())) => tracing::debug!(%digest, "precompiled"),
+            Ok(Err(reason)) => {
+                tracing::warn!(%digest, %reason, "precompiling the pulled image failed; containers will report why when they start")
+            }
+            Err(e) => tracing::warn!(%digest, error = %e, "precompile task failed"),
+        }
     }
 
     /// Whether `reference` names a Wasm image, from its registry's
@@ -242,17 +244,91 @@ impl Agent {
     }
 
     /// Removes an image; removing one that does not exist succeeds.
+    ///
+    /// Its compiled programs are forgotten only when no other stored image
+    /// runs them (images share layers: the same module as a Wasm artifact
+    /// and inside a compat image, or under two media types).
     pub fn remove_image(&self, reference: &str) -> Result<()> {
         if let Some(image) = self.inner.images.resolve(reference) {
             self.inner.images.remove(image.id.as_str())?;
-            self.inner.engine.forget(&image.wasm_digest);
-            lock(&self.inner.programs).retain(|(id, _), _| *id != image.id);
+            let mut programs = lock(&self.inner.programs);
+            let mut removed = vec![image.wasm_digest.clone()];
+            removed.extend(
+                programs
+                    .iter()
+                    .filter(|((id, _), _)| *id == image.id)
+                    .filter_map(|(_, p)| p.digest.clone()),
+            );
+            programs.retain(|(id, _), _| *id != image.id);
+            let still_used: HashSet<Digest> = self
+                .inner
+                .images
+                .list()
+                .into_iter()
+                .map(|i| i.wasm_digest)
+                .chain(programs.values().filter_map(|p| p.digest.clone()))
+                .collect();
+            drop(programs);
+            for digest in removed.iter().filter(|d| !still_used.contains(*d)) {
+                self.inner.engine.forget(digest);
+            }
             tracing::info!(image = %image.id, reference, "image removed");
         }
         Ok(())
     }
 
+    /// Forgets the compiled programs no stored image runs, in memory and
+    /// on disk: those of images removed while no agent ran, or while one
+    /// died mid-removal. Every image's default program counts, and every
+    /// `.wasm` file of a compat image (any may be run by a container's
+    /// command). Run once after the agent opens; the hashing is off the
+    /// async workers.
+    pub async fn collect_compiled(&self) -> Result<usize> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut in_use = HashSet::new();
+            for image in inner.images.list() {
+                if image.compat.is_some() {
+                    for file in wasm_files(&inner.images.rootfs_path(&image.id)) {
+                        if let Ok(bytes) = std::fs::read(&file) {
+                            in_use.insert(Digest::of(&bytes));
+                        }
+                    }
+                }
+                in_use.insert(image.wasm_digest);
+            }
+            let forgotten = inner.engine.collect(&in_use);
+            if forgotten > 0 {
+                tracing::info!(forgotten, "compiled programs no image runs were removed");
+            }
+            forgotten
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("collecting compiled programs: {e}")))
+    }
+
     pub fn image_fs_usage(&self) -> Result<FsUsage> {
         self.inner.images.usage()
     }
+}
+
+/// The `.wasm` files under `dir` (symbolic links not followed).
+fn wasm_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => pending.push(entry.path()),
+                Ok(t) if t.is_file() && entry.path().extension().is_some_and(|e| e == "wasm") => {
+                    out.push(entry.path())
+                }
+                _ => {}
+            }
+        }
+    }
+    out
 }

@@ -303,6 +303,21 @@ impl ArtifactStore {
 
     /// Deletes the artifact of `digest` and its metadata; a missing one is
     /// not an error.
+    /// The digests this store holds an artifact of.
+    pub(crate) fn digests(&self) -> Vec<Digest> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name();
+                let hex = name.to_str()?.strip_suffix(&format!(".{ARTIFACT_EXT}"))?;
+                Digest::parse(&format!("sha256:{hex}")).ok()
+            })
+            .collect()
+    }
+
     pub(crate) fn remove(&self, digest: &Digest) {
         for path in [self.artifact_path(digest), self.meta_path(digest)] {
             match fs::remove_file(&path) {

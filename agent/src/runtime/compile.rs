@@ -103,6 +103,31 @@ impl WasmEngine {
         }
     }
 
+    /// Forgets every compiled program whose digest is not in `in_use`
+    /// (memory and both disk stores): what no stored image runs any more.
+    /// Returns how many were forgotten.
+    pub fn collect(&self, in_use: &std::collections::HashSet<Digest>) -> usize {
+        let mut unused: Vec<Digest> = self
+            .artifacts
+            .iter()
+            .chain(&self.http_artifacts)
+            .flat_map(|store| store.digests())
+            .chain(
+                self.prepared
+                    .lock()
+                    .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                    .unwrap_or_default(),
+            )
+            .filter(|d| !in_use.contains(d))
+            .collect();
+        unused.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        unused.dedup();
+        for digest in &unused {
+            self.forget(digest);
+        }
+        unused.len()
+    }
+
     /// What the engine did to make images ready since it was built.
     #[cfg(test)]
     pub fn stats(&self) -> EngineStats {

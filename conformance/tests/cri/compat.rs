@@ -144,6 +144,84 @@ async fn a_compat_image_runs_its_entrypoint_with_the_image_env_and_files() {
     assert_eq!(inspected.wasm_size_bytes, echo.len() as u64);
 }
 
+/// How many times the daemon compiled a program so far (its log).
+fn compiles(wasmlet: &Wasmlet) -> usize {
+    wasmlet.daemon_log().matches("compiled Wasm").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_answers_compiled_and_a_program_two_images_share_outlives_either() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let reference = push_programs(&registry).await;
+    // The fixture imported echo as a Wasm artifact; the compat image's
+    // entrypoint is the same module: two images, one compiled program.
+    let mut wasmlet = Wasmlet::builder()
+        .config(format!(
+            "[registry]\ninsecure = [\"{}\"]\n",
+            registry.host()
+        ))
+        .rust_log("info")
+        .start()
+        .await;
+    let mut cri = wasmlet.cri();
+    cri.pull_image(&reference).await.unwrap();
+    // PullImage answers once the program is compiled (the kubelet gives
+    // the pull no deadline, CreateContainer two minutes).
+    assert_eq!(compiles(&wasmlet), 1, "{}", wasmlet.daemon_log());
+    let channel = wasmlet_proto::connect_unix(wasmlet.socket()).await.unwrap();
+    let mut admin = wasmlet_proto::admin::admin_client::AdminClient::new(channel);
+    for image in [reference.as_str(), crate::ECHO_P1] {
+        let inspected = admin
+            .inspect_image(wasmlet_proto::admin::InspectImageRequest {
+                image: image.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(inspected.compiled, "{image}: {inspected:?}");
+    }
+
+    // The kubelet's image GC removes one; the other's program stays
+    // compiled, also across a restart (where unused programs are collected).
+    cri.remove_image(crate::ECHO_P1).await.unwrap();
+    wasmlet.terminate().await;
+    let mut cri = wasmlet.restart().await;
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let config = ContainerConfigBuilder::new("tools", &reference).build();
+    let status = cri.run_to_exit(&pod, config, GUEST_TIMEOUT).await.unwrap();
+    assert_eq!(status.exit_code, 0, "{status:?}");
+    assert_eq!(
+        compiles(&wasmlet),
+        1,
+        "the shared program was compiled again: {}",
+        wasmlet.daemon_log()
+    );
+
+    // Once no image runs it, it goes (at the next start at the latest).
+    cri.remove_image(&reference).await.unwrap();
+    let compiled = wasmlet.root().join("compiled");
+    let artifacts = || {
+        walk(&compiled)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .count()
+    };
+    assert_eq!(artifacts(), 0, "artifacts left: {:?}", walk(&compiled));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_picks_another_program_of_the_image_through_path_and_symlinks() {
     let registry = Registry::start(RegistryOptions::default()).await.unwrap();
