@@ -56,6 +56,32 @@ fn random_u32() -> u32 {
     x
 }
 
+/// Six hex digits to tell one test's interfaces apart from another's.
+pub fn random_tag() -> String {
+    format!("{:06x}", random_u32() & 0xff_ffff)
+}
+
+/// The first three octets of a /24 in 10.200.0.0–10.249.255.0 that nothing
+/// on the machine routes or holds an address in, e.g. `10.213.7`. A
+/// process-wide sequence from a random start: callers in one test run never
+/// get the same /24, whatever runs in parallel.
+pub fn free_prefix() -> Result<String, String> {
+    let routes = ip(&["-4", "route", "show", "table", "all"])?;
+    let addrs = ip(&["-4", "-o", "addr", "show"])?;
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| std::sync::atomic::AtomicU32::new(random_u32() % 12_800));
+    (0..64)
+        .map(|_| {
+            let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 12_800;
+            format!("10.{}.{}", 200 + n / 256, n % 256)
+        })
+        .find(|p| {
+            let dotted = format!("{p}.");
+            !routes.contains(&dotted) && !addrs.contains(&dotted)
+        })
+        .ok_or_else(|| "no free 10.x.y.0/24 found for a test network".to_owned())
+}
+
 /// A CNI configuration directory and the network it describes.
 pub struct TestNetwork {
     dir: TempDir,
@@ -81,23 +107,8 @@ impl TestNetwork {
                 PLUGIN_DIRS.join(" or ")
             )
         })?;
-        let routes = ip(&["-4", "route", "show", "table", "all"])?;
-        let addrs = ip(&["-4", "-o", "addr", "show"])?;
-        // A process-wide sequence from a random start: networks of one test
-        // run never pick the same /24, whatever runs in parallel.
-        static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU32> = std::sync::OnceLock::new();
-        let next = NEXT.get_or_init(|| std::sync::atomic::AtomicU32::new(random_u32() % 12_800));
-        let (prefix, tag) = (0..64)
-            .map(|_| {
-                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 12_800;
-                let prefix = format!("10.{}.{}", 200 + n / 256, n % 256);
-                (prefix, format!("{:06x}", random_u32() & 0xff_ffff))
-            })
-            .find(|(p, _)| {
-                let dotted = format!("{p}.");
-                !routes.contains(&dotted) && !addrs.contains(&dotted)
-            })
-            .ok_or("no free 10.x.y.0/24 found for a test network")?;
+        let prefix = free_prefix()?;
+        let tag = random_tag();
         let dir = tempfile::Builder::new()
             .prefix("wasmlet-cni-")
             .tempdir()

@@ -22,6 +22,7 @@ mod hostile;
 mod http_functions;
 mod image;
 mod isolation;
+mod kube;
 mod kubectl;
 mod limits;
 mod log_rotation;
