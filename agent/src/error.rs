@@ -1,8 +1,18 @@
 //! The agent's error type. Each variant names what went wrong and carries the
 //! id or path it concerns; the CRI layer maps variants to gRPC codes in one
 //! place.
+//!
+//! Below the facade each concern has its own error (the pod network, an
+//! image's root filesystem, a guest, the engine); they fold into [`Error`]
+//! whole, so the mapping reads the cause, not a message.
 
 use std::path::PathBuf;
+
+pub use crate::images::inspect::InvalidWasm;
+pub use crate::images::rootfs::{Compression, EntryError, RootfsError};
+pub use crate::network::{CniCommand, NetworkError, PluginError};
+pub use crate::runtime::egress::TlsConfigError;
+pub use crate::runtime::error::{EngineError, GuestError, LinkTarget};
 
 /// Everything a facade call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -34,8 +44,18 @@ pub enum Error {
     #[error("image {reference:?}: {reason}")]
     InvalidImage { reference: String, reason: String },
 
-    #[error("container {id} failed to start: {reason}")]
-    StartFailed { id: String, reason: String },
+    /// A container's guest could not be made or started; the container
+    /// is EXITED with reason `StartError`.
+    #[error("container {id} failed to start: {source}")]
+    StartFailed {
+        id: String,
+        #[source]
+        source: Box<GuestError>,
+    },
+
+    /// A guest (an exec'd instance) could not be made.
+    #[error("{0}")]
+    Guest(#[source] Box<GuestError>),
 
     #[error("image {reference}: {reason}")]
     Registry {
@@ -58,13 +78,43 @@ pub enum Error {
     #[error("internal error: {0}")]
     Internal(String),
 
-    /// The pod network could not be set up or torn down (CNI, namespaces).
+    /// The pod network could not be set up, joined or torn down (CNI,
+    /// namespaces), or a connection inside it failed.
     #[error("{0}")]
-    Network(String),
+    Network(#[source] Box<NetworkError>),
+
+    /// An image's root filesystem could not be made on this node (its
+    /// refusals are `Registry` failures).
+    #[error("image {reference}: {source}")]
+    Unpack {
+        reference: String,
+        #[source]
+        source: Box<RootfsError>,
+    },
+
+    /// The Wasm engine could not be built (at start-up).
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+
+    /// The node's CA file for functions' HTTPS is unusable (at start-up).
+    #[error("{0}")]
+    TlsConfig(#[from] TlsConfigError),
 
     /// An operation with a deadline (ExecSync's timeout) ran out of time.
     #[error("{0}")]
     DeadlineExceeded(String),
+}
+
+impl From<GuestError> for Error {
+    fn from(e: GuestError) -> Self {
+        Error::Guest(Box::new(e))
+    }
+}
+
+impl From<NetworkError> for Error {
+    fn from(e: NetworkError) -> Self {
+        Error::Network(Box::new(e))
+    }
 }
 
 impl Error {
@@ -131,15 +181,20 @@ impl Error {
                 to,
             },
             Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
-            Error::Network(m) => Error::Network(m.clone()),
+            Error::Network(e) => Error::Network(e.clone()),
+            Error::Guest(e) => Error::Guest(e.clone()),
+            Error::Unpack { reference, source } => Error::Unpack {
+                reference: reference.clone(),
+                source: source.clone(),
+            },
             Error::DeadlineExceeded(m) => Error::DeadlineExceeded(m.clone()),
             Error::InvalidImage { reference, reason } => Error::InvalidImage {
                 reference: reference.clone(),
                 reason: reason.clone(),
             },
-            Error::StartFailed { id, reason } => Error::StartFailed {
+            Error::StartFailed { id, source } => Error::StartFailed {
                 id: id.clone(),
-                reason: reason.clone(),
+                source: source.clone(),
             },
             Error::Registry {
                 reference,
@@ -151,7 +206,10 @@ impl Error {
                 reason: reason.clone(),
             },
             Error::Store(m) => Error::Store(m.clone()),
-            Error::Io { .. } | Error::Internal(_) => Error::Internal(self.to_string()),
+            Error::Io { .. } | Error::Internal(_) | Error::Engine(_) => {
+                Error::Internal(self.to_string())
+            }
+            Error::TlsConfig(_) => Error::InvalidArgument(self.to_string()),
         }
     }
 }

@@ -465,7 +465,7 @@ impl RuntimeService for Cri {
                     r#type: "NetworkReady".into(),
                     status: false,
                     reason: "NetworkPluginNotReady".into(),
-                    message: why,
+                    message: why.to_string(),
                 },
             },
         ];

@@ -35,6 +35,7 @@ use crate::model::resources::Resources;
 use crate::model::time::Timestamp;
 use crate::model::usage::CpuRate;
 use crate::runtime::engine::Prepared;
+use crate::runtime::error::GuestError;
 use crate::runtime::usage::GuestUsage;
 use crate::state::Change;
 
@@ -101,7 +102,7 @@ impl ContainerEntry {
 }
 
 /// A compiled program, or why it could not be compiled.
-pub(super) type PreparedProgram = std::result::Result<Prepared, String>;
+pub(super) type PreparedProgram = std::result::Result<Prepared, GuestError>;
 
 impl Agent {
     /// Whether the agent holds container `id`.
@@ -252,7 +253,7 @@ impl Agent {
         &self,
         image: &ImageRecord,
         spec: &ContainerSpec,
-    ) -> std::result::Result<Prepared, String> {
+    ) -> PreparedProgram {
         let program = program(&self.inner.images, &self.inner.programs, image, spec)?;
         // The hot path: an image compiled before needs no I/O.
         if let Some(prepared) = program
@@ -276,7 +277,9 @@ impl Agent {
             Ok(prepared)
         })
         .await
-        .map_err(|e| format!("compiling the image: {e}"))?
+        .map_err(|e| GuestError::Compile {
+            detail: e.to_string(),
+        })?
     }
 
     pub(super) fn container_dir(&self, id: &ContainerId) -> PathBuf {

@@ -79,16 +79,18 @@ impl AttachedStdin {
 
 /// An exec'd instance running; dropping it ends the instance.
 struct ExecRun(
-    tokio::task::JoinHandle<std::result::Result<crate::runtime::guest::GuestExit, String>>,
+    tokio::task::JoinHandle<
+        std::result::Result<crate::runtime::guest::GuestExit, crate::network::NetworkError>,
+    >,
 );
 
 impl ExecRun {
     async fn wait(mut self) -> Result<crate::runtime::guest::GuestExit> {
         match (&mut self.0).await {
             Ok(Ok(exit)) => Ok(exit),
-            Ok(Err(message)) => Ok(crate::runtime::guest::GuestExit {
+            Ok(Err(error)) => Ok(crate::runtime::guest::GuestExit {
                 code: crate::runtime::guest::TRAP_EXIT_CODE,
-                message,
+                message: error.to_string(),
             }),
             Err(e) => Err(Error::Internal(format!("exec task failed: {e}"))),
         }
@@ -256,7 +258,7 @@ impl Agent {
                 &record.spec,
             ) {
                 Ok(own) => cmd[0] = own.argv[0].clone(),
-                Err(reason) => return Ok(Err((127, reason))),
+                Err(reason) => return Ok(Err((127, reason.to_string()))),
             }
         }
         let argv0 = &cmd[0];
@@ -283,21 +285,19 @@ impl Agent {
             Err(reason) => return Ok(Err((126, format!("{argv0}: cannot run: {reason}")))),
         };
         let network = self.guest_network(&sandbox);
-        let config = self
-            .guest_config(
-                &record.id,
-                &image,
-                &spec,
-                GuestSetup {
-                    log,
-                    limiter,
-                    network: network.clone(),
-                    dns: sandbox.spec.dns.clone(),
-                    stdio,
-                    hostname: pod_hostname(&sandbox),
-                },
-            )
-            .map_err(Error::FailedPrecondition)?;
+        let config = self.guest_config(
+            &record.id,
+            &image,
+            &spec,
+            GuestSetup {
+                log,
+                limiter,
+                network: network.clone(),
+                dns: sandbox.spec.dns.clone(),
+                stdio,
+                hostname: pod_hostname(&sandbox),
+            },
+        )?;
         match self.inner.engine.instantiate(&prepared, config).await {
             Ok(crate::runtime::guest::Guest::Http(_)) => Ok(Err((
                 126,
@@ -363,10 +363,13 @@ impl Agent {
         let connect = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port));
         match InNamespace::new(connect, &network).await {
             Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(e)) => Err(Error::Network(format!(
-                "connecting to port {port} in pod sandbox {id}: {e}"
-            ))),
-            Err(reason) => Err(Error::Internal(reason)),
+            Ok(Err(e)) => Err(crate::network::NetworkError::Connect {
+                sandbox: id.to_string(),
+                port,
+                source: Arc::new(e),
+            }
+            .into()),
+            Err(e) => Err(e.into()),
         }
     }
 }

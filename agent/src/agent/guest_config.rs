@@ -16,6 +16,7 @@ use crate::model::ids::ContainerId;
 use crate::model::image::{ImageRecord, WasmKind};
 use crate::model::sandbox::SandboxRecord;
 use crate::network::GuestNetwork;
+use crate::runtime::error::GuestError;
 use crate::runtime::host::{GuestConfig, GuestStdio, Preopen};
 use crate::runtime::http::HttpOptions;
 use crate::runtime::limits::MemoryLimiter;
@@ -115,19 +116,25 @@ pub(super) fn read_program(
     images: &ImageStore,
     image: &ImageRecord,
     program: &Program,
-) -> std::result::Result<(crate::model::ids::Digest, WasmKind, Vec<u8>), String> {
+) -> std::result::Result<(crate::model::ids::Digest, WasmKind, Vec<u8>), GuestError> {
     match &program.file {
         None => {
-            let bytes = images
-                .read_blob(&image.wasm_digest)
-                .map_err(|e| format!("reading the image's Wasm: {e}"))?;
+            let bytes =
+                images
+                    .read_blob(&image.wasm_digest)
+                    .map_err(|e| GuestError::ReadImageWasm {
+                        detail: e.to_string(),
+                    })?;
             Ok((image.wasm_digest.clone(), image.wasm_kind, bytes))
         }
         Some(path) => {
-            let bytes =
-                std::fs::read(path).map_err(|e| format!("reading {:?}: {e}", program.argv[0]))?;
-            let kind = WasmKind::detect(&bytes)
-                .ok_or_else(|| format!("{:?} is not a WebAssembly program", program.argv[0]))?;
+            let bytes = std::fs::read(path).map_err(|e| GuestError::ReadProgram {
+                program: program.argv[0].clone(),
+                source: Arc::new(e),
+            })?;
+            let kind = WasmKind::detect(&bytes).ok_or_else(|| GuestError::NotWasm {
+                program: program.argv[0].clone(),
+            })?;
             Ok((crate::model::ids::Digest::of(&bytes), kind, bytes))
         }
     }
@@ -142,7 +149,7 @@ pub(super) fn program(
     cache: &ProgramCache,
     image: &ImageRecord,
     spec: &ContainerSpec,
-) -> std::result::Result<Program, String> {
+) -> std::result::Result<Program, GuestError> {
     let Some(config) = &image.compat else {
         let argv0 = match spec.command.first() {
             Some(c) => c.clone(),
@@ -175,9 +182,7 @@ pub(super) fn program(
             .cloned()
             .collect()
     };
-    let argv0 = argv
-        .first()
-        .ok_or("neither the container nor the image names a program to run")?;
+    let argv0 = argv.first().ok_or(GuestError::NoProgram)?;
     let rootfs = images.rootfs_path(&image.id);
     let key = (image.id.clone(), argv0.clone());
     let cached = lock(cache)
@@ -289,7 +294,7 @@ impl Agent {
         image: &ImageRecord,
         spec: &ContainerSpec,
         setup: GuestSetup,
-    ) -> std::result::Result<GuestConfig, String> {
+    ) -> std::result::Result<GuestConfig, GuestError> {
         let GuestSetup {
             log,
             limiter,
@@ -351,15 +356,14 @@ impl Agent {
         &self,
         id: &ContainerId,
         mounts: &[Mount],
-    ) -> std::result::Result<Vec<Preopen>, String> {
+    ) -> std::result::Result<Vec<Preopen>, GuestError> {
         let mut preopens = Vec::new();
         let mut file_groups: BTreeMap<String, Vec<&Mount>> = BTreeMap::new();
         for m in mounts {
-            let meta = std::fs::metadata(&m.host_path).map_err(|e| {
-                format!(
-                    "mount source {:?} for {:?}: {e}",
-                    m.host_path, m.container_path
-                )
+            let meta = std::fs::metadata(&m.host_path).map_err(|e| GuestError::MountSource {
+                host_path: m.host_path.clone(),
+                container_path: m.container_path.clone(),
+                source: Arc::new(e),
             })?;
             if meta.is_dir() {
                 preopens.push(Preopen {
@@ -383,19 +387,23 @@ impl Agent {
                 .container_dir(id)
                 .join("file-mounts")
                 .join(n.to_string());
-            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {dir:?}: {e}"))?;
+            std::fs::create_dir_all(&dir).map_err(|e| GuestError::ContainerDir {
+                path: dir.clone(),
+                source: Arc::new(e),
+            })?;
             for m in &files {
                 let name = Path::new(&m.container_path).file_name().ok_or_else(|| {
-                    format!("mount target {:?} has no file name", m.container_path)
+                    GuestError::MountTarget {
+                        container_path: m.container_path.clone(),
+                    }
                 })?;
                 let target = dir.join(name);
                 let _ = std::fs::remove_file(&target);
                 if std::fs::hard_link(&m.host_path, &target).is_err() {
-                    std::fs::copy(&m.host_path, &target).map_err(|e| {
-                        format!(
-                            "mounting file {:?} at {:?}: {e}",
-                            m.host_path, m.container_path
-                        )
+                    std::fs::copy(&m.host_path, &target).map_err(|e| GuestError::MountFile {
+                        host_path: m.host_path.clone(),
+                        container_path: m.container_path.clone(),
+                        source: Arc::new(e),
                     })?;
                     if !m.readonly {
                         tracing::warn!(container_id = %id, host_path = %m.host_path, "file mount copied across filesystems: the guest's writes will not reach the host");

@@ -55,7 +55,7 @@ impl Agent {
             .and_then(|program| read_program(&inner.images, &image, &program))
             .map_err(|reason| Error::InvalidImage {
                 reference: image.id.to_string(),
-                reason,
+                reason: reason.to_string(),
             })
         })
         .await
@@ -80,7 +80,7 @@ impl Agent {
         let description =
             crate::images::inspect::describe(&bytes).map_err(|reason| Error::InvalidImage {
                 reference: reference.to_owned(),
-                reason,
+                reason: reason.to_string(),
             })?;
         let compiled = self
             .inner
@@ -116,7 +116,7 @@ impl Agent {
             .map_err(|e| Error::Internal(format!("compiling: {e}")))?
             .map_err(|reason| Error::InvalidImage {
                 reference: reference.to_owned(),
-                reason,
+                reason: reason.to_string(),
             })?;
         Ok(Precompiled {
             wasm_digest,

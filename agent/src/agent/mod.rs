@@ -151,10 +151,9 @@ impl Agent {
         let state = Arc::new(StateStore::open(&root.join("state.redb"))?);
         let snapshot = state.load()?;
         let images = ImageStore::open(&root.join("images"), state.clone(), snapshot.images)?;
-        let engine = WasmEngine::with_pool(Some(root.join("compiled")), config.http_pool_instances)
-            .map_err(Error::Internal)?;
-        let egress_tls = crate::runtime::egress::tls_config(config.http_ca_file.as_deref())
-            .map_err(Error::InvalidArgument)?;
+        let engine =
+            WasmEngine::with_pool(Some(root.join("compiled")), config.http_pool_instances)?;
+        let egress_tls = crate::runtime::egress::tls_config(config.http_ca_file.as_deref())?;
 
         let now = Timestamp::now();
         let mut recovered = Vec::new();
@@ -247,7 +246,7 @@ impl Agent {
 
     /// The name of the CNI network pods get, or why pods get none (the
     /// node's network is then not ready).
-    pub fn network_status(&self) -> std::result::Result<String, String> {
+    pub fn network_status(&self) -> std::result::Result<String, crate::error::NetworkError> {
         self.inner.networks.status().map(|list| list.name)
     }
 

@@ -102,12 +102,7 @@ impl Agent {
                         uid: meta.uid.clone(),
                         port_mappings: record.spec.port_mappings.clone(),
                     };
-                    let network = self
-                        .inner
-                        .networks
-                        .setup(&id, list, &request)
-                        .await
-                        .map_err(|e| Error::Network(format!("setting up the pod network: {e}")))?;
+                    let network = self.inner.networks.setup(&id, list, &request).await?;
                     tracing::info!(sandbox_id = %id, ips = ?network.ips, "pod network ready");
                     record.network = Some(network);
                 }
@@ -253,11 +248,7 @@ impl Agent {
             .clone()
             .filter(|n| !n.torn_down);
         if let Some(network) = &network {
-            self.inner
-                .networks
-                .teardown(id, network)
-                .await
-                .map_err(|e| Error::Network(format!("tearing down the pod network: {e}")))?;
+            self.inner.networks.teardown(id, network).await?;
             tracing::info!(sandbox_id = %id, "pod network torn down");
         }
         let mut record = lock(&sandbox.record);

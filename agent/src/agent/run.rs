@@ -15,7 +15,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::{oneshot, watch};
 
-use super::containers::{ContainerEntry, RunSlot};
+use super::containers::{ContainerEntry, PreparedProgram, RunSlot};
 use super::guest_config::{GuestSetup, pod_hostname};
 use super::{Agent, lock};
 use crate::error::{Error, Result};
@@ -25,7 +25,7 @@ use crate::model::ids::ContainerId;
 use crate::model::sandbox::SandboxRecord;
 use crate::model::time::Timestamp;
 use crate::network::{GuestNetwork, InNamespace};
-use crate::runtime::engine::Prepared;
+use crate::runtime::error::GuestError;
 use crate::runtime::guest::{Guest, GuestExit, TRAP_EXIT_CODE};
 use crate::runtime::host::GuestStdio;
 use crate::runtime::http::{HttpExit, HttpFunction, HttpOptions, Metering, StopRequest};
@@ -95,7 +95,7 @@ struct Launch {
 
 /// Why a guest could not start, and whether its memory limit was why.
 struct StartError {
-    reason: String,
+    cause: GuestError,
     oom: bool,
 }
 
@@ -137,7 +137,9 @@ impl Agent {
                 .map_err(|e| (e, Some(log))),
             Err(e) => Err((
                 StartError {
-                    reason: e.to_string(),
+                    cause: GuestError::Log {
+                        detail: e.to_string(),
+                    },
                     oom: false,
                 },
                 None,
@@ -146,19 +148,20 @@ impl Agent {
         match launched {
             Ok(launch) => self.commit_running(&entry, launch),
             Err((error, log)) => {
+                let reason = error.cause.to_string();
                 if let Some(log) = log {
-                    log.write_line(Stream::Stderr, &format!("wasmlet: {}", error.reason));
+                    log.write_line(Stream::Stderr, &format!("wasmlet: {reason}"));
                     log.close();
                 }
                 let status = if error.oom {
-                    ExitStatus::oom_killed(memory_note(&record, &error.reason))
+                    ExitStatus::oom_killed(memory_note(&record, &reason))
                 } else {
-                    ExitStatus::start_error(error.reason.clone())
+                    ExitStatus::start_error(reason)
                 };
                 self.finish(&entry, None, status);
                 Err(Error::StartFailed {
                     id: id.to_string(),
-                    reason: error.reason,
+                    source: Box::new(error.cause),
                 })
             }
         }
@@ -196,8 +199,8 @@ impl Agent {
             stdio,
             hostname: pod_hostname(sandbox),
         };
-        let failed = |reason: String| StartError {
-            reason,
+        let failed = |cause: GuestError| StartError {
+            cause,
             oom: oom.load(std::sync::atomic::Ordering::Relaxed),
         };
         let guest = self
@@ -302,9 +305,9 @@ impl Agent {
                     let running = InNamespace::new(guest.run(), &network);
                     tokio::select! {
                         exit = Metered::new(running, usage).with_limits(limits).with_pod_cpu(pod_cpu) => {
-                            let exit = exit.unwrap_or_else(|message| GuestExit {
+                            let exit = exit.unwrap_or_else(|error| GuestExit {
                                 code: TRAP_EXIT_CODE,
-                                message,
+                                message: error.to_string(),
                             });
                             if !exit.message.is_empty() {
                                 log.write_line(Stream::Stderr, &exit.message);
@@ -369,13 +372,15 @@ impl Agent {
         entry: &ContainerEntry,
         record: &ContainerRecord,
         setup: GuestSetup,
-    ) -> std::result::Result<Guest, String> {
+    ) -> std::result::Result<Guest, GuestError> {
         let image = self
             .inner
             .images
             .resolve(record.image_id.as_str())
-            .ok_or_else(|| format!("image {} was removed", record.image_id))?;
-        let cached: Option<std::result::Result<Prepared, String>> = lock(&entry.prepared).clone();
+            .ok_or_else(|| GuestError::ImageRemoved {
+                image: record.image_id.to_string(),
+            })?;
+        let cached: Option<PreparedProgram> = lock(&entry.prepared).clone();
         let prepared = match cached {
             Some(p) => p?,
             None => self.prepare(&image, &record.spec).await?,

@@ -25,15 +25,30 @@ pub struct WasmDescription {
     pub http_function: bool,
 }
 
+/// Bytes that are not a WebAssembly binary, and where the parser gave up.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not valid Wasm: {detail}")]
+pub struct InvalidWasm {
+    pub detail: String,
+}
+
+impl From<wasmparser::BinaryReaderError> for InvalidWasm {
+    fn from(e: wasmparser::BinaryReaderError) -> Self {
+        InvalidWasm {
+            detail: e.to_string(),
+        }
+    }
+}
+
 /// Reads the top level of `bytes` (a component's nested modules and
 /// components are its own business). Fails on anything that is not Wasm.
-pub fn describe(bytes: &[u8]) -> Result<WasmDescription, String> {
+pub fn describe(bytes: &[u8]) -> Result<WasmDescription, InvalidWasm> {
     let mut kind = None;
     let mut imports = Vec::new();
     let mut exports = Vec::new();
     let mut depth = 0usize;
     for payload in Parser::new(0).parse_all(bytes) {
-        let payload = payload.map_err(|e| format!("not valid Wasm: {e}"))?;
+        let payload = payload?;
         match payload {
             Payload::Version { encoding, .. } if depth == 0 && kind.is_none() => {
                 kind = Some(match encoding {
@@ -45,7 +60,7 @@ pub fn describe(bytes: &[u8]) -> Result<WasmDescription, String> {
             Payload::End(_) => depth = depth.saturating_sub(1),
             Payload::ImportSection(reader) if depth == 0 => {
                 for import in reader.into_imports() {
-                    let import = import.map_err(|e| format!("not valid Wasm: {e}"))?;
+                    let import = import?;
                     imports.push(WasmImport {
                         module: import.module.to_owned(),
                         name: import.name.to_owned(),
@@ -61,13 +76,13 @@ pub fn describe(bytes: &[u8]) -> Result<WasmDescription, String> {
             }
             Payload::ExportSection(reader) if depth == 0 => {
                 for export in reader {
-                    let export = export.map_err(|e| format!("not valid Wasm: {e}"))?;
+                    let export = export?;
                     exports.push(export.name.to_owned());
                 }
             }
             Payload::ComponentImportSection(reader) if depth == 0 => {
                 for import in reader {
-                    let import = import.map_err(|e| format!("not valid Wasm: {e}"))?;
+                    let import = import?;
                     imports.push(WasmImport {
                         module: String::new(),
                         name: import.name.name.to_owned(),
@@ -84,14 +99,16 @@ pub fn describe(bytes: &[u8]) -> Result<WasmDescription, String> {
             }
             Payload::ComponentExportSection(reader) if depth == 0 => {
                 for export in reader {
-                    let export = export.map_err(|e| format!("not valid Wasm: {e}"))?;
+                    let export = export?;
                     exports.push(export.name.name.to_owned());
                 }
             }
             _ => {}
         }
     }
-    let kind = kind.ok_or("not valid Wasm: empty")?;
+    let kind = kind.ok_or_else(|| InvalidWasm {
+        detail: "empty".to_owned(),
+    })?;
     let http_function = kind == WasmKind::Component
         && exports
             .iter()

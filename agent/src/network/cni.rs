@@ -12,11 +12,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
+use super::error::{CniCommand, NetworkError, PluginError};
 use crate::model::network::{NetworkList, PortMapping};
 
 /// How long one plugin may run before it is killed.
@@ -33,11 +35,16 @@ impl NetworkList {
     /// The first valid configuration in `dir`, by file name, as libcni
     /// chooses it: `*.conflist`, `*.conf` and `*.json`. `Ok(None)` when there
     /// is none; files that do not parse are skipped with a warning.
-    pub fn load_first(dir: &Path) -> Result<Option<Self>, String> {
+    pub fn load_first(dir: &Path) -> Result<Option<Self>, NetworkError> {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("reading CNI config directory {dir:?}: {e}")),
+            Err(e) => {
+                return Err(NetworkError::ConfigDir {
+                    dir: dir.to_owned(),
+                    source: Arc::new(e),
+                });
+            }
         };
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -58,28 +65,37 @@ impl NetworkList {
         Ok(None)
     }
 
-    fn parse_file(path: &Path) -> Result<Self, String> {
-        let bytes = std::fs::read(path).map_err(|e| format!("reading: {e}"))?;
-        let value: Value = serde_json::from_slice(&bytes).map_err(|e| format!("not JSON: {e}"))?;
+    fn parse_file(path: &Path) -> Result<Self, NetworkError> {
+        let bad = |reason: String| NetworkError::BadConfig {
+            path: path.to_owned(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| bad(format!("reading: {e}")))?;
+        let value: Value =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
         Self::parse(value, path)
     }
 
-    fn parse(value: Value, source: &Path) -> Result<Self, String> {
+    fn parse(value: Value, source: &Path) -> Result<Self, NetworkError> {
+        let bad = |reason: &str| NetworkError::BadConfig {
+            path: source.to_owned(),
+            reason: reason.to_owned(),
+        };
         let text = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
-        let name = text(&value, "name").ok_or("no \"name\"")?;
+        let name = text(&value, "name").ok_or_else(|| bad("no \"name\""))?;
         let cni_version = text(&value, "cniVersion").unwrap_or_else(|| "0.4.0".to_owned());
         let plugins = match value.get("plugins") {
             Some(Value::Array(plugins)) => plugins.clone(),
-            Some(_) => return Err("\"plugins\" is not a list".to_owned()),
+            Some(_) => return Err(bad("\"plugins\" is not a list")),
             // A single network configuration (.conf).
             None => vec![value.clone()],
         };
         if plugins.is_empty() {
-            return Err("no plugins".to_owned());
+            return Err(bad("no plugins"));
         }
         for p in &plugins {
             if text(p, "type").is_none() {
-                return Err("a plugin has no \"type\"".to_owned());
+                return Err(bad("a plugin has no \"type\""));
             }
         }
         Ok(Self {
@@ -143,11 +159,11 @@ impl Cni {
 
     /// Runs every plugin of `list` with ADD; the result is the last
     /// plugin's. On failure the plugins that ran are undone with DEL.
-    pub async fn add(&self, list: &NetworkList, at: &Attachment) -> Result<Value, String> {
+    pub async fn add(&self, list: &NetworkList, at: &Attachment) -> Result<Value, NetworkError> {
         let mut prev: Option<Value> = None;
         for (n, plugin) in list.plugins.iter().enumerate() {
             let config = self.plugin_config(list, plugin, prev.as_ref(), at);
-            match self.exec("ADD", plugin, &config, at).await {
+            match self.exec(CniCommand::Add, plugin, &config, at).await {
                 Ok(result) => prev = Some(result),
                 Err(e) => {
                     let partial = NetworkList {
@@ -157,7 +173,10 @@ impl Cni {
                     if let Err(undo) = self.del(&partial, at, prev.as_ref()).await {
                         tracing::warn!(network = %list.name, error = %undo, "undoing a failed CNI ADD");
                     }
-                    return Err(format!("network {:?}: {e}", list.name));
+                    return Err(NetworkError::Plugin {
+                        network: list.name.clone(),
+                        source: e,
+                    });
                 }
             }
         }
@@ -173,12 +192,15 @@ impl Cni {
         list: &NetworkList,
         at: &Attachment,
         result: Option<&Value>,
-    ) -> Result<(), String> {
+    ) -> Result<(), NetworkError> {
         let mut first_error = None;
         for plugin in list.plugins.iter().rev() {
             let config = self.plugin_config(list, plugin, result, at);
-            if let Err(e) = self.exec("DEL", plugin, &config, at).await {
-                first_error.get_or_insert(format!("network {:?}: {e}", list.name));
+            if let Err(e) = self.exec(CniCommand::Del, plugin, &config, at).await {
+                first_error.get_or_insert(NetworkError::Plugin {
+                    network: list.name.clone(),
+                    source: e,
+                });
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -216,23 +238,29 @@ impl Cni {
 
     async fn exec(
         &self,
-        command: &str,
+        command: CniCommand,
         plugin: &Value,
         config: &Value,
         at: &Attachment,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, PluginError> {
         let kind = plugin.get("type").and_then(Value::as_str).unwrap_or("");
-        let binary = self.find(kind).ok_or_else(|| {
-            format!(
-                "CNI plugin {kind:?} is not installed in {}",
-                join_paths(&self.paths.bin_dirs)
-            )
+        let binary = self.find(kind).ok_or_else(|| PluginError::NotInstalled {
+            plugin: kind.to_owned(),
+            bin_dirs: join_paths(&self.paths.bin_dirs),
         })?;
+        let failed = |action: &'static str| {
+            move |e: std::io::Error| PluginError::Exec {
+                plugin: kind.to_owned(),
+                command,
+                action,
+                source: Arc::new(e),
+            }
+        };
         let args: Vec<String> = at.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut child = tokio::process::Command::new(&binary)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("CNI_COMMAND", command)
+            .env("CNI_COMMAND", command.as_str())
             .env("CNI_CONTAINERID", &at.container_id)
             .env("CNI_NETNS", &at.netns)
             .env("CNI_IFNAME", &at.ifname)
@@ -243,29 +271,33 @@ impl Cni {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("starting CNI plugin {binary:?}: {e}"))?;
-        let input = serde_json::to_vec(config).map_err(|e| e.to_string())?;
+            .map_err(failed("starting"))?;
+        // A `Value` always serializes.
+        let input = serde_json::to_vec(config).unwrap_or_default();
         if let Some(mut stdin) = child.stdin.take() {
             stdin
                 .write_all(&input)
                 .await
-                .map_err(|e| format!("writing to CNI plugin {kind}: {e}"))?;
+                .map_err(failed("writing to"))?;
         }
         let output = tokio::time::timeout(PLUGIN_TIMEOUT, child.wait_with_output())
             .await
-            .map_err(|_| format!("CNI plugin {kind} {command} timed out after {PLUGIN_TIMEOUT:?}"))?
-            .map_err(|e| format!("running CNI plugin {kind}: {e}"))?;
+            .map_err(|_| PluginError::TimedOut {
+                plugin: kind.to_owned(),
+                command,
+                timeout: PLUGIN_TIMEOUT,
+            })?
+            .map_err(failed("running"))?;
         if !output.status.success() {
             return Err(plugin_error(kind, command, &output.stdout, &output.stderr));
         }
-        if command != "ADD" {
+        if command != CniCommand::Add {
             return Ok(Value::Null);
         }
-        serde_json::from_slice(&output.stdout).map_err(|e| {
-            format!(
-                "CNI plugin {kind} ADD printed no JSON result ({e}): {}",
-                String::from_utf8_lossy(&output.stdout).trim()
-            )
+        serde_json::from_slice(&output.stdout).map_err(|e| PluginError::NoResult {
+            plugin: kind.to_owned(),
+            detail: e.to_string(),
+            output: String::from_utf8_lossy(&output.stdout).trim().to_owned(),
         })
     }
 }
@@ -279,27 +311,32 @@ fn join_paths(dirs: &[PathBuf]) -> String {
 
 /// The plugin's own error (`{"code", "msg", "details"}` on stdout), else
 /// whatever it wrote.
-fn plugin_error(kind: &str, command: &str, stdout: &[u8], stderr: &[u8]) -> String {
+fn plugin_error(kind: &str, command: CniCommand, stdout: &[u8], stderr: &[u8]) -> PluginError {
     if let Ok(e) = serde_json::from_slice::<Value>(stdout) {
         let msg = e.get("msg").and_then(Value::as_str).unwrap_or("");
         let details = e.get("details").and_then(Value::as_str).unwrap_or("");
         let code = e.get("code").and_then(Value::as_u64).unwrap_or(0);
         if !msg.is_empty() {
-            let details = if details.is_empty() {
-                String::new()
-            } else {
-                format!(" ({details})")
+            return PluginError::Failed {
+                plugin: kind.to_owned(),
+                command,
+                code,
+                msg: msg.to_owned(),
+                details: details.to_owned(),
             };
-            return format!("CNI plugin {kind} {command} failed (code {code}): {msg}{details}");
         }
     }
-    let text = [stdout, stderr]
+    let output = [stdout, stderr]
         .iter()
         .map(|b| String::from_utf8_lossy(b).trim().to_owned())
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
-    format!("CNI plugin {kind} {command} failed: {text}")
+    PluginError::FailedWithOutput {
+        plugin: kind.to_owned(),
+        command,
+        output,
+    }
 }
 
 /// The pod's addresses in a CNI result (without prefix lengths), IPv4
@@ -399,16 +436,17 @@ mod tests {
     fn plugin_errors_are_quoted() {
         let e = plugin_error(
             "bridge",
-            "ADD",
+            CniCommand::Add,
             br#"{"code":7,"msg":"failed to allocate","details":"range full"}"#,
             b"",
         );
+        assert!(matches!(e, PluginError::Failed { code: 7, .. }), "{e:?}");
         assert_eq!(
-            e,
+            e.to_string(),
             "CNI plugin bridge ADD failed (code 7): failed to allocate (range full)"
         );
         assert_eq!(
-            plugin_error("x", "DEL", b"", b"boom\n"),
+            plugin_error("x", CniCommand::Del, b"", b"boom\n").to_string(),
             "CNI plugin x DEL failed: boom"
         );
     }

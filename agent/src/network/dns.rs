@@ -197,21 +197,22 @@ impl Resolver {
         server: SocketAddr,
         name: &Name,
         rtype: RecordType,
-    ) -> Result<Answer, String> {
+    ) -> Result<Answer, QueryError> {
         let socket = self.socket(server)?;
         let mut message = Message::query();
         message.add_query(Query::query(name.clone(), rtype));
         message.metadata.recursion_desired = true;
         let id = message.metadata.id;
-        let bytes = message.to_vec().map_err(|e| e.to_string())?;
-        socket.send(&bytes).await.map_err(|e| e.to_string())?;
+        let bytes = message
+            .to_vec()
+            .map_err(|e| QueryError::Encode(e.to_string()))?;
+        socket.send(&bytes).await?;
         let mut buf = vec![0u8; 4096];
         let deadline = tokio::time::Instant::now() + self.dns.timeout();
         loop {
             let n = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
                 .await
-                .map_err(|_| "timed out".to_owned())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| QueryError::TimedOut)??;
             let Ok(reply) = Message::from_vec(&buf[..n]) else {
                 continue;
             };
@@ -231,13 +232,13 @@ impl Resolver {
                         .collect(),
                 )),
                 ResponseCode::NXDomain => Ok(Answer::NoSuchName),
-                code => Err(format!("server answered {code}")),
+                code => Err(QueryError::Refused(code)),
             };
         }
     }
 
     /// A UDP socket to `server`, created in the pod's namespace.
-    fn socket(&self, server: SocketAddr) -> Result<tokio::net::UdpSocket, String> {
+    fn socket(&self, server: SocketAddr) -> Result<tokio::net::UdpSocket, QueryError> {
         let any: SocketAddr = if server.is_ipv4() {
             SocketAddr::from(([0, 0, 0, 0], 0))
         } else {
@@ -245,17 +246,32 @@ impl Resolver {
         };
         let socket = match &self.network {
             GuestNetwork::Pod(ns) => {
-                let _inside = ns.enter().map_err(|e| e.to_string())?;
+                let _inside = ns.enter()?;
                 std::net::UdpSocket::bind(any)
             }
             GuestNetwork::Host => std::net::UdpSocket::bind(any),
-            GuestNetwork::None => return Err("no network".to_owned()),
-        }
-        .map_err(|e| e.to_string())?;
-        socket.connect(server).map_err(|e| e.to_string())?;
-        socket.set_nonblocking(true).map_err(|e| e.to_string())?;
-        tokio::net::UdpSocket::from_std(socket).map_err(|e| e.to_string())
+            GuestNetwork::None => return Err(QueryError::NoNetwork),
+        }?;
+        socket.connect(server)?;
+        socket.set_nonblocking(true)?;
+        Ok(tokio::net::UdpSocket::from_std(socket)?)
     }
+}
+
+/// Why one query to one server got no answer (logged; the next server or
+/// round is tried).
+#[derive(Debug, thiserror::Error)]
+enum QueryError {
+    #[error("no network")]
+    NoNetwork,
+    #[error("encoding the query: {0}")]
+    Encode(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("timed out")]
+    TimedOut,
+    #[error("server answered {0}")]
+    Refused(ResponseCode),
 }
 
 enum Answer {

@@ -8,6 +8,7 @@
 
 pub mod cni;
 pub mod dns;
+mod error;
 pub mod netns;
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,6 +20,7 @@ use std::task::{Context, Poll};
 
 pub use cni::CniPaths;
 pub use dns::Resolver;
+pub use error::{CniCommand, NetworkError, PluginError};
 pub use netns::NetNs;
 
 use crate::model::ids::SandboxId;
@@ -77,12 +79,10 @@ impl Networks {
 
     /// The CNI configuration pods get now, or why the network is not
     /// ready (what CRI `Status` reports).
-    pub fn status(&self) -> Result<NetworkList, String> {
+    pub fn status(&self) -> Result<NetworkList, NetworkError> {
         let dir = &self.config.cni.conf_dir;
-        match NetworkList::load_first(dir)? {
-            Some(list) => Ok(list),
-            None => Err(format!("no CNI network configuration in {}", dir.display())),
-        }
+        NetworkList::load_first(dir)?
+            .ok_or_else(|| NetworkError::NotConfigured { dir: dir.clone() })
     }
 
     /// Whether pods get a network: there is a CNI configuration.
@@ -97,9 +97,14 @@ impl Networks {
         id: &SandboxId,
         list: NetworkList,
         request: &NetworkRequest,
-    ) -> Result<PodNetwork, String> {
-        let ns = NetNs::create(&self.config.netns_dir, &format!("{NETNS_PREFIX}{id}"))
-            .map_err(|e| e.to_string())?;
+    ) -> Result<PodNetwork, NetworkError> {
+        let name = format!("{NETNS_PREFIX}{id}");
+        let ns = NetNs::create(&self.config.netns_dir, &name).map_err(|e| {
+            NetworkError::CreateNamespace {
+                path: self.config.netns_dir.join(&name),
+                source: Arc::new(e),
+            }
+        })?;
         let ns = Arc::new(ns);
         let mut args = BTreeMap::new();
         args.insert("IgnoreUnknown".to_owned(), "1".to_owned());
@@ -145,7 +150,7 @@ impl Networks {
     }
 
     /// Runs DEL and removes the namespace. Safe to repeat.
-    pub async fn teardown(&self, id: &SandboxId, network: &PodNetwork) -> Result<(), String> {
+    pub async fn teardown(&self, id: &SandboxId, network: &PodNetwork) -> Result<(), NetworkError> {
         let at = cni::Attachment {
             container_id: id.to_string(),
             netns: network.netns.clone(),
@@ -154,25 +159,25 @@ impl Networks {
             port_mappings: network.port_mappings.clone(),
         };
         if NetNs::open(&network.netns).is_ok_and(|ns| ns.is_host()) {
-            return Err(format!(
-                "{} is the host's network namespace: refusing to run CNI DEL in it",
-                network.netns.display()
-            ));
+            return Err(NetworkError::DelInHostNamespace {
+                path: network.netns.clone(),
+            });
         }
         self.cni
             .del(&network.list, &at, Some(&network.result))
             .await?;
         lock(&self.open).remove(id);
-        NetNs::remove(&network.netns).map_err(|e| e.to_string())
+        NetNs::remove(&network.netns).map_err(|e| NetworkError::RemoveNamespace {
+            path: network.netns.clone(),
+            source: Arc::new(e),
+        })
     }
 
     /// Re-opens a pod's pinned namespace after a restart.
-    pub fn adopt(&self, id: &SandboxId, network: &PodNetwork) -> Result<(), String> {
-        let ns = NetNs::open(&network.netns).map_err(|e| {
-            format!(
-                "the pod's network namespace {} is gone: {e}",
-                network.netns.display()
-            )
+    pub fn adopt(&self, id: &SandboxId, network: &PodNetwork) -> Result<(), NetworkError> {
+        let ns = NetNs::open(&network.netns).map_err(|e| NetworkError::NamespaceGone {
+            path: network.netns.clone(),
+            source: Arc::new(e),
         })?;
         lock(&self.open).insert(id.clone(), Arc::new(ns));
         Ok(())
@@ -180,18 +185,15 @@ impl Networks {
 
     /// Opens the namespace of a pod another runtime made, for a joined
     /// sandbox. Refuses the host's own namespace.
-    pub fn join(&self, id: &SandboxId, path: &std::path::Path) -> Result<(), String> {
-        let ns = NetNs::open(path).map_err(|e| {
-            format!(
-                "cannot open the pod's network namespace {}: {e}",
-                path.display()
-            )
+    pub fn join(&self, id: &SandboxId, path: &std::path::Path) -> Result<(), NetworkError> {
+        let ns = NetNs::open(path).map_err(|e| NetworkError::OpenNamespace {
+            path: path.to_owned(),
+            source: Arc::new(e),
         })?;
         if ns.is_host() {
-            return Err(format!(
-                "{} is the host's network namespace, not a pod's",
-                path.display()
-            ));
+            return Err(NetworkError::JoinHostNamespace {
+                path: path.to_owned(),
+            });
         }
         lock(&self.open).insert(id.clone(), Arc::new(ns));
         Ok(())
@@ -304,7 +306,7 @@ impl<F> InNamespace<F> {
 impl<F: Future> Future for InNamespace<F> {
     /// Fails, ending the guest, if the namespace cannot be entered: a
     /// guest never runs in the agent's namespace instead.
-    type Output = Result<F::Output, String>;
+    type Output = Result<F::Output, NetworkError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -312,10 +314,10 @@ impl<F: Future> Future for InNamespace<F> {
             Some(ns) => match ns.enter() {
                 Ok(entered) => Some(entered),
                 Err(error) => {
-                    return Poll::Ready(Err(format!(
-                        "cannot enter the pod's network namespace {}: {error}",
-                        ns.path().display()
-                    )));
+                    return Poll::Ready(Err(NetworkError::EnterNamespace {
+                        path: ns.path().to_owned(),
+                        source: Arc::new(error),
+                    }));
                 }
             },
             None => None,

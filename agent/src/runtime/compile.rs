@@ -11,6 +11,7 @@ use crate::model::ids::Digest;
 use crate::model::image::WasmKind;
 use crate::runtime::artifacts::{ArtifactStore, Compiled};
 use crate::runtime::engine::{Prepared, WasmEngine};
+use crate::runtime::error::GuestError;
 
 impl WasmEngine {
     /// Makes `bytes` (the Wasm whose digest is `digest`) ready to
@@ -23,7 +24,7 @@ impl WasmEngine {
         digest: &Digest,
         kind: WasmKind,
         bytes: &[u8],
-    ) -> Result<Prepared, String> {
+    ) -> Result<Prepared, GuestError> {
         if let Some(p) = self.cached(digest) {
             return Ok(p);
         }
@@ -58,7 +59,7 @@ impl WasmEngine {
     /// container start does not compile. Without a cache directory this does
     /// nothing. Errors (the bytes do not compile, the artifact cannot be
     /// written) are written for the user.
-    pub fn precompile(&self, digest: &Digest, kind: WasmKind, bytes: &[u8]) -> Result<(), String> {
+    pub fn precompile(&self, digest: &Digest, kind: WasmKind, bytes: &[u8]) -> crate::Result<()> {
         let http = kind == WasmKind::Component && exports_http_handler(bytes);
         let (engine, artifacts) = self.engine_for(http);
         let Some(store) = artifacts else {
@@ -70,19 +71,13 @@ impl WasmEngine {
             return Ok(());
         }
         let artifact = match kind {
-            WasmKind::Module => engine
-                .precompile_module(bytes)
-                .map_err(|e| format!("invalid Wasm module: {e:#}"))?,
-            WasmKind::Component => engine
-                .precompile_component(bytes)
-                .map_err(|e| format!("invalid Wasm component: {e:#}"))?,
-        };
+            WasmKind::Module => engine.precompile_module(bytes),
+            WasmKind::Component => engine.precompile_component(bytes),
+        }
+        .map_err(|e| invalid(kind, &e))?;
         self.counters.compiled.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%digest, "compiled Wasm");
-        store
-            .store(digest, kind, &artifact)
-            .map(drop)
-            .map_err(|e| e.to_string())
+        store.store(digest, kind, &artifact).map(drop)
     }
 
     /// Forgets an image that was removed: its prepared template and its
@@ -180,30 +175,25 @@ impl WasmEngine {
         digest: &Digest,
         kind: WasmKind,
         bytes: &[u8],
-    ) -> Result<Compiled, String> {
+    ) -> Result<Compiled, GuestError> {
         let (engine, artifacts) = self.engine_for(http);
         let compiled = match kind {
-            WasmKind::Module => Compiled::Module(
-                Module::new(engine, bytes).map_err(|e| format!("invalid Wasm module: {e:#}"))?,
-            ),
-            WasmKind::Component => Compiled::Component(
-                Component::new(engine, bytes)
-                    .map_err(|e| format!("invalid Wasm component: {e:#}"))?,
-            ),
-        };
+            WasmKind::Module => Module::new(engine, bytes).map(Compiled::Module),
+            WasmKind::Component => Component::new(engine, bytes).map(Compiled::Component),
+        }
+        .map_err(|e| invalid(kind, &e))?;
         self.counters.compiled.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%digest, http, "compiled Wasm");
         if let Some(store) = artifacts {
-            let written = compiled
-                .serialize()
-                .map_err(|e| format!("serializing: {e:#}"))
-                .and_then(|artifact| {
-                    store
-                        .store(digest, kind, &artifact)
-                        .map_err(|e| e.to_string())
-                });
-            if let Err(error) = written {
-                tracing::warn!(%digest, %error, "cannot keep the precompiled artifact");
+            match compiled.serialize() {
+                Ok(artifact) => {
+                    if let Err(error) = store.store(digest, kind, &artifact) {
+                        tracing::warn!(%digest, %error, "cannot keep the precompiled artifact");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%digest, error = format!("{error:#}"), "cannot serialize the compiled artifact");
+                }
             }
         }
         Ok(compiled)
@@ -217,6 +207,14 @@ impl WasmEngine {
         } else {
             (&self.engine, self.artifacts.as_ref())
         }
+    }
+}
+
+/// Cranelift's refusal of `kind` bytes, for the user.
+fn invalid(kind: WasmKind, e: &wasmtime::Error) -> GuestError {
+    GuestError::InvalidWasm {
+        kind,
+        detail: format!("{e:#}"),
     }
 }
 
@@ -412,7 +410,17 @@ mod tests {
         let err = engine
             .precompile(&Digest::of(b"junk"), WasmKind::Module, b"junk")
             .unwrap_err();
-        assert!(err.contains("invalid Wasm module"), "{err}");
+        assert!(
+            matches!(
+                &err,
+                crate::Error::Guest(e) if matches!(**e, GuestError::InvalidWasm {
+                    kind: WasmKind::Module,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("invalid Wasm module"), "{err}");
         // Without a cache directory there is nothing to do.
         let engine = WasmEngine::new(None).unwrap();
         engine

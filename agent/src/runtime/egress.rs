@@ -10,7 +10,7 @@
 //! resolved.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,31 +25,56 @@ use crate::network::{InNamespace, Resolver};
 /// The trust a node's functions verify servers with.
 pub type TlsConfig = Arc<rustls::ClientConfig>;
 
+/// Why the trust for functions' HTTPS could not be built (the node's
+/// `http_ca_file` setting).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// The CA file cannot be read, or is not PEM.
+    #[error("reading CA certificates {path:?}: {detail}")]
+    Read { path: PathBuf, detail: String },
+    /// A certificate in the CA file is not one rustls accepts.
+    #[error("CA certificate in {path:?}: {detail}")]
+    BadCertificate { path: PathBuf, detail: String },
+    /// The CA file holds no certificate at all.
+    #[error("{path:?} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    /// rustls refused its own settings.
+    #[error("TLS settings: {0}")]
+    Settings(#[source] rustls::Error),
+}
+
 /// The web PKI's roots (Mozilla's, as browsers), plus the PEM certificates
 /// in `extra_ca` (a private CA of the cluster's).
-pub fn tls_config(extra_ca: Option<&Path>) -> Result<TlsConfig, String> {
+pub fn tls_config(extra_ca: Option<&Path>) -> Result<TlsConfig, TlsConfigError> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
     if let Some(path) = extra_ca {
-        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("reading CA certificates {path:?}: {e}"))?;
+        let unreadable = |e: rustls::pki_types::pem::Error| TlsConfigError::Read {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        };
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path).map_err(unreadable)?;
         let mut added = 0;
         for cert in certs {
-            let cert = cert.map_err(|e| format!("reading CA certificates {path:?}: {e}"))?;
             roots
-                .add(cert)
-                .map_err(|e| format!("CA certificate in {path:?}: {e}"))?;
+                .add(cert.map_err(unreadable)?)
+                .map_err(|e| TlsConfigError::BadCertificate {
+                    path: path.to_owned(),
+                    detail: e.to_string(),
+                })?;
             added += 1;
         }
         if added == 0 {
-            return Err(format!("{path:?} holds no PEM certificate"));
+            return Err(TlsConfigError::NoCertificate {
+                path: path.to_owned(),
+            });
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS settings: {e}"))?
+        .map_err(TlsConfigError::Settings)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -178,7 +203,7 @@ impl WasiHttpHooks for PodHooks {
                         &resolver.network,
                     )
                     .await
-                    .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e)))?;
+                    .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string())))?;
                     let (response, io) = sent?;
                     return Ok((response, io));
                 }
@@ -197,7 +222,7 @@ impl WasiHttpHooks for PodHooks {
                 &resolver.network,
             )
             .await
-            .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e)))?;
+            .map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.to_string())))?;
             let (response, io) = sent?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
@@ -218,8 +243,16 @@ mod tests {
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
         let error = tls_config(Some(&empty)).unwrap_err();
-        assert!(error.contains("no PEM certificate"), "{error}");
+        assert!(
+            matches!(error, TlsConfigError::NoCertificate { .. }),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("no PEM certificate"), "{error}");
         let missing = tls_config(Some(&dir.path().join("missing.pem"))).unwrap_err();
-        assert!(missing.contains("missing.pem"), "{missing}");
+        assert!(
+            matches!(missing, TlsConfigError::Read { .. }),
+            "{missing:?}"
+        );
+        assert!(missing.to_string().contains("missing.pem"), "{missing}");
     }
 }

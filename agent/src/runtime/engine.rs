@@ -25,7 +25,9 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use crate::model::ids::Digest;
+use crate::model::image::WasmKind;
 use crate::runtime::artifacts::{ArtifactStore, Compiled};
+use crate::runtime::error::{EngineError, GuestError, LinkTarget};
 use crate::runtime::guest::Guest;
 use crate::runtime::host::{
     GuestConfig, P1State, P2State, make_p2_linker, wasi_builder, yield_by_shares,
@@ -82,18 +84,23 @@ impl WasmEngine {
     /// compiling; artifacts of other wasmtime versions or settings found
     /// there are deleted. Without one, every engine compiles afresh.
     #[cfg(test)]
-    pub fn new(cache_dir: Option<PathBuf>) -> Result<Arc<Self>, String> {
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Arc<Self>, EngineError> {
         Self::with_pool(cache_dir, HTTP_POOL_INSTANCES)
     }
 
     /// As `new`, with room for `pool_instances` concurrent
     /// HTTP function instances.
-    pub fn with_pool(cache_dir: Option<PathBuf>, pool_instances: u32) -> Result<Arc<Self>, String> {
+    pub fn with_pool(
+        cache_dir: Option<PathBuf>,
+        pool_instances: u32,
+    ) -> Result<Arc<Self>, EngineError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
-        let engine =
-            Engine::new(&config).map_err(|e| format!("creating wasmtime engine: {e:#}"))?;
+        let engine = Engine::new(&config).map_err(|e| EngineError::Create {
+            what: "wasmtime engine",
+            detail: format!("{e:#}"),
+        })?;
         let mut pool = PoolingAllocationConfig::new();
         let n = pool_instances.max(1);
         pool.total_component_instances(n)
@@ -106,17 +113,21 @@ impl WasmEngine {
             .max_memories_per_module(1)
             .max_tables_per_module(4);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let http_engine = Engine::new(&config)
-            .map_err(|e| format!("creating the pooling wasmtime engine: {e:#}"))?;
+        let http_engine = Engine::new(&config).map_err(|e| EngineError::Create {
+            what: "pooling wasmtime engine",
+            detail: format!("{e:#}"),
+        })?;
 
         let mut p1_linker = Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut p1_linker, |s: &mut P1State| &mut s.wasi)
-            .map_err(|e| format!("linking WASI preview1: {e:#}"))?;
+            .map_err(|e| EngineError::Link {
+                what: "WASI preview1",
+                detail: format!("{e:#}"),
+            })?;
         let p2_linker = make_p2_linker(&engine)?;
         let http_linker = make_p2_linker(&http_engine)?;
         let open = |dir: &std::path::Path, engine: &Engine| {
-            ArtifactStore::open(dir, engine)
-                .map_err(|e| format!("opening the precompiled artifact cache: {e}"))
+            ArtifactStore::open(dir, engine).map_err(|e| EngineError::ArtifactCache(Box::new(e)))
         };
         let artifacts = cache_dir.as_deref().map(|d| open(d, &engine)).transpose()?;
         let http_artifacts = cache_dir
@@ -147,44 +158,46 @@ impl WasmEngine {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })
-            .map_err(|e| format!("starting the epoch thread: {e}"))?;
+            .map_err(EngineError::EpochThread)?;
         Ok(this)
     }
 
     /// Links a compiled image against WASI.
-    pub(super) fn link(&self, compiled: Compiled, http: bool) -> Result<Prepared, String> {
+    pub(super) fn link(&self, compiled: Compiled, http: bool) -> Result<Prepared, GuestError> {
+        let link = |target| {
+            move |e: wasmtime::Error| GuestError::Link {
+                target,
+                detail: format!("{e:#}"),
+            }
+        };
         match compiled {
             Compiled::Module(module) => {
                 if module.get_export("_start").is_none() {
-                    return Err(
-                        "the module exports no `_start` function: it is not a WASI command \
-                         (a library or reactor module cannot run as a container)"
-                            .to_owned(),
-                    );
+                    return Err(GuestError::NotACommand);
                 }
-                let pre = self.p1_linker.instantiate_pre(&module).map_err(|e| {
-                    format!("the module cannot be linked against WASI preview1: {e:#}")
-                })?;
+                let pre = self
+                    .p1_linker
+                    .instantiate_pre(&module)
+                    .map_err(link(LinkTarget::Preview1))?;
                 Ok(Prepared::Module(pre))
             }
             Compiled::Component(component) if http => {
-                let pre = self.http_linker.instantiate_pre(&component).map_err(|e| {
-                    format!("the component cannot be linked against WASI 0.2 and wasi:http: {e:#}")
-                })?;
-                let pre = ProxyPre::new(pre).map_err(|e| {
-                    format!("the component does not export a usable `wasi:http/incoming-handler` ({e:#})")
+                let pre = self
+                    .http_linker
+                    .instantiate_pre(&component)
+                    .map_err(link(LinkTarget::WasiHttp))?;
+                let pre = ProxyPre::new(pre).map_err(|e| GuestError::NotAnHttpHandler {
+                    detail: format!("{e:#}"),
                 })?;
                 Ok(Prepared::Http(pre))
             }
             Compiled::Component(component) => {
-                let pre = self.p2_linker.instantiate_pre(&component).map_err(|e| {
-                    format!("the component cannot be linked against WASI 0.2: {e:#}")
-                })?;
-                let pre = CommandPre::new(pre).map_err(|e| {
-                    format!(
-                        "unsupported WASI world: the component exports neither `wasi:cli/run` \
-                         (a command) nor `wasi:http/incoming-handler` (an HTTP function) ({e:#})"
-                    )
+                let pre = self
+                    .p2_linker
+                    .instantiate_pre(&component)
+                    .map_err(link(LinkTarget::Wasi))?;
+                let pre = CommandPre::new(pre).map_err(|e| GuestError::UnsupportedWorld {
+                    detail: format!("{e:#}"),
                 })?;
                 Ok(Prepared::Component(pre))
             }
@@ -197,7 +210,7 @@ impl WasmEngine {
         &self,
         prepared: &Prepared,
         config: GuestConfig,
-    ) -> Result<Guest, String> {
+    ) -> Result<Guest, GuestError> {
         let live = config.limiter.live_limits();
         match prepared {
             Prepared::Http(pre) => {
@@ -217,13 +230,17 @@ impl WasmEngine {
                 );
                 store.limiter(|s| &mut s.limiter);
                 yield_by_shares(&mut store, live.clone());
-                let instance = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(|e| format!("instantiating the module: {e:#}"))?;
+                let instance = pre.instantiate_async(&mut store).await.map_err(|e| {
+                    GuestError::Instantiate {
+                        kind: WasmKind::Module,
+                        detail: format!("{e:#}"),
+                    }
+                })?;
                 let start = instance
                     .get_typed_func::<(), ()>(&mut store, "_start")
-                    .map_err(|e| format!("the module's `_start` has the wrong type: {e:#}"))?;
+                    .map_err(|e| GuestError::StartSignature {
+                        detail: format!("{e:#}"),
+                    })?;
                 Ok(Guest::Module { store, start })
             }
             Prepared::Component(pre) => {
@@ -240,10 +257,12 @@ impl WasmEngine {
                 );
                 store.limiter(|s| &mut s.limiter);
                 yield_by_shares(&mut store, live.clone());
-                let command = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(|e| format!("instantiating the component: {e:#}"))?;
+                let command = pre.instantiate_async(&mut store).await.map_err(|e| {
+                    GuestError::Instantiate {
+                        kind: WasmKind::Component,
+                        detail: format!("{e:#}"),
+                    }
+                })?;
                 Ok(Guest::Component { store, command })
             }
         }
@@ -418,6 +437,17 @@ pub(super) mod tests {
             .err()
             .unwrap();
         assert!(
+            matches!(
+                err,
+                GuestError::Link {
+                    target: LinkTarget::Preview1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let err = err.to_string();
+        assert!(
             err.contains("cannot be linked") && err.contains("nope"),
             "{err}"
         );
@@ -429,6 +459,28 @@ pub(super) mod tests {
             )
             .err()
             .unwrap();
-        assert!(err.contains("invalid Wasm module"), "{err}");
+        assert!(
+            matches!(
+                err,
+                GuestError::InvalidWasm {
+                    kind: WasmKind::Module,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("invalid Wasm module"), "{err}");
+    }
+
+    #[test]
+    fn a_library_module_is_not_a_command() {
+        let engine = WasmEngine::new(None).unwrap();
+        let bytes = wat::parse_str(r#"(module (func (export "f")))"#).unwrap();
+        let err = engine
+            .prepare(&Digest::of(&bytes), WasmKind::Module, &bytes)
+            .err()
+            .unwrap();
+        assert!(matches!(err, GuestError::NotACommand), "{err:?}");
+        assert!(err.to_string().contains("not a WASI command"), "{err}");
     }
 }

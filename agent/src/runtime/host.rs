@@ -15,6 +15,7 @@ use crate::model::network::DnsSettings;
 use crate::network::dns::{Lookup, LookupError};
 use crate::network::{GuestNetwork, Resolver};
 use crate::runtime::egress::PodHooks;
+use crate::runtime::error::{EngineError, GuestError};
 use crate::runtime::limits::{LiveLimits, MemoryLimiter};
 use crate::runtime::logs::{ContainerLog, Stream};
 
@@ -92,13 +93,18 @@ pub struct GuestStdio {
     pub stderr: Option<crate::runtime::stdio::ChannelOutput>,
 }
 
-pub(super) fn make_p2_linker(engine: &Engine) -> Result<ComponentLinker<P2State>, String> {
+pub(super) fn make_p2_linker(engine: &Engine) -> Result<ComponentLinker<P2State>, EngineError> {
+    let failed = |what| {
+        move |e: wasmtime::Error| EngineError::Link {
+            what,
+            detail: format!("{e:#}"),
+        }
+    };
     let mut linker = ComponentLinker::new(engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-        .map_err(|e| format!("linking WASI 0.2: {e:#}"))?;
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(failed("WASI 0.2"))?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-        .map_err(|e| format!("linking wasi:http: {e:#}"))?;
-    link_name_lookup(&mut linker).map_err(|e| format!("linking name lookup: {e:#}"))?;
+        .map_err(failed("wasi:http"))?;
+    link_name_lookup(&mut linker).map_err(failed("name lookup"))?;
     Ok(linker)
 }
 
@@ -207,7 +213,7 @@ fn link_name_lookup(linker: &mut ComponentLinker<P2State>) -> wasmtime::Result<(
 pub(crate) fn http_store(
     pre: &ProxyPre<P2State>,
     config: &GuestConfig,
-) -> Result<Store<P2State>, String> {
+) -> Result<Store<P2State>, GuestError> {
     let live = config.limiter.live_limits();
     let mut builder = wasi_builder(config)?;
     let mut store = Store::new(
@@ -227,7 +233,7 @@ pub(crate) fn http_store(
 
 /// The WASI context a guest gets: argv, environment, stdio to its log,
 /// its mounts and, with a network, sockets.
-pub(super) fn wasi_builder(config: &GuestConfig) -> Result<WasiCtxBuilder, String> {
+pub(super) fn wasi_builder(config: &GuestConfig) -> Result<WasiCtxBuilder, GuestError> {
     let mut builder = WasiCtxBuilder::new();
     builder.args(&config.argv).envs(&config.env);
     match &config.stdio.stdout {
@@ -258,7 +264,11 @@ pub(super) fn wasi_builder(config: &GuestConfig) -> Result<WasiCtxBuilder, Strin
         };
         builder
             .preopened_dir(&p.host_path, &p.guest_path, perms)
-            .map_err(|e| format!("mounting {:?} at {:?}: {e:#}", p.host_path, p.guest_path))?;
+            .map_err(|e| GuestError::Preopen {
+                host_path: p.host_path.clone(),
+                guest_path: p.guest_path.clone(),
+                detail: format!("{e:#}"),
+            })?;
     }
     Ok(builder)
 }

@@ -26,7 +26,8 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
-use crate::network::{GuestNetwork, InNamespace};
+use crate::network::{GuestNetwork, InNamespace, NetworkError};
+use crate::runtime::error::GuestError;
 use crate::runtime::host::{GuestConfig, P2State, http_store};
 use crate::runtime::limits::PodCpu;
 use crate::runtime::logs::Stream;
@@ -97,28 +98,25 @@ impl HttpFunction {
 
     /// Opens the listening socket on `port` (all addresses) in the guest's
     /// network namespace, so that a busy port is a start error.
-    pub fn bind(&self, port: u16) -> Result<std::net::TcpListener, String> {
+    pub fn bind(&self, port: u16) -> Result<std::net::TcpListener, GuestError> {
         let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let failed = |e| GuestError::Bind {
+            port,
+            source: std::sync::Arc::new(e),
+        };
         let listener = match &self.config.network {
-            GuestNetwork::None => {
-                return Err(
-                    "an HTTP function needs a pod network, and this pod has none \
-                     (no CNI configuration on the node)"
-                        .to_owned(),
-                );
-            }
+            GuestNetwork::None => return Err(GuestError::NoPodNetwork),
             GuestNetwork::Host => std::net::TcpListener::bind(addr),
             GuestNetwork::Pod(ns) => {
-                let _inside = ns
-                    .enter()
-                    .map_err(|e| format!("entering the pod's network namespace: {e}"))?;
+                let _inside = ns.enter().map_err(|e| NetworkError::EnterNamespace {
+                    path: ns.path().to_owned(),
+                    source: std::sync::Arc::new(e),
+                })?;
                 std::net::TcpListener::bind(addr)
             }
         }
-        .map_err(|e| format!("listening on port {port}: {e}"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("listening on port {port}: {e}"))?;
+        .map_err(failed)?;
+        listener.set_nonblocking(true).map_err(failed)?;
         Ok(listener)
     }
 
@@ -338,7 +336,7 @@ impl Server {
                 result = metered => match result {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(trap)) => Err(format!("{trap:?}")),
-                    Err(netns) => Err(netns),
+                    Err(netns) => Err(netns.to_string()),
                 },
                 () = cancel.cancelled() => Err("interrupted: the function was stopped".to_owned()),
                 () = tokio::time::sleep_until(deadline) => Err(format!("interrupted: the request took longer than {timeout:?}")),

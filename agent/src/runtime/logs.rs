@@ -121,10 +121,19 @@ impl Inner {
         self.record(stream, false, line);
     }
 
-    fn flush_pending(&mut self) {
+    /// Writes what is left of each stream's last line: when the streams
+    /// close (`closing`), as a partial record (`P`), as containerd writes
+    /// it, since the program never ended the line; before a runtime message,
+    /// as a full one, so that the message starts a line of its own.
+    fn flush_pending(&mut self, closing: bool) {
         for stream in [Stream::Stdout, Stream::Stderr] {
             let pending = std::mem::take(&mut self.pending[stream as usize]);
-            if !pending.is_empty() {
+            if pending.is_empty() {
+                continue;
+            }
+            if closing {
+                self.record(stream, true, &pending);
+            } else {
                 self.emit_line(stream, &pending);
             }
         }
@@ -209,7 +218,7 @@ impl ContainerLog {
                 inner.write(stream, format!("{line}\n").as_bytes());
                 return;
             }
-            inner.flush_pending();
+            inner.flush_pending(false);
             if let Some(tap) = inner.tap.as_ref().filter(|t| t.receiver_count() > 0) {
                 let _ = tap.send(Output {
                     stream,
@@ -261,7 +270,7 @@ impl ContainerLog {
         if let Ok(mut inner) = self.inner.lock() {
             inner.closed = true;
             inner.tap = None;
-            inner.flush_pending();
+            inner.flush_pending(true);
             if let Some(f) = inner.file.as_mut() {
                 let _ = f.flush();
             }
@@ -389,7 +398,7 @@ mod tests {
                 ("stdout", "F", "hello"),
                 ("stdout", "F", "world"),
                 ("stdout", "F", ""),
-                ("stdout", "F", "tail"),
+                ("stdout", "P", "tail"),
             ]
         );
     }

@@ -13,6 +13,7 @@ pub(crate) mod artifacts;
 pub(crate) mod compile;
 pub(crate) mod egress;
 pub(crate) mod engine;
+pub(crate) mod error;
 pub(crate) mod guest;
 pub(crate) mod guest_runtime;
 pub(crate) mod host;

@@ -47,8 +47,9 @@ struct Queue {
     pending: Vec<(u64, Vec<Op>)>,
     /// Whether a caller is committing a batch now.
     committing: bool,
-    /// Outcomes not yet collected by their callers.
-    done: HashMap<u64, std::result::Result<(), String>>,
+    /// Outcomes not yet collected by their callers: each a copy of its
+    /// batch's (`Error::duplicate`).
+    done: HashMap<u64, Result<()>>,
 }
 
 #[derive(Clone, Copy)]
@@ -126,10 +127,10 @@ impl StateStore {
         // behind it meanwhile and go in the next commit together.
         // (`block_in_place` would hand the worker off on every call, which
         // costs more than the fsync on an uncontended store.)
-        self.enqueue_and_wait(ops).map_err(Error::Store)
+        self.enqueue_and_wait(ops)
     }
 
-    fn enqueue_and_wait(&self, ops: Vec<Op>) -> std::result::Result<(), String> {
+    fn enqueue_and_wait(&self, ops: Vec<Op>) -> Result<()> {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
@@ -149,10 +150,12 @@ impl StateStore {
             queue.committing = true;
             let batch = std::mem::take(&mut queue.pending);
             drop(queue);
-            let outcome = self.commit(&batch).map_err(|e| e.to_string());
+            let outcome = self.commit(&batch);
             queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             for (t, _) in &batch {
-                queue.done.insert(*t, outcome.clone());
+                queue
+                    .done
+                    .insert(*t, outcome.as_ref().copied().map_err(Error::duplicate));
             }
             queue.committing = false;
             self.committed.notify_all();

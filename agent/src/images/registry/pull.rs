@@ -10,7 +10,7 @@ use super::manifest::{
 };
 use super::{Credentials, Registry, classify, failure};
 use crate::error::{Error, RegistryFailure, Result};
-use crate::images::rootfs::Compression;
+use crate::images::rootfs::{Compression, RootfsError};
 use crate::images::store::{ImageStore, NewImage};
 use crate::model::ids::Digest;
 use crate::model::image::{ImageConfig, ImageName, ImageRecord, WasmKind};
@@ -361,7 +361,7 @@ impl Registry {
             })
             .await
             .map_err(|e| Error::Internal(format!("unpack task: {e}")))?
-            .map_err(|why| failure(reference, RegistryFailure::Invalid, why))?;
+            .map_err(|why| refused(reference, why, RegistryFailure::Invalid))?;
         }
         let program = config
             .entrypoint
@@ -375,13 +375,7 @@ impl Registry {
                 )
             })?;
         let path = crate::images::rootfs::resolve_program(&rootfs, program, config.path_env())
-            .map_err(|why| {
-                failure(
-                    reference,
-                    RegistryFailure::NotWasm,
-                    format!("the image's entrypoint: {why}"),
-                )
-            })?;
+            .map_err(|why| refused(reference, why, RegistryFailure::NotWasm))?;
         let bytes = std::fs::read(&path).map_err(Error::io("reading the entrypoint", &path))?;
         let wasm_kind = WasmKind::detect(&bytes).ok_or_else(|| {
             failure(
@@ -407,6 +401,28 @@ impl Registry {
         tracing::info!(reference, image = %record.id, "compat image pulled and unpacked");
         Ok(record)
     }
+}
+
+/// What a compat image's root filesystem failing means for its pull: the
+/// image refused (`kind`, or `TooLarge` past the unpack limits), or the
+/// node failing to unpack it.
+fn refused(reference: &str, why: RootfsError, kind: RegistryFailure) -> Error {
+    if !why.is_refusal() {
+        return Error::Unpack {
+            reference: reference.to_owned(),
+            source: Box::new(why),
+        };
+    }
+    let kind = if why.is_too_large() {
+        RegistryFailure::TooLarge
+    } else {
+        kind
+    };
+    let reason = match kind {
+        RegistryFailure::NotWasm => format!("the image's entrypoint: {why}"),
+        _ => why.to_string(),
+    };
+    failure(reference, kind, reason)
 }
 
 /// Fails the write once more than `left` bytes arrive.

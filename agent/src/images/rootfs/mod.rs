@@ -11,9 +11,13 @@
 
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use cap_std::ambient_authority;
 use cap_std::fs::Dir;
+
+mod error;
+pub use error::{EntryError, RootfsError};
 
 /// How a layer blob is compressed, from its media type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,14 +50,14 @@ pub struct Limits {
 }
 
 /// Normalises a tar entry path to a relative path inside the root.
-fn inside(path: &Path) -> Result<PathBuf, String> {
+fn inside(path: &Path) -> Result<PathBuf, EntryError> {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {
             Component::RootDir | Component::CurDir => {}
             Component::Normal(n) => out.push(n),
-            Component::ParentDir => return Err("its path leaves the image root (`..`)".to_owned()),
-            Component::Prefix(_) => return Err("its path has a prefix".to_owned()),
+            Component::ParentDir => return Err(EntryError::LeavesRoot),
+            Component::Prefix(_) => return Err(EntryError::Prefix),
         }
     }
     Ok(out)
@@ -88,30 +92,43 @@ struct Unpacker {
 }
 
 impl Unpacker {
-    fn layer(&mut self, reader: impl Read) -> Result<(), String> {
+    /// Unpacks one layer; `layer` and `compression` name it in errors.
+    fn layer(
+        &mut self,
+        reader: impl Read,
+        layer: &str,
+        compression: Compression,
+    ) -> Result<(), RootfsError> {
+        let unreadable = |e: std::io::Error| RootfsError::Layer {
+            layer: layer.to_owned(),
+            compression,
+            source: Arc::new(e),
+        };
         let mut archive = tar::Archive::new(reader);
-        let entries = archive
-            .entries()
-            .map_err(|e| format!("reading the layer: {e}"))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| format!("reading the layer: {e}"))?;
-            let raw = entry
-                .path()
-                .map_err(|e| format!("entry path: {e}"))?
-                .into_owned();
+        for entry in archive.entries().map_err(unreadable)? {
+            let mut entry = entry.map_err(unreadable)?;
+            let raw = entry.path().map_err(unreadable)?.into_owned();
             self.entry(&mut entry, &raw)
-                .map_err(|why| format!("layer entry {raw:?}: {why}"))?;
+                .map_err(|source| RootfsError::Entry {
+                    layer: layer.to_owned(),
+                    compression,
+                    entry: raw,
+                    source,
+                })?;
         }
         Ok(())
     }
 
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, raw: &Path) -> Result<(), String> {
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        raw: &Path,
+    ) -> Result<(), EntryError> {
         self.entries += 1;
         if self.entries > self.limits.max_entries {
-            return Err(format!(
-                "the image has more than {} entries",
-                self.limits.max_entries
-            ));
+            return Err(EntryError::TooManyEntries {
+                max: self.limits.max_entries,
+            });
         }
         let path = inside(raw)?;
         let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
@@ -119,9 +136,7 @@ impl Unpacker {
         };
         let parent = path.parent().unwrap_or(Path::new(""));
         if !parent.as_os_str().is_empty() {
-            self.root
-                .create_dir_all(parent)
-                .map_err(|e| e.to_string())?;
+            self.root.create_dir_all(parent)?;
         }
         // Whiteouts: remove what lower layers put there.
         if name == ".wh..wh..opq" {
@@ -130,8 +145,8 @@ impl Unpacker {
             } else {
                 parent
             };
-            for child in self.root.read_dir(dir).map_err(|e| e.to_string())? {
-                let child = child.map_err(|e| e.to_string())?;
+            for child in self.root.read_dir(dir)? {
+                let child = child?;
                 self.remove(&parent.join(child.file_name()))?;
             }
             return Ok(());
@@ -144,56 +159,51 @@ impl Unpacker {
             self.remove(&path)?;
         }
         match kind {
-            tar::EntryType::Directory => self.root.create_dir_all(&path).map_err(|e| e.to_string()),
+            tar::EntryType::Directory => Ok(self.root.create_dir_all(&path)?),
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = entry.header().size().map_err(|e| e.to_string())?;
+                let size = entry.header().size()?;
                 self.bytes += size;
                 if self.bytes > self.limits.max_bytes {
-                    return Err(format!(
-                        "the image unpacks to more than the {} byte limit",
-                        self.limits.max_bytes
-                    ));
+                    return Err(EntryError::TooLarge {
+                        max: self.limits.max_bytes,
+                    });
                 }
-                let mut file = self.root.create(&path).map_err(|e| e.to_string())?;
-                std::io::copy(entry, &mut file).map_err(|e| e.to_string())?;
+                let mut file = self.root.create(&path)?;
+                std::io::copy(entry, &mut file)?;
                 Ok(())
             }
             tar::EntryType::Symlink => {
                 let target = entry
-                    .link_name()
-                    .map_err(|e| e.to_string())?
-                    .ok_or("a symlink without a target")?
+                    .link_name()?
+                    .ok_or(EntryError::NoTarget { kind: "symlink" })?
                     .into_owned();
                 if !symlink_stays_inside(&path, &target) {
-                    return Err(format!(
-                        "symlink target {target:?} is absolute or leaves the image root"
-                    ));
+                    return Err(EntryError::SymlinkEscapes { target });
                 }
-                self.root.symlink(&target, &path).map_err(|e| e.to_string())
+                Ok(self.root.symlink(&target, &path)?)
             }
             tar::EntryType::Link => {
                 let target = entry
-                    .link_name()
-                    .map_err(|e| e.to_string())?
-                    .ok_or("a hard link without a target")?
+                    .link_name()?
+                    .ok_or(EntryError::NoTarget { kind: "hard link" })?
                     .into_owned();
                 let target = inside(&target)?;
-                self.root
-                    .hard_link(&target, &self.root, &path)
-                    .map_err(|e| e.to_string())
+                Ok(self.root.hard_link(&target, &self.root, &path)?)
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                Err("device nodes and FIFOs are not allowed in Wasm images".to_owned())
+                Err(EntryError::DeviceNode)
             }
             // PAX and GNU metadata records are consumed by the tar reader.
-            other => Err(format!("unsupported tar entry type {other:?}")),
+            other => Err(EntryError::Unsupported {
+                kind: format!("{other:?}"),
+            }),
         }
     }
 
-    fn remove(&self, path: &Path) -> Result<(), String> {
+    fn remove(&self, path: &Path) -> Result<(), EntryError> {
         match self.root.symlink_metadata(path) {
-            Ok(meta) if meta.is_dir() => self.root.remove_dir_all(path).map_err(|e| e.to_string()),
-            Ok(_) => self.root.remove_file(path).map_err(|e| e.to_string()),
+            Ok(meta) if meta.is_dir() => Ok(self.root.remove_dir_all(path)?),
+            Ok(_) => Ok(self.root.remove_file(path)?),
             Err(_) => Ok(()),
         }
     }
@@ -205,15 +215,15 @@ pub fn unpack(
     layers: &[(PathBuf, Compression)],
     dest: &Path,
     limits: Limits,
-) -> Result<(), String> {
+) -> Result<(), RootfsError> {
     let tmp = dest.with_extension(format!(
         "partial-{}",
         hex::encode(rand::random::<[u8; 4]>())
     ));
     let result = (|| {
-        std::fs::create_dir_all(&tmp).map_err(|e| format!("creating {tmp:?}: {e}"))?;
+        std::fs::create_dir_all(&tmp).map_err(RootfsError::io("creating", &tmp))?;
         let root = Dir::open_ambient_dir(&tmp, ambient_authority())
-            .map_err(|e| format!("opening {tmp:?}: {e}"))?;
+            .map_err(RootfsError::io("opening", &tmp))?;
         let mut unpacker = Unpacker {
             root,
             limits,
@@ -224,16 +234,17 @@ pub fn unpack(
             let name = blob
                 .file_name()
                 .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-            let file =
-                std::fs::File::open(blob).map_err(|e| format!("opening layer {blob:?}: {e}"))?;
+            let layer = format!("sha256:{name}");
+            let file = std::fs::File::open(blob).map_err(RootfsError::io("opening layer", blob))?;
             let file = std::io::BufReader::new(file);
             match compression {
-                Compression::None => unpacker.layer(file),
-                Compression::Gzip => unpacker.layer(flate2::read::GzDecoder::new(file)),
-            }
-            .map_err(|e| format!("layer sha256:{name} ({compression:?}): {e}"))?;
+                Compression::None => unpacker.layer(file, &layer, *compression),
+                Compression::Gzip => {
+                    unpacker.layer(flate2::read::GzDecoder::new(file), &layer, *compression)
+                }
+            }?;
         }
-        std::fs::rename(&tmp, dest).map_err(|e| format!("moving the root into place: {e}"))
+        std::fs::rename(&tmp, dest).map_err(RootfsError::io("moving the root into place", dest))
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -244,9 +255,9 @@ pub fn unpack(
 /// Finds `program` in the root at `root`: an absolute path, or a name
 /// looked up on `path_env` (colon-separated). Symlinks are followed only
 /// within the root. Returns the file's path on the host.
-pub fn resolve_program(root: &Path, program: &str, path_env: &str) -> Result<PathBuf, String> {
+pub fn resolve_program(root: &Path, program: &str, path_env: &str) -> Result<PathBuf, RootfsError> {
     let dir = Dir::open_ambient_dir(root, ambient_authority())
-        .map_err(|e| format!("opening the image root: {e}"))?;
+        .map_err(RootfsError::io("opening the image root", root))?;
     let candidates: Vec<PathBuf> = if program.contains('/') {
         vec![PathBuf::from(program)]
     } else {
@@ -257,7 +268,10 @@ pub fn resolve_program(root: &Path, program: &str, path_env: &str) -> Result<Pat
             .collect()
     };
     for candidate in &candidates {
-        let relative = inside(candidate)?;
+        let relative = inside(candidate).map_err(|source| RootfsError::ProgramPath {
+            program: program.to_owned(),
+            source,
+        })?;
         // cap-std follows symlinks but never out of `dir`.
         if let Ok(meta) = dir.metadata(&relative)
             && meta.is_file()
@@ -266,18 +280,14 @@ pub fn resolve_program(root: &Path, program: &str, path_env: &str) -> Result<Pat
             return Ok(root.join(resolved));
         }
     }
-    Err(format!(
-        "{program:?} is not in the image (looked at {})",
-        candidates
-            .iter()
-            .map(|c| c.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    ))
+    Err(RootfsError::ProgramNotFound {
+        program: program.to_owned(),
+        looked_at: candidates,
+    })
 }
 
 /// Resolves symlinks of `path` inside `dir` to a path with none.
-fn canonical_inside(dir: &Dir, path: &Path) -> Result<PathBuf, String> {
+fn canonical_inside(dir: &Dir, path: &Path) -> Result<PathBuf, RootfsError> {
     let mut resolved = PathBuf::new();
     let mut pending: Vec<PathBuf> = path
         .components()
@@ -299,7 +309,9 @@ fn canonical_inside(dir: &Dir, path: &Path) -> Result<PathBuf, String> {
             Ok(target) => {
                 hops += 1;
                 if hops > 40 || target.is_absolute() {
-                    return Err(format!("cannot resolve {path:?} inside the image"));
+                    return Err(RootfsError::Unresolvable {
+                        path: path.to_owned(),
+                    });
                 }
                 for c in target.components().rev() {
                     pending.push(PathBuf::from(c.as_os_str()));
@@ -389,7 +401,26 @@ mod tests {
             dest.join("bin/app.wasm")
         );
         let err = resolve_program(&dest, "nope", "/bin").unwrap_err();
-        assert!(err.contains("\"nope\" is not in the image"), "{err}");
+        assert!(
+            matches!(&err, RootfsError::ProgramNotFound { program, .. } if program == "nope"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("\"nope\" is not in the image (looked at /bin/nope)"),
+            "{err}"
+        );
+        let err = resolve_program(&dest, "../x.wasm", "").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RootfsError::ProgramPath {
+                    source: EntryError::LeavesRoot,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -434,6 +465,12 @@ mod tests {
             });
             let dest = dir.path().join(format!("root{i}"));
             let err = unpack(&[(l, Compression::None)], &dest, LIMITS).unwrap_err();
+            assert!(
+                matches!(&err, RootfsError::Entry { entry, .. } if entry != Path::new("ok.txt")),
+                "case {i}: {err:?}"
+            );
+            assert!(err.is_refusal() && err.is_too_large() == (*want == "byte limit"));
+            let err = err.to_string();
             assert!(
                 err.contains(want) && err.contains("layer entry"),
                 "case {i}: {err}"
