@@ -126,10 +126,10 @@ fn linux_resources(r: &Resources) -> cri::LinuxContainerResources {
 pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerSpec> {
     let config =
         config.ok_or_else(|| Error::InvalidArgument("CreateContainer needs a config".into()))?;
-    let image = config
+    let (image, user_specified_image) = config
         .image
-        .map(|i| i.image)
-        .filter(|i| !i.is_empty())
+        .map(|i| (i.image, i.user_specified_image))
+        .filter(|(i, _)| !i.is_empty())
         .ok_or_else(|| Error::InvalidArgument("container config names no image".into()))?;
     let mounts = config
         .mounts
@@ -160,6 +160,7 @@ pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerS
             attempt: m.attempt,
         }),
         image,
+        user_specified_image,
         command: config.command,
         args: config.args,
         working_dir: config.working_dir,
@@ -355,20 +356,41 @@ fn container_metadata(r: &ContainerRecord) -> Option<cri::ContainerMetadata> {
     })
 }
 
-fn image_spec(r: &ContainerRecord) -> cri::ImageSpec {
-    cri::ImageSpec {
-        image: r.spec.image.clone(),
+/// A container's image as containerd reports it: by the name the pod
+/// asked for (else the image's first tag, else as created), and by its
+/// first repo digest (else its id), so the pod's status shows
+/// `repo:tag` and `repo@sha256:…` rather than bare digests.
+fn image_spec_and_ref(
+    r: &ContainerRecord,
+    image: Option<&ImageRecord>,
+) -> (cri::ImageSpec, String) {
+    let name = if !r.spec.user_specified_image.is_empty() {
+        r.spec.user_specified_image.clone()
+    } else {
+        image
+            .and_then(|i| i.repo_tags.first().cloned())
+            .unwrap_or_else(|| r.spec.image.clone())
+    };
+    let image_ref = image
+        .and_then(|i| i.repo_digests.first().cloned())
+        .unwrap_or_else(|| r.image_id.to_string());
+    let spec = cri::ImageSpec {
+        image: name,
+        user_specified_image: r.spec.user_specified_image.clone(),
         ..Default::default()
-    }
+    };
+    (spec, image_ref)
 }
 
-pub fn container(r: &ContainerRecord) -> cri::Container {
+/// `r` as ListContainers shows it; `image` is its image, if still stored.
+pub fn container(r: &ContainerRecord, image: Option<&ImageRecord>) -> cri::Container {
+    let (image, image_ref) = image_spec_and_ref(r, image);
     cri::Container {
         id: r.id.to_string(),
         pod_sandbox_id: r.sandbox_id.to_string(),
         metadata: container_metadata(r),
-        image: Some(image_spec(r)),
-        image_ref: r.image_id.to_string(),
+        image: Some(image),
+        image_ref,
         state: container_state(r.state) as i32,
         created_at: r.created_at.as_nanos(),
         labels: hash(&r.spec.labels),
@@ -377,7 +399,9 @@ pub fn container(r: &ContainerRecord) -> cri::Container {
     }
 }
 
-pub fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
+/// `r` as ContainerStatus shows it; `image` is its image, if still stored.
+pub fn container_status(r: &ContainerRecord, image: Option<&ImageRecord>) -> cri::ContainerStatus {
+    let (image, image_ref) = image_spec_and_ref(r, image);
     let exit = r
         .exit
         .clone()
@@ -394,8 +418,8 @@ pub fn container_status(r: &ContainerRecord) -> cri::ContainerStatus {
         started_at: r.started_at.map_or(0, |t| t.as_nanos()),
         finished_at: r.finished_at.map_or(0, |t| t.as_nanos()),
         exit_code: exit.code,
-        image: Some(image_spec(r)),
-        image_ref: r.image_id.to_string(),
+        image: Some(image),
+        image_ref,
         reason: exit.reason,
         message: exit.message,
         labels: hash(&r.spec.labels),

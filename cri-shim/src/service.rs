@@ -137,7 +137,10 @@ fn event_response(agent: &Agent, event: LifecycleEvent) -> cri::ContainerEventRe
             .pod_sandbox_status(&event.sandbox_id)
             .ok()
             .map(|s| convert::pod_sandbox_status(&s)),
-        containers_statuses: containers.iter().map(convert::container_status).collect(),
+        containers_statuses: containers
+            .iter()
+            .map(|c| convert::container_status(c, agent.image_status(c.image_id.as_str()).as_ref()))
+            .collect(),
     }
 }
 
@@ -292,11 +295,18 @@ impl RuntimeService for Cri {
             });
         }
         let filter = convert::container_filter(filter);
+        // The kubelet lists every container of the node: each image once.
+        let mut images = HashMap::new();
         let containers = self
             .agent
             .list_containers(&filter)
             .iter()
-            .map(convert::container)
+            .map(|c| {
+                let image = images
+                    .entry(c.image_id.clone())
+                    .or_insert_with(|| self.agent.image_status(c.image_id.as_str()));
+                convert::container(c, image.as_ref())
+            })
             .collect();
         ok(cri::ListContainersResponse { containers })
     }
@@ -314,7 +324,10 @@ impl RuntimeService for Cri {
             HashMap::new()
         };
         ok(cri::ContainerStatusResponse {
-            status: Some(convert::container_status(&record)),
+            status: Some(convert::container_status(
+                &record,
+                self.agent.image_status(record.image_id.as_str()).as_ref(),
+            )),
             info,
         })
     }

@@ -34,8 +34,13 @@ pub struct ContainerMetadata {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ContainerSpec {
     pub metadata: Option<ContainerMetadata>,
-    /// The image as the kubelet named it.
+    /// The image as the kubelet named it (the kubelet passes the id its
+    /// pull returned).
     pub image: String,
+    /// The image as the pod asked for it (`user_specified_image`), when
+    /// the kubelet says.
+    #[serde(default)]
+    pub user_specified_image: String,
     pub command: Vec<String>,
     pub args: Vec<String>,
     pub working_dir: String,

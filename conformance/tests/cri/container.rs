@@ -23,6 +23,45 @@ async fn running_sleeper(cri: &mut CriClient, pod: &Pod, name: &str) -> String {
     id
 }
 
+/// The image's first repo digest (`repo@sha256:…`), as ImageStatus lists it.
+async fn repo_digest(cri: &mut CriClient, image: &str) -> String {
+    let status = cri
+        .image_status(image)
+        .await
+        .unwrap()
+        .expect("the image is stored");
+    let digest = status.repo_digests.first().expect("a repo digest").clone();
+    assert!(digest.contains("@sha256:"), "{digest}");
+    digest
+}
+
+#[tokio::test]
+async fn the_status_names_the_image_as_the_pod_asked_for_and_by_its_repo_digest() {
+    // As the kubelet creates containers: the image by the id its pull
+    // returned, and the pod's own reference as the user-specified image.
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let id = cri.pull_image(ECHO_P1).await.unwrap();
+    let mut config = ContainerConfigBuilder::new("echo", &id).build();
+    config.image.as_mut().unwrap().user_specified_image = ECHO_P1.to_owned();
+    let container = cri.create_container(&pod, config).await.unwrap();
+
+    let status = cri.container_status(&container).await.unwrap();
+    let image = status.image.clone().unwrap();
+    assert_eq!(image.image, ECHO_P1, "{status:?}");
+    assert_eq!(image.user_specified_image, ECHO_P1, "{status:?}");
+    let digest = repo_digest(&mut cri, ECHO_P1).await;
+    assert!(
+        digest.starts_with("wasmlet.local/samples/echo@sha256:"),
+        "{digest}"
+    );
+    assert_eq!(status.image_ref, digest);
+    let listed = cri.list_containers(None).await.unwrap();
+    assert_eq!(listed[0].image_ref, digest);
+    assert_eq!(listed[0].image.as_ref().unwrap().image, ECHO_P1);
+}
+
 #[tokio::test]
 async fn create_container_returns_a_created_container_echoing_its_config() {
     let wasmlet = Wasmlet::start().await;
@@ -45,7 +84,7 @@ async fn create_container_returns_a_created_container_echoing_its_config() {
         status.image.as_ref().map(|i| i.image.as_str()),
         Some(ECHO_P1)
     );
-    assert_eq!(status.image_ref, wasmlet.image_id(ECHO_P1));
+    assert_eq!(status.image_ref, repo_digest(&mut cri, ECHO_P1).await);
     assert_eq!(status.labels, config.labels);
     assert_eq!(status.annotations, config.annotations);
     assert!(
@@ -109,7 +148,9 @@ async fn create_container_accepts_the_image_id_as_the_kubelet_sends_it() {
     let status = cri.run_to_exit(&pod, config, GUEST_TIMEOUT).await.unwrap();
 
     assert_eq!(status.exit_code, 0, "{status:?}");
-    assert_eq!(status.image_ref, wasmlet.image_id(ECHO_P1));
+    assert_eq!(status.image_ref, repo_digest(&mut cri, ECHO_P1).await);
+    // The harness, unlike the kubelet, names the id as the user-specified
+    // image too: it is what the pod asked for.
     assert_eq!(status.image.map(|i| i.image), Some(image_ref));
 }
 
@@ -343,7 +384,7 @@ async fn container_status_reports_times_image_metadata_mounts_and_full_log_path(
         status.image.as_ref().map(|i| i.image.as_str()),
         Some(ECHO_P1)
     );
-    assert_eq!(status.image_ref, wasmlet.image_id(ECHO_P1));
+    assert_eq!(status.image_ref, repo_digest(&mut cri, ECHO_P1).await);
     assert_eq!(status.labels, config.labels);
     assert_eq!(status.annotations, config.annotations);
     let mounts: Vec<_> = status
@@ -364,7 +405,8 @@ async fn container_status_reports_times_image_metadata_mounts_and_full_log_path(
 /// Pod A: `a-exited` (app=a, exited) and `a-running` (app=b, running);
 /// pod B: `b-created` (app=a, created).
 struct ThreeContainers {
-    wasmlet: Wasmlet,
+    /// Keeps the daemon running.
+    _wasmlet: Wasmlet,
     cri: CriClient,
     pod_a: Pod,
     a_exited: String,
@@ -404,7 +446,7 @@ impl ThreeContainers {
             .await
             .unwrap();
         ThreeContainers {
-            wasmlet,
+            _wasmlet: wasmlet,
             cri,
             pod_a,
             a_exited,
@@ -444,7 +486,10 @@ async fn list_containers_reports_sandbox_image_state_and_metadata() {
         running.image.as_ref().map(|i| i.image.as_str()),
         Some(SLEEPER_P1)
     );
-    assert_eq!(running.image_ref, three.wasmlet.image_id(SLEEPER_P1));
+    assert_eq!(
+        running.image_ref,
+        repo_digest(&mut three.cri, SLEEPER_P1).await
+    );
     assert_eq!(running.labels, HashMap::from([("app".into(), "b".into())]));
     assert!(running.created_at > EPOCH_NS_FLOOR, "{running:?}");
 }

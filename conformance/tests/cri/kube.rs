@@ -259,6 +259,16 @@ async fn run_to_completion(node: &Node) -> Outcome {
             terminated["reason"]
         ));
     }
+    // The image as the pod named it and by its repo digest, as with
+    // containerd; not bare digests.
+    let status = container_status(&pod);
+    let image_id = status["imageID"].as_str().unwrap_or_default();
+    if status["image"] != ECHO_P1 || !image_id.starts_with("wasmlet.local/samples/echo@sha256:") {
+        return Err(format!(
+            "image {} and imageID {image_id:?}: expected {ECHO_P1} and wasmlet.local/samples/echo@sha256:…",
+            status["image"]
+        ));
+    }
     let logs = cluster
         .kubectl(&["logs", "-n", ns, name], None)
         .await

@@ -180,7 +180,13 @@ async fn pushed_sample_is_pulled_and_runs(sample: &str, tag: &str) {
     assert_pulled(&mut cri, &reference, &id, &pushed).await;
 
     let status = run_echo(&wasmlet, &reference).await;
-    assert_eq!(status.image_ref, id, "{status:?}");
+    // By repo digest, as containerd reports it (the kubelet's imageID).
+    let repository = reference.rsplit_once(':').unwrap().0;
+    assert_eq!(
+        status.image_ref,
+        format!("{repository}@{pushed}"),
+        "{status:?}"
+    );
 }
 
 /// Pushes the echo module with `layer_media_type` by hand and runs it.
