@@ -844,6 +844,12 @@ async fn a_401_from_the_registry_is_permission_denied() {
             status.message().contains(&faulty.proxy.host()),
             "{status:?}"
         );
+        // No credentials were sent: the message says what is missing.
+        assert!(
+            status.message().contains("refused anonymous access")
+                && status.message().contains("imagePullSecret"),
+            "{status:?}"
+        );
     })
     .await;
 }

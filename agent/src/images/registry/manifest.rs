@@ -5,7 +5,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::Deserialize;
 
-use super::{Credentials, Registry, classify, failure};
+use super::{Credentials, Registry, anonymous_refusal, classify, failure};
 use crate::error::{RegistryFailure, Result};
 use crate::model::ids::Digest;
 use crate::model::image::ImageName;
@@ -158,7 +158,10 @@ impl Registry {
             let (bytes, _) = client
                 .pull_manifest_raw(reference, auth, ACCEPTED)
                 .await
-                .map_err(|e| classify(shown, &registry, e))?;
+                .map_err(|e| {
+                    let anonymous = matches!(auth, RegistryAuth::Anonymous);
+                    anonymous_refusal(classify(shown, &registry, e), anonymous, &registry)
+                })?;
             if bytes.len() as u64 > self.config.max_manifest_bytes {
                 return Err(failure(
                     shown,

@@ -90,6 +90,29 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// A refusal of a call that sent no credentials says that, rather than
+/// that the (absent) credentials were refused.
+fn anonymous_refusal(e: Error, anonymous: bool, registry: &str) -> Error {
+    match e {
+        Error::Registry {
+            reference,
+            kind: RegistryFailure::Unauthorized,
+            reason,
+        } if anonymous => Error::Registry {
+            reference,
+            kind: RegistryFailure::Unauthorized,
+            reason: format!(
+                "registry {registry} refused anonymous access: the image needs credentials \
+                 (an imagePullSecret){}",
+                reason
+                    .split_once(" (")
+                    .map_or(String::new(), |(_, detail)| format!(" ({detail}"))
+            ),
+        },
+        e => e,
+    }
+}
+
 fn classify(reference: &str, registry: &str, e: OciDistributionError) -> Error {
     use OciDistributionError as E;
     let (kind, reason) = match &e {
