@@ -29,6 +29,9 @@ use crate::error::{Error, Result};
 /// kubelet's two-minute request timeout plus its back-off.
 const RETRY_WINDOW: Duration = Duration::from_secs(600);
 
+/// How often the successes past their window are swept out.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 type Outcome<T> = std::result::Result<T, Arc<Error>>;
 
 /// Runs `work` on a task of its own and waits for it: dropping the returned
@@ -47,6 +50,9 @@ pub(super) async fn detached<T: Send + 'static>(
 pub(super) struct InFlight<K, T: Clone> {
     flights: Arc<Mutex<HashMap<K, Flight<T>>>>,
     serials: AtomicU64,
+    /// When expired successes were last swept out (not on every call: a
+    /// dense node holds thousands).
+    swept: Mutex<Instant>,
 }
 
 struct Flight<T: Clone> {
@@ -61,6 +67,7 @@ impl<K, T: Clone> Default for InFlight<K, T> {
         Self {
             flights: Arc::default(),
             serials: AtomicU64::new(0),
+            swept: Mutex::new(Instant::now()),
         }
     }
 }
@@ -95,13 +102,24 @@ where
     ) -> Shared<BoxFuture<'static, Outcome<T>>> {
         let mut flights = lock(&self.flights);
         let now = Instant::now();
-        flights.retain(|_, f| {
+        let live = |f: &Flight<T>| {
             f.succeeded
                 .get()
                 .is_none_or(|at| now.duration_since(*at) < RETRY_WINDOW)
-        });
-        if let Some(flight) = flights.get(&key) {
-            return flight.outcome.clone();
+        };
+        {
+            let mut swept = lock(&self.swept);
+            if now.duration_since(*swept) >= SWEEP_EVERY {
+                flights.retain(|_, f| live(f));
+                *swept = now;
+            }
+        }
+        match flights.get(&key) {
+            Some(flight) if live(flight) => return flight.outcome.clone(),
+            Some(_) => {
+                flights.remove(&key);
+            }
+            None => {}
         }
         let serial = self.serials.fetch_add(1, Ordering::Relaxed);
         let succeeded = Arc::new(OnceLock::new());
