@@ -14,8 +14,8 @@ use wasmlet_conformance::pod_network::TestNetwork;
 use wasmlet_conformance::{ContainerConfigBuilder, CriClient, Pod, PodSandboxConfigBuilder, cri};
 
 use super::{
-    HELLO_HTTP, HOG, Options, Runtime, SPIN, TICKER, latency_summary, load, open_fds, remove_pod,
-    rss_kib, start_pod_of,
+    HELLO_HTTP, HOG, Options, Runtime, SPIN, TICKER, function_address, latency_summary, load,
+    open_fds, remove_pod, rss_kib, start_pod_of,
 };
 
 /// The memory limit of the memory-bombing neighbour.
@@ -72,25 +72,7 @@ pub async fn neighbours(
         ContainerConfigBuilder::new("hello", HELLO_HTTP).build(),
     )
     .await?;
-    let ip = cri
-        .pod_sandbox_status(&pod.id)
-        .await
-        .map_err(|e| e.to_string())?
-        .network
-        .map(|n| n.ip)
-        .unwrap_or_default();
-    net.check_route(&ip)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while net
-        .http_get(&ip, 8080, "/healthz", Duration::from_secs(2))
-        .is_err()
-    {
-        if Instant::now() > deadline {
-            return Err("the function did not answer".to_owned());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let addr: std::net::SocketAddr = format!("{ip}:8080").parse().map_err(|e| format!("{e}"))?;
+    let addr = function_address(cri, net, &pod.id).await?;
     let quiet = measure(o, addr).await?;
     let noisy: [(&str, cri::ContainerConfig); 3] = [
         (

@@ -757,29 +757,11 @@ async fn functions(
         .annotation("wasmlet.dev/http-max-concurrency", "256")
         .build();
     let pod = cri.run_pod(config).await.map_err(|e| e.to_string())?;
-    let ip = cri
-        .pod_sandbox_status(&pod.id)
-        .await
-        .map_err(|e| e.to_string())?
-        .network
-        .map(|n| n.ip)
-        .unwrap_or_default();
-    net.check_route(&ip)?;
     let container = ContainerConfigBuilder::new("hello", HELLO_HTTP).build();
     cri.start(&pod, container)
         .await
         .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while net
-        .http_get(&ip, 8080, "/healthz", Duration::from_secs(2))
-        .is_err()
-    {
-        if Instant::now() > deadline {
-            return Err("the function did not answer".to_owned());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let addr = format!("{ip}:8080").parse().map_err(|e| format!("{e}"))?;
+    let addr = function_address(cri, net, &pod.id).await?;
     let wasmlet = load(addr, o.http_concurrency, o.http_seconds).await?;
     remove_pod(cri, &pod.id).await?;
     let baseline = match &o.wasmtime {
@@ -798,6 +780,34 @@ async fn functions(
         )),
         "throughput_ratio_to_wasmtime_serve": ratio,
     }))
+}
+
+/// Where the `hello-http` function of pod `pod` answers (port 8080 of the
+/// pod's IP, route-checked), once it answers `/healthz`.
+async fn function_address(
+    cri: &mut CriClient,
+    net: &TestNetwork,
+    pod: &str,
+) -> Result<std::net::SocketAddr, String> {
+    let ip = cri
+        .pod_sandbox_status(pod)
+        .await
+        .map_err(|e| e.to_string())?
+        .network
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    net.check_route(&ip)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while net
+        .http_get(&ip, 8080, "/healthz", Duration::from_secs(2))
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            return Err("the function did not answer".to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    format!("{ip}:8080").parse().map_err(|e| format!("{e}"))
 }
 
 /// The same component under `wasmtime serve` on loopback.
