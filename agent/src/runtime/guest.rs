@@ -79,12 +79,45 @@ impl Guest {
 }
 
 /// The trap's own text first (what the user needs), then the backtrace.
-fn trap_message(e: &wasmtime::Error) -> String {
+/// A guest's trap as its tenant may see it (container status, log): the
+/// trap and the guest's own Wasm backtrace, never wasmlet's Rust backtrace
+/// (which `RUST_BACKTRACE` in the agent's environment would add, with host
+/// source paths).
+pub(crate) fn trap_message(e: &wasmtime::Error) -> String {
     let root = e.root_cause().to_string();
-    let full = format!("{e:?}");
+    let full = without_host_backtrace(&format!("{e:?}")).to_owned();
     if full.contains(&root) && full != root {
         format!("{root}\n{full}")
     } else {
         full
+    }
+}
+
+/// `debug` (an error's `{:?}`) without the host stack backtrace anyhow
+/// appends when backtraces are enabled.
+fn without_host_backtrace(debug: &str) -> &str {
+    debug
+        .split_once("\n\nStack backtrace:")
+        .map_or(debug, |(before, _)| before)
+        .trim_end()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_backtrace_is_cut_and_the_guest_s_kept() {
+        let debug = "error while executing at wasm backtrace:\n    0: 0x1f - trap!main\n\nCaused by:\n    wasm trap: unreachable\n\nStack backtrace:\n   0: wasmtime::runtime::vm\n             at /home/build/.cargo/registry/src/wasmtime/src/lib.rs:12";
+        let kept = without_host_backtrace(debug);
+        assert!(
+            kept.contains("trap!main") && kept.contains("wasm trap: unreachable"),
+            "{kept}"
+        );
+        assert!(
+            !kept.contains("Stack backtrace") && !kept.contains("/home/build"),
+            "{kept}"
+        );
+        assert_eq!(without_host_backtrace("plain"), "plain");
     }
 }

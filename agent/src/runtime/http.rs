@@ -299,7 +299,13 @@ impl Server {
         let log = self.function.config.log.clone();
         let mut store = match http_store(&self.function.pre, &self.function.config) {
             Ok(store) => store,
-            Err(e) => return text(500, format!("{e}\n")),
+            Err(e) => {
+                self.function
+                    .config
+                    .log
+                    .write_line(Stream::Stderr, &format!("wasmlet: request failed: {e}"));
+                return text(500, "the function failed\n".to_owned());
+            }
         };
         let (sender, receiver) = oneshot::channel();
         let prepared = store
@@ -335,7 +341,7 @@ impl Server {
             tokio::select! {
                 result = metered => match result {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(trap)) => Err(format!("{trap:?}")),
+                    Ok(Err(trap)) => Err(crate::runtime::guest::trap_message(&trap)),
                     Err(netns) => Err(netns.to_string()),
                 },
                 () = cancel.cancelled() => Err("interrupted: the function was stopped".to_owned()),
@@ -351,8 +357,11 @@ impl Server {
                     Ok(Err(why)) => why,
                     Err(e) => format!("the instance panicked: {e}"),
                 };
+                // The details (a trap, the guest's backtrace) go to the
+                // container log; whoever sent the request learns only that
+                // it failed.
                 log.write_line(Stream::Stderr, &format!("wasmlet: request failed: {why}"));
-                text(500, format!("the function failed: {why}\n"))
+                text(500, "the function failed\n".to_owned())
             }
             Err(_) => {
                 log.write_line(

@@ -172,10 +172,26 @@ async fn memory_limits_hold_per_request_and_a_neighbour_keeps_serving() {
     let config = function_builder("limited", 8080)
         .memory_limit(32 * MIB)
         .build();
+    let log = pod.container_log(&config);
     let id = cri.start(&pod, config).await.unwrap();
     assert_eq!(get(&net, &ip, 8080, "/alloc?mib=8").await.0, 200);
     let (status, body) = get(&net, &ip, 8080, "/alloc?mib=64").await;
     assert_eq!(status, 500, "{body}");
+    // The client learns that it failed; the trap and the guest's backtrace
+    // go to the container log, where its tenant looks.
+    assert_eq!(body, "the function failed\n");
+    wait_for_log(
+        &log,
+        GUEST_TIMEOUT,
+        "the failed request's trap",
+        |records| {
+            stream_lines(records, Stream::Stderr)
+                .iter()
+                .any(|l| l.starts_with("wasmlet: request failed:") && l.contains("wasm"))
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(get(&net, &ip, 8080, "/healthz").await.0, 200);
 
     // The bomb, in another pod.
