@@ -285,7 +285,9 @@ impl Agent {
             Err(reason) => return Ok(Err((126, format!("{argv0}: cannot run: {reason}")))),
         };
         let network = self.guest_network(&sandbox);
-        let config = self.guest_config(
+        // An exec'd instance's writes to a copied file mount go back with
+        // the container's own.
+        let (config, _) = self.guest_config(
             &record.id,
             &image,
             &spec,

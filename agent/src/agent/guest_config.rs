@@ -34,6 +34,26 @@ pub(super) struct GuestSetup {
     pub(super) hostname: Option<String>,
 }
 
+/// A writable file mount the guest writes to a copy of: its host file is
+/// on another filesystem than the agent's root (the kubelet's pod
+/// directory often is), so it could not be linked. The copy goes back to
+/// the host file when the guest ends, before its exit is recorded, so the
+/// kubelet reads what the guest wrote (`/dev/termination-log`).
+pub(super) struct WriteBack {
+    copy: PathBuf,
+    host: PathBuf,
+}
+
+impl WriteBack {
+    /// Writes the copy's contents into the host file (in place: whoever
+    /// holds the host file open sees them).
+    pub(super) fn write_back(&self) {
+        if let Err(error) = std::fs::copy(&self.copy, &self.host) {
+            tracing::warn!(copy = ?self.copy, host = ?self.host, %error, "a file mount's contents could not be written back to the host");
+        }
+    }
+}
+
 /// The hostname a pod's containers see, as containerd gives it: the
 /// sandbox's, or the node's for a pod on the node's network without one.
 pub(super) fn pod_hostname(sandbox: &SandboxRecord) -> Option<String> {
@@ -294,7 +314,7 @@ impl Agent {
         image: &ImageRecord,
         spec: &ContainerSpec,
         setup: GuestSetup,
-    ) -> std::result::Result<GuestConfig, GuestError> {
+    ) -> std::result::Result<(GuestConfig, Vec<WriteBack>), GuestError> {
         let GuestSetup {
             log,
             limiter,
@@ -312,7 +332,8 @@ impl Agent {
                 readonly: true,
             });
         }
-        preopens.extend(self.preopens(id, &spec.mounts)?);
+        let (mounted, write_back) = self.preopens(id, &spec.mounts)?;
+        preopens.extend(mounted);
         let working_dir = if spec.working_dir.is_empty() {
             image
                 .compat
@@ -327,7 +348,7 @@ impl Agent {
         }
         let image_env = image.compat.as_ref().map_or(&[][..], |c| &c.env[..]);
         let env = guest_env(hostname.as_deref(), image_env, &spec.envs);
-        Ok(GuestConfig {
+        let config = GuestConfig {
             argv: program.argv,
             env,
             preopens,
@@ -345,7 +366,8 @@ impl Agent {
             }),
             stdio,
             egress_tls: self.inner.egress_tls.clone(),
-        })
+        };
+        Ok((config, write_back))
     }
 
     /// Turns mounts into preopened directories. WASI preopens only
@@ -356,8 +378,9 @@ impl Agent {
         &self,
         id: &ContainerId,
         mounts: &[Mount],
-    ) -> std::result::Result<Vec<Preopen>, GuestError> {
+    ) -> std::result::Result<(Vec<Preopen>, Vec<WriteBack>), GuestError> {
         let mut preopens = Vec::new();
+        let mut write_back = Vec::new();
         let mut file_groups: BTreeMap<String, Vec<&Mount>> = BTreeMap::new();
         for m in mounts {
             let meta = std::fs::metadata(&m.host_path).map_err(|e| GuestError::MountSource {
@@ -398,7 +421,11 @@ impl Agent {
                     }
                 })?;
                 let target = dir.join(name);
-                let _ = std::fs::remove_file(&target);
+                // Made at the container's start; an exec'd instance shares
+                // it (a copy must not be clobbered before it goes back).
+                if std::fs::symlink_metadata(&target).is_ok() {
+                    continue;
+                }
                 if std::fs::hard_link(&m.host_path, &target).is_err() {
                     std::fs::copy(&m.host_path, &target).map_err(|e| GuestError::MountFile {
                         host_path: m.host_path.clone(),
@@ -406,7 +433,11 @@ impl Agent {
                         source: Arc::new(e),
                     })?;
                     if !m.readonly {
-                        tracing::warn!(container_id = %id, host_path = %m.host_path, "file mount copied across filesystems: the guest's writes will not reach the host");
+                        tracing::debug!(container_id = %id, host_path = %m.host_path, "file mount copied across filesystems: written back when the guest ends");
+                        write_back.push(WriteBack {
+                            copy: target.clone(),
+                            host: PathBuf::from(&m.host_path),
+                        });
                     }
                 }
             }
@@ -416,7 +447,7 @@ impl Agent {
                 readonly: files.iter().all(|m| m.readonly),
             });
         }
-        Ok(preopens)
+        Ok((preopens, write_back))
     }
 }
 

@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use tokio::sync::{oneshot, watch};
 
 use super::containers::{ContainerEntry, PreparedProgram, RunSlot};
-use super::guest_config::{GuestSetup, pod_hostname};
+use super::guest_config::{GuestSetup, WriteBack, pod_hostname};
 use super::{Agent, lock};
 use crate::error::{Error, Result};
 use crate::model::container::{ContainerRecord, ExitStatus};
@@ -52,6 +52,8 @@ pub(super) struct Run {
     /// The write end of its stdin (a container created with `stdin`),
     /// shared by attached clients; taken to close it.
     pub(super) stdin: Arc<tokio::sync::Mutex<Option<tokio::io::DuplexStream>>>,
+    /// Copied file mounts whose contents go back to the host at the end.
+    write_back: Vec<WriteBack>,
 }
 
 impl Run {
@@ -203,7 +205,7 @@ impl Agent {
             cause,
             oom: oom.load(std::sync::atomic::Ordering::Relaxed),
         };
-        let guest = self
+        let (guest, write_back) = self
             .instantiate(entry, record, setup)
             .await
             .map_err(failed)?;
@@ -216,6 +218,7 @@ impl Agent {
             log,
             exec_limiter,
             stdin: Arc::new(tokio::sync::Mutex::new(stdin)),
+            write_back,
         });
         let body = match guest {
             Guest::Http(function) => {
@@ -344,6 +347,9 @@ impl Agent {
                     ExitStatus::lost(message.to_owned())
                 }
             };
+            for file in &run.write_back {
+                file.write_back();
+            }
             log.close();
             agent.finish(&owner, Some(run.as_ref()), status);
         });
@@ -372,7 +378,7 @@ impl Agent {
         entry: &ContainerEntry,
         record: &ContainerRecord,
         setup: GuestSetup,
-    ) -> std::result::Result<Guest, GuestError> {
+    ) -> std::result::Result<(Guest, Vec<WriteBack>), GuestError> {
         let image = self
             .inner
             .images
@@ -385,8 +391,9 @@ impl Agent {
             Some(p) => p?,
             None => self.prepare(&image, &record.spec).await?,
         };
-        let config = self.guest_config(&record.id, &image, &record.spec, setup)?;
-        self.inner.engine.instantiate(&prepared, config).await
+        let (config, write_back) = self.guest_config(&record.id, &image, &record.spec, setup)?;
+        let guest = self.inner.engine.instantiate(&prepared, config).await?;
+        Ok((guest, write_back))
     }
 
     /// Records the container's exit (once) in one step: the state, the

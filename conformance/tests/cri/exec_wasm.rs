@@ -490,6 +490,32 @@ async fn file_mounts_like_the_kubelets_etc_hosts_and_termination_log_work() {
     );
 }
 
+/// The kubelet's pod directory is often on another filesystem than the
+/// runtime's root (it bind-mounts its root dir): a file mount there cannot
+/// be linked, and what the guest writes must still reach the host file —
+/// the termination message the kubelet reads after the exit.
+#[tokio::test]
+async fn a_termination_log_on_another_filesystem_reaches_the_host() {
+    let wasmlet = Wasmlet::start().await;
+    let shm = tempfile::Builder::new()
+        .prefix("wasmlet-pod-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let termination = shm.path().join("termination-log");
+    std::fs::write(&termination, "").unwrap();
+    let same_fs = std::fs::hard_link(&termination, wasmlet.root().join("probe-link")).is_ok();
+    assert!(
+        !same_fs,
+        "/dev/shm is on the root's filesystem: the test proves nothing"
+    );
+    let config = ContainerConfigBuilder::new("echo", ECHO_P1)
+        .mount(&termination, "/dev/termination-log", false)
+        .env("WRITE_FILE", "/dev/termination-log");
+    let (status, log) = run(&wasmlet, config).await;
+    assert_eq!(status.exit_code, 0, "{status:?}\n{log:#?}");
+    assert_eq!(std::fs::read_to_string(&termination).unwrap(), "written");
+}
+
 /// Many guests run at once on the agent's async runtime, and the CRI server
 /// keeps answering while they do (even with guests spinning).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
