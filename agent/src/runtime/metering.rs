@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::runtime::limits::{LiveLimits, PodCpu};
+use crate::runtime::limits::{CpuBudget, LiveLimits, PodCpu};
 use crate::runtime::usage::GuestUsage;
 
 fn thread_cpu_nanos() -> u64 {
@@ -30,8 +30,8 @@ pub struct Metered<F> {
     limits: Option<Arc<LiveLimits>>,
     /// Shared quotas (the pod's; an HTTP function's over its instances).
     pod_cpu: Vec<Arc<PodCpu>>,
-    period_start: tokio::time::Instant,
-    used_in_period: u64,
+    /// The guest's own quota's account.
+    budget: CpuBudget,
     throttled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -42,8 +42,7 @@ impl<F> Metered<F> {
             usage,
             limits: None,
             pod_cpu: Vec::new(),
-            period_start: tokio::time::Instant::now(),
-            used_in_period: 0,
+            budget: CpuBudget::new(),
             throttled: None,
         }
     }
@@ -71,8 +70,6 @@ impl<F: Future> Future for Metered<F> {
                 return Poll::Pending;
             }
             this.throttled = None;
-            this.period_start = tokio::time::Instant::now();
-            this.used_in_period = 0;
         }
         let start = thread_cpu_nanos();
         let result = this.inner.as_mut().poll(cx);
@@ -81,15 +78,7 @@ impl<F: Future> Future for Metered<F> {
         if result.is_pending() {
             let mut resume_at = None;
             if let Some((quota, period)) = this.limits.as_ref().and_then(|l| l.cpu_quota()) {
-                let period = std::time::Duration::from_nanos(period);
-                if this.period_start.elapsed() >= period {
-                    this.period_start = tokio::time::Instant::now();
-                    this.used_in_period = 0;
-                }
-                this.used_in_period += spent;
-                if this.used_in_period >= quota {
-                    resume_at = Some(this.period_start + period);
-                }
+                resume_at = this.budget.charge(spent, quota, period);
             }
             for account in &this.pod_cpu {
                 if let Some(until) = account.charge(spent) {
@@ -102,10 +91,7 @@ impl<F: Future> Future for Metered<F> {
                 let mut sleep = Box::pin(tokio::time::sleep_until(until));
                 // Register the wake-up now; the guest's own wake is ignored
                 // until the period ends.
-                if sleep.as_mut().poll(cx).is_ready() {
-                    this.period_start = tokio::time::Instant::now();
-                    this.used_in_period = 0;
-                } else {
+                if sleep.as_mut().poll(cx).is_pending() {
                     this.throttled = Some(sleep);
                 }
             }
@@ -145,18 +131,21 @@ mod tests {
     #[tokio::test]
     async fn a_cpu_quota_throttles_a_busy_future() {
         // A future that burns 2 ms per poll and always asks to be polled
-        // again, like a guest yielding at epoch ticks.
-        struct Busy(std::time::Instant);
+        // again, like a guest yielding at epoch ticks, until it has had
+        // 60 ms of CPU (counted in CPU, not wall, time: the machine may be
+        // busy with other tests).
+        struct Busy(u64);
         impl Future for Busy {
             type Output = ();
-            fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-                if self.0.elapsed() > std::time::Duration::from_millis(600) {
+            fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+                if self.0 >= 60_000_000 {
                     return Poll::Ready(());
                 }
                 let t = thread_cpu_nanos();
                 while thread_cpu_nanos() - t < 2_000_000 {
                     std::hint::black_box(0);
                 }
+                self.0 += thread_cpu_nanos() - t;
                 cx.waker().wake_by_ref();
                 Poll::Pending
             }
@@ -168,14 +157,24 @@ mod tests {
             cpu_period_us: Some(50_000),
             ..Default::default()
         });
-        Metered::new(Busy(std::time::Instant::now()), usage.clone())
+        let started = std::time::Instant::now();
+        Metered::new(Busy(0), usage.clone())
             .with_limits(limits)
             .await;
-        let cpu = usage.cpu_nanos();
+        // 60 ms at 10 ms per 50 ms: five periods waited at the least.
+        let took = started.elapsed();
         assert!(
-            cpu < 300_000_000,
-            "throttled future used {cpu} ns in 600 ms"
+            took >= std::time::Duration::from_millis(240),
+            "60 ms of CPU under a 20% quota took only {took:?}"
         );
-        assert!(usage.throttled_periods() > 3);
+        // It got no more than its share (less when other tests hold the
+        // cores: then it may never have needed throttling).
+        let share = usage.cpu_nanos() as f64 / took.as_nanos() as f64;
+        assert!(
+            share <= 0.26,
+            "a 20% quota let it use {:.0}% ({} throttles)",
+            share * 100.0,
+            usage.throttled_periods()
+        );
     }
 }
