@@ -60,12 +60,20 @@ pub(super) fn pod_hostname(sandbox: &SandboxRecord) -> Option<String> {
     if !sandbox.spec.hostname.is_empty() {
         return Some(sandbox.spec.hostname.clone());
     }
+    // Read once: a host-network pod start is the hot path.
+    static NODE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     sandbox
         .spec
         .host_network
-        .then(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .then(|| {
+            NODE.get_or_init(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .clone()
+        })
         .flatten()
-        .map(|h| h.trim().to_owned())
 }
 
 /// A guest's environment: `HOSTNAME`, then the image's (`KEY=VALUE`
