@@ -24,7 +24,7 @@ mod state;
 
 pub use agent::{
     Agent, AgentConfig, AttachedStdin, Attachment, ContainerUsage, ExecOutput, ExecStdio,
-    ImageInspection, PodUsage, Precompiled, RuntimeInfo, TerminalSize,
+    ImageInspection, NodeMemoryStatus, PodUsage, Precompiled, RuntimeInfo, TerminalSize,
 };
 pub use error::{Error, Result};
 
@@ -33,6 +33,7 @@ pub use images::registry::RegistryConfig;
 pub use network::{CniPaths, NetworkConfig};
 pub use runtime::engine::HTTP_POOL_INSTANCES;
 pub use runtime::http::HttpOptions;
+pub use runtime::node_memory::default_budget as default_node_memory_budget;
 
 // Registry access: what a pull takes and a probe answers, and the client
 // itself for `wasmlet image push`, which runs beside a serving agent.

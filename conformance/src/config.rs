@@ -235,6 +235,17 @@ impl ContainerConfigBuilder {
         self
     }
 
+    /// The `oom_score_adj` the kubelet gives the container by its QoS
+    /// class (BestEffort 1000, Burstable 2–999, Guaranteed -997).
+    pub fn oom_score_adj(mut self, adj: i64) -> Self {
+        let linux = self.config.linux.get_or_insert_with(Default::default);
+        linux
+            .resources
+            .get_or_insert_with(Default::default)
+            .oom_score_adj = adj;
+        self
+    }
+
     /// `stdin: true` (and `stdinOnce`): the container's stdin stays open
     /// for `Attach` clients (closed after the first one leaves, with
     /// `once`).

@@ -38,7 +38,38 @@ pub struct FileConfig {
     pub delegate: Option<DelegateSection>,
     #[serde(default)]
     pub streaming: StreamingSection,
+    #[serde(default)]
+    pub memory: MemorySection,
 }
+
+/// `[memory]`: the node memory guard, which keeps all guests' committed
+/// memory under a budget and ends guests by QoS class when the node is
+/// short, and the agent's own standing with the kernel's OOM killer.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySection {
+    /// The budget, in bytes; 0 turns the guard off. Unset: computed as
+    /// `node_share_percent` of MemTotal (or of the agent's own cgroup
+    /// memory limit when lower) less `node_reserve_bytes`.
+    pub node_budget_bytes: Option<u64>,
+    /// Percent of the node's memory the computed budget takes (90).
+    pub node_share_percent: Option<u64>,
+    /// Bytes the computed budget leaves to the agent itself, the kubelet
+    /// and the system (1 GiB).
+    pub node_reserve_bytes: Option<u64>,
+    /// The agent's own `oom_score_adj` (-998: the kernel ends any other
+    /// process first, but the agent before the kubelet's and containerd's
+    /// -999). Unset in the file means -998; the kernel's range is
+    /// -1000..=1000.
+    pub agent_oom_score_adj: Option<i64>,
+}
+
+/// The computed budget's share of the node's memory, in percent.
+pub const DEFAULT_NODE_SHARE_PERCENT: u64 = 90;
+/// What the computed budget leaves to everything but guests.
+pub const DEFAULT_NODE_RESERVE_BYTES: u64 = 1 << 30;
+/// The agent's own OOM score adjustment.
+pub const DEFAULT_AGENT_OOM_SCORE_ADJ: i64 = -998;
 
 /// `[streaming]`: the server behind Exec, Attach and PortForward.
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +168,10 @@ pub struct Settings {
     pub http_ca_file: Option<PathBuf>,
     pub delegate: Option<DelegateSettings>,
     pub streaming: StreamingConfig,
+    /// The node memory guard's budget (`None`: off).
+    pub node_memory_budget: Option<u64>,
+    /// What the agent sets its own `oom_score_adj` to.
+    pub agent_oom_score_adj: i64,
 }
 
 fn is_root() -> bool {
@@ -261,6 +296,24 @@ impl Settings {
                         .map_or(d.idle_timeout, |s| std::time::Duration::from_secs(s.max(1))),
                 }
             },
+            node_memory_budget: match file.memory.node_budget_bytes {
+                Some(0) => None,
+                Some(bytes) => Some(bytes),
+                None => wasmlet_agent::default_node_memory_budget(
+                    file.memory
+                        .node_share_percent
+                        .unwrap_or(DEFAULT_NODE_SHARE_PERCENT),
+                    file.memory
+                        .node_reserve_bytes
+                        .unwrap_or(DEFAULT_NODE_RESERVE_BYTES),
+                ),
+            },
+            agent_oom_score_adj: match file.memory.agent_oom_score_adj {
+                Some(adj) if !(-1000..=1000).contains(&adj) => {
+                    bail!("memory.agent_oom_score_adj {adj}: expected -1000 to 1000")
+                }
+                adj => adj.unwrap_or(DEFAULT_AGENT_OOM_SCORE_ADJ),
+            },
             delegate: file.delegate.map(|d| DelegateSettings {
                 socket: d.socket,
                 connect_timeout: std::time::Duration::from_secs(
@@ -315,5 +368,33 @@ mod tests {
         assert!(Settings::resolve(Some(&path), None, None).is_err());
         std::fs::write(&path, "cgroup_driver = \"lxc\"\n").unwrap();
         assert!(Settings::resolve(Some(&path), None, None).is_err());
+        std::fs::write(&path, "[memory]\nagent_oom_score_adj = -1001\n").unwrap();
+        assert!(Settings::resolve(Some(&path), None, None).is_err());
+    }
+
+    #[test]
+    fn the_node_memory_budget_is_computed_fixed_or_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let computed = Settings::resolve(None, None, None).unwrap();
+        let budget = computed.node_memory_budget.expect("a computed budget");
+        assert_eq!(computed.agent_oom_score_adj, DEFAULT_AGENT_OOM_SCORE_ADJ);
+        std::fs::write(&path, "[memory]\nnode_reserve_bytes = 0\n").unwrap();
+        let unreserved = Settings::resolve(Some(&path), None, None).unwrap();
+        assert_eq!(
+            unreserved.node_memory_budget,
+            Some(budget + DEFAULT_NODE_RESERVE_BYTES)
+        );
+        std::fs::write(
+            &path,
+            "[memory]\nnode_budget_bytes = 268435456\nagent_oom_score_adj = -500\n",
+        )
+        .unwrap();
+        let fixed = Settings::resolve(Some(&path), None, None).unwrap();
+        assert_eq!(fixed.node_memory_budget, Some(256 << 20));
+        assert_eq!(fixed.agent_oom_score_adj, -500);
+        std::fs::write(&path, "[memory]\nnode_budget_bytes = 0\n").unwrap();
+        let off = Settings::resolve(Some(&path), None, None).unwrap();
+        assert_eq!(off.node_memory_budget, None);
     }
 }

@@ -109,6 +109,7 @@ pub fn resources(r: Option<cri::LinuxContainerResources>) -> Resources {
         cpu_quota_us: positive(r.cpu_quota),
         cpu_period_us: positive(r.cpu_period),
         cpu_shares: positive(r.cpu_shares),
+        oom_score_adj: r.oom_score_adj.clamp(-1000, 1000),
     }
 }
 
@@ -119,6 +120,7 @@ fn linux_resources(r: &Resources) -> cri::LinuxContainerResources {
         cpu_quota: signed(r.cpu_quota_us),
         cpu_period: signed(r.cpu_period_us),
         cpu_shares: signed(r.cpu_shares),
+        oom_score_adj: r.oom_score_adj,
         ..Default::default()
     }
 }

@@ -78,7 +78,19 @@ async fn shutdown_signal() {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    server::set_oom_score_adj(settings.agent_oom_score_adj);
     let agent = server::open_agent(&settings)?;
+    match settings.node_memory_budget {
+        Some(budget) => {
+            tracing::info!(
+                budget_bytes = budget,
+                "node memory guard: guests' committed memory is held under the budget"
+            )
+        }
+        None => tracing::warn!(
+            "node memory guard off: only per-container and per-pod limits hold guests' memory"
+        ),
+    }
     let listener = server::bind(&settings.socket)?;
     server::serve(agent, &settings, listener, shutdown_signal()).await
 }

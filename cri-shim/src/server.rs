@@ -41,6 +41,20 @@ pub fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Sets the agent's own `oom_score_adj`, so the kernel's OOM killer ends
+/// other processes before the one holding every pod's guests (lowering it
+/// needs CAP_SYS_RESOURCE; without it the agent says so and goes on).
+pub fn set_oom_score_adj(adj: i64) {
+    match std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
+        Ok(()) => tracing::info!(oom_score_adj = adj, "set the agent's OOM score adjustment"),
+        Err(error) => tracing::warn!(
+            oom_score_adj = adj,
+            %error,
+            "cannot set the agent's OOM score adjustment (lowering it needs CAP_SYS_RESOURCE); the kernel may choose the agent, and every pod with it, over other processes"
+        ),
+    }
+}
+
 /// Opens the agent for `settings`.
 pub fn open_agent(settings: &Settings) -> anyhow::Result<Agent> {
     Agent::open(AgentConfig {
@@ -51,6 +65,7 @@ pub fn open_agent(settings: &Settings) -> anyhow::Result<Agent> {
         http: settings.http.clone(),
         http_pool_instances: settings.http_pool_instances,
         http_ca_file: settings.http_ca_file.clone(),
+        node_memory_budget: settings.node_memory_budget,
     })
     .with_context(|| format!("opening the state under {:?}", settings.root))
 }

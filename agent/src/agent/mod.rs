@@ -34,6 +34,7 @@ use crate::runtime::engine::WasmEngine;
 use crate::runtime::guest_runtime::GuestRuntime;
 use crate::runtime::http::HttpOptions;
 use crate::runtime::limits::{PodCpu, PodMemory};
+use crate::runtime::node_memory::NodeMemory;
 use crate::state::{Change, StateStore};
 
 pub use exec::{AttachedStdin, Attachment, ExecOutput, ExecStdio, TerminalSize};
@@ -68,6 +69,18 @@ pub struct AgentConfig {
     /// PEM CA certificates functions trust for outgoing HTTPS, besides the
     /// web PKI's roots.
     pub http_ca_file: Option<PathBuf>,
+    /// The node memory guard's budget for all guests' committed memory
+    /// (`None`: only per-container and per-pod limits hold).
+    pub node_memory_budget: Option<u64>,
+}
+
+/// The node memory guard's account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeMemoryStatus {
+    pub budget_bytes: Option<u64>,
+    pub used_bytes: u64,
+    /// Guests ended because the node was short of memory.
+    pub kills: u64,
 }
 
 /// What the runtime reports about itself.
@@ -110,6 +123,8 @@ struct Inner {
     pod_samples: Mutex<HashMap<SandboxId, CpuRate>>,
     /// Each pod's memory account, shared by its containers' limiters.
     pod_memory: Mutex<HashMap<SandboxId, Arc<PodMemory>>>,
+    /// All guests' committed memory against the node's budget.
+    node_memory: Arc<NodeMemory>,
     /// Each pod's CPU account, when the pod has a CPU quota.
     pod_cpu: Mutex<HashMap<SandboxId, Arc<PodCpu>>>,
     /// Programs found in compat images.
@@ -214,6 +229,7 @@ impl Agent {
                 pulls: Mutex::new(HashMap::new()),
                 compile_slots: tokio::sync::Semaphore::new(config.compile_parallelism.max(1)),
                 pod_memory: Mutex::new(HashMap::new()),
+                node_memory: NodeMemory::new(config.node_memory_budget),
                 pod_cpu: Mutex::new(HashMap::new()),
                 pod_samples: Mutex::new(HashMap::new()),
                 programs: Mutex::new(HashMap::new()),
@@ -255,6 +271,17 @@ impl Agent {
     pub async fn remove_orphaned_networks(&self) {
         let known: Vec<SandboxId> = read(&self.inner.sandboxes).keys().cloned().collect();
         self.inner.networks.remove_orphans(&known).await;
+    }
+
+    /// The node memory guard's budget, the guests' committed memory now,
+    /// and how many guests it has ended.
+    pub fn node_memory(&self) -> NodeMemoryStatus {
+        let node = &self.inner.node_memory;
+        NodeMemoryStatus {
+            budget_bytes: node.budget(),
+            used_bytes: node.used(),
+            kills: node.kills(),
+        }
     }
 
     /// Subscribes to sandbox and container lifecycle events from now on.

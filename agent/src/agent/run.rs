@@ -32,6 +32,7 @@ use crate::runtime::http::{HttpExit, HttpFunction, HttpOptions, Metering, StopRe
 use crate::runtime::limits::{LiveLimits, MemoryLimiter, PodCpu};
 use crate::runtime::logs::{ContainerLog, Stream};
 use crate::runtime::metering::Metered;
+use crate::runtime::node_memory::GuestAccount;
 use crate::runtime::usage::GuestUsage;
 use crate::state::Change;
 
@@ -49,6 +50,8 @@ pub(super) struct Run {
     pub(super) log: ContainerLog,
     /// Its memory account, which exec'd instances share.
     pub(super) exec_limiter: MemoryLimiter,
+    /// Its memory on the node, for the node memory guard.
+    node_memory: Arc<GuestAccount>,
     /// The write end of its stdin (a container created with `stdin`),
     /// shared by attached clients; taken to close it.
     pub(super) stdin: Arc<tokio::sync::Mutex<Option<tokio::io::DuplexStream>>>,
@@ -95,10 +98,12 @@ struct Launch {
     body: Body,
 }
 
-/// Why a guest could not start, and whether its memory limit was why.
+/// Why a guest could not start, and whether its memory limit (or the
+/// node's budget) was why.
 struct StartError {
     cause: GuestError,
     oom: bool,
+    node_short: bool,
 }
 
 impl Agent {
@@ -143,6 +148,7 @@ impl Agent {
                         detail: e.to_string(),
                     },
                     oom: false,
+                    node_short: false,
                 },
                 None,
             )),
@@ -156,7 +162,7 @@ impl Agent {
                     log.close();
                 }
                 let status = if error.oom {
-                    ExitStatus::oom_killed(memory_note(&record, &reason))
+                    ExitStatus::oom_killed(memory_note(&record, error.node_short, &reason))
                 } else {
                     ExitStatus::start_error(reason)
                 };
@@ -181,8 +187,13 @@ impl Agent {
         let usage = GuestUsage::new();
         let pod_cpu = self.pod_cpu(sandbox);
         let limits = LiveLimits::new(&record.spec.resources);
-        let limiter =
-            MemoryLimiter::live(limits.clone(), self.pod_memory(sandbox)).with_usage(usage.clone());
+        let limiter = MemoryLimiter::live(
+            limits.clone(),
+            self.pod_memory(sandbox),
+            &self.inner.node_memory,
+        )
+        .with_usage(usage.clone());
+        let node_memory = limiter.account();
         let oom = limiter.oom_flag();
         let exec_limiter = limiter.sibling_with_own_oom();
         let network = self.guest_network(sandbox);
@@ -204,6 +215,7 @@ impl Agent {
         let failed = |cause: GuestError| StartError {
             cause,
             oom: oom.load(std::sync::atomic::Ordering::Relaxed),
+            node_short: node_memory.node_short(),
         };
         let (guest, write_back) = self
             .instantiate(entry, record, setup)
@@ -217,6 +229,7 @@ impl Agent {
             limits: limits.clone(),
             log,
             exec_limiter,
+            node_memory: node_memory.clone(),
             stdin: Arc::new(tokio::sync::Mutex::new(stdin)),
             write_back,
         });
@@ -268,6 +281,13 @@ impl Agent {
         // a retry of the one that made it.
         self.forget_create(&record);
         *lock(&entry.run) = RunSlot::Running(run.clone());
+        // From now on the node memory guard may choose it to end.
+        let chosen = Arc::downgrade(&run);
+        run.node_memory.set_ender(Box::new(move || {
+            if let Some(run) = chosen.upgrade() {
+                run.kill(NODE_SHORT_OF_MEMORY, Duration::ZERO);
+            }
+        }));
         let id = record.id.clone();
         let log = run.log.clone();
         let guest: BoxFuture<'static, ExitStatus> = match body {
@@ -283,9 +303,13 @@ impl Agent {
                     &format!("wasmlet: serving wasi:http on port {}", options.port),
                 );
                 let log = log.clone();
+                let node_memory = run.node_memory.clone();
                 Box::pin(async move {
                     match function.serve(listener, options, metering, kill_rx).await {
                         HttpExit::Drained => ExitStatus::guest(0, String::new()),
+                        HttpExit::Interrupted { .. } if node_memory.doomed() => {
+                            ExitStatus::oom_killed(node_short_note())
+                        }
                         HttpExit::Interrupted { why, requests } => ExitStatus::killed(&format!(
                             "{why}; {requests} request(s) still in flight were interrupted"
                         )),
@@ -304,6 +328,7 @@ impl Agent {
             } => {
                 let memory = record.clone();
                 let (usage, limits, log) = (run.usage.clone(), run.limits.clone(), log.clone());
+                let node_memory = run.node_memory.clone();
                 Box::pin(async move {
                     let running = InNamespace::new(guest.run(), &network);
                     tokio::select! {
@@ -316,12 +341,16 @@ impl Agent {
                                 log.write_line(Stream::Stderr, &exit.message);
                             }
                             if exit.code != 0 && oom.load(std::sync::atomic::Ordering::Relaxed) {
-                                ExitStatus::oom_killed(memory_note(&memory, &exit.message))
+                                ExitStatus::oom_killed(memory_note(&memory, node_memory.node_short(), &exit.message))
                             } else {
                                 ExitStatus::guest(exit.code, exit.message)
                             }
                         }
-                        stop = kill_rx => ExitStatus::killed(stop.map_or("the runtime stopped it", |s| s.why)),
+                        stop = kill_rx => if node_memory.doomed() {
+                            ExitStatus::oom_killed(node_short_note())
+                        } else {
+                            ExitStatus::killed(stop.map_or("the runtime stopped it", |s| s.why))
+                        },
                     }
                 })
             }
@@ -431,8 +460,24 @@ impl Agent {
     }
 }
 
-/// The message of a guest that died at its memory limit.
-fn memory_note(record: &ContainerRecord, message: &str) -> String {
+/// Why the node memory guard ends a guest.
+const NODE_SHORT_OF_MEMORY: &str = "the node ran short of memory for its guests";
+
+/// The message of a guest the node memory guard ended.
+fn node_short_note() -> String {
+    format!(
+        "{NODE_SHORT_OF_MEMORY}: wasmlet ended this guest, ranked first by its oom_score_adj (its QoS class) and size"
+    )
+}
+
+/// The message of a guest that died at its memory limit, or refused
+/// growth by the node's budget.
+fn memory_note(record: &ContainerRecord, node_short: bool, message: &str) -> String {
+    if node_short {
+        return format!(
+            "{NODE_SHORT_OF_MEMORY}: its growth was refused as it ranked first to end: {message}"
+        );
+    }
     match record.spec.resources.memory_limit_bytes {
         Some(limit) => {
             format!("the guest reached its memory limit ({limit} bytes, or its pod's): {message}")

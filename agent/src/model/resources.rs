@@ -17,4 +17,9 @@ pub struct Resources {
     /// Relative CPU weight of busy guests (see `LiveLimits::yield_ticks`).
     #[serde(default)]
     pub cpu_shares: Option<u64>,
+    /// The OOM score the kubelet gives the container by its QoS class
+    /// (BestEffort 1000, Burstable 2–999, Guaranteed -997): the node
+    /// memory guard ends the highest first.
+    #[serde(default)]
+    pub oom_score_adj: i64,
 }

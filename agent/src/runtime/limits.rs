@@ -5,9 +5,10 @@
 //! reported `OOMKilled`, as the kubelet expects.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 use crate::model::resources::Resources;
+use crate::runtime::node_memory::{GuestAccount, NodeMemory, Refused};
 use crate::runtime::usage::GuestUsage;
 
 /// The most instances one store may hold (a component instantiates a few
@@ -71,6 +72,7 @@ pub struct LiveLimits {
     cpu_quota_us: AtomicU64,
     cpu_period_us: AtomicU64,
     cpu_shares: AtomicU64,
+    oom_score_adj: AtomicI64,
 }
 
 /// The longest a guest runs before yielding, in epoch ticks.
@@ -95,6 +97,13 @@ impl LiveLimits {
             .store(r.cpu_period_us.unwrap_or(0), Ordering::Relaxed);
         self.cpu_shares
             .store(r.cpu_shares.unwrap_or(0), Ordering::Relaxed);
+        self.oom_score_adj
+            .store(r.oom_score_adj.clamp(-1000, 1000), Ordering::Relaxed);
+    }
+
+    /// The container's OOM score adjustment (its rank for the node guard).
+    pub fn oom_score_adj(&self) -> i64 {
+        self.oom_score_adj.load(Ordering::Relaxed)
     }
 
     /// How many epoch ticks the guest runs before it yields to others:
@@ -255,8 +264,8 @@ pub struct MemoryLimiter {
     pod: Arc<PodMemory>,
     /// This store's charged bytes.
     used: u64,
-    /// The container's: the sum over its siblings.
-    container_used: Arc<AtomicU64>,
+    /// The container's run on the node: the sum over its siblings.
+    account: Arc<GuestAccount>,
     oom: Arc<AtomicBool>,
     usage: Option<Arc<GuestUsage>>,
 }
@@ -269,7 +278,7 @@ impl MemoryLimiter {
             memory_limit_bytes: limit,
             ..Default::default()
         };
-        Self::live(LiveLimits::new(&resources), pod)
+        Self::live(LiveLimits::new(&resources), pod, &NodeMemory::unlimited())
     }
 
     /// The live limits this limiter follows.
@@ -278,13 +287,13 @@ impl MemoryLimiter {
     }
 
     /// A limiter whose container limit follows `live` (updated while the
-    /// guest runs).
-    pub fn live(live: Arc<LiveLimits>, pod: Arc<PodMemory>) -> Self {
+    /// guest runs), charging `pod` and `node`.
+    pub fn live(live: Arc<LiveLimits>, pod: Arc<PodMemory>, node: &Arc<NodeMemory>) -> Self {
         Self {
+            account: node.account(live.clone()),
             live,
             pod,
             used: 0,
-            container_used: Arc::new(AtomicU64::new(0)),
             oom: Arc::new(AtomicBool::new(false)),
             usage: None,
         }
@@ -297,7 +306,7 @@ impl MemoryLimiter {
             live: self.live.clone(),
             pod: self.pod.clone(),
             used: 0,
-            container_used: self.container_used.clone(),
+            account: self.account.clone(),
             oom: self.oom.clone(),
             usage: self.usage.clone(),
         }
@@ -311,7 +320,7 @@ impl MemoryLimiter {
             live: self.live.clone(),
             pod: self.pod.clone(),
             used: 0,
-            container_used: self.container_used.clone(),
+            account: self.account.clone(),
             oom: Arc::new(AtomicBool::new(false)),
             usage: self.usage.clone(),
         }
@@ -334,21 +343,23 @@ impl MemoryLimiter {
         self.oom.clone()
     }
 
+    /// The container run's account with the node (to end it when the
+    /// node is short of memory).
+    pub fn account(&self) -> Arc<GuestAccount> {
+        self.account.clone()
+    }
+
     fn charge(&mut self, bytes: u64) -> bool {
-        let limit = self.limit();
-        let container_ok = self
-            .container_used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                let total = used.saturating_add(bytes);
-                (limit.is_none_or(|l| total <= l)).then_some(total)
-            })
-            .is_ok();
-        if !container_ok {
+        // The pod first: the node ends no one for growth its pod refuses.
+        if !self.pod.try_charge(bytes) {
             self.oom.store(true, Ordering::Relaxed);
             return false;
         }
-        if !self.pod.try_charge(bytes) {
-            self.container_used.fetch_sub(bytes, Ordering::AcqRel);
+        if let Err(refused) = self.account.charge(bytes, self.limit()) {
+            self.pod.release(bytes);
+            if refused == Refused::Node {
+                self.account.note_node_short();
+            }
             self.oom.store(true, Ordering::Relaxed);
             return false;
         }
@@ -363,7 +374,7 @@ impl MemoryLimiter {
 impl Drop for MemoryLimiter {
     fn drop(&mut self) {
         self.pod.release(self.used);
-        self.container_used.fetch_sub(self.used, Ordering::AcqRel);
+        self.account.release(self.used);
         if let Some(usage) = &self.usage {
             usage.sub_memory(self.used);
         }

@@ -21,5 +21,6 @@ pub(crate) mod http;
 pub(crate) mod limits;
 pub(crate) mod logs;
 pub(crate) mod metering;
+pub(crate) mod node_memory;
 pub(crate) mod stdio;
 pub(crate) mod usage;

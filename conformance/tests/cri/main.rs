@@ -28,6 +28,7 @@ mod limits;
 mod log_rotation;
 mod network;
 mod networked;
+mod node_memory;
 mod play;
 mod pull;
 mod registry_common;
