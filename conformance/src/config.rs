@@ -182,7 +182,7 @@ impl ContainerConfigBuilder {
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.config.envs.push(cri::KeyValue {
             key: key.into(),
-            value: value.into(),
+            value: value.into().into_bytes(),
         });
         self
     }

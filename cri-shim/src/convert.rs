@@ -75,7 +75,10 @@ pub fn sandbox_spec(
                 hosts_file: None,
             })
             .unwrap_or_default(),
-        resources: resources(config.linux.and_then(|l| l.resources)),
+        resources: config
+            .linux
+            .map(|l| pod_resources(l.overhead, l.resources))
+            .unwrap_or_default(),
         joined: None,
     })
 }
@@ -110,6 +113,26 @@ pub fn resources(r: Option<cri::LinuxContainerResources>) -> Resources {
         cpu_period_us: positive(r.cpu_period),
         cpu_shares: positive(r.cpu_shares),
         oom_score_adj: r.oom_score_adj.clamp(-1000, 1000),
+    }
+}
+
+/// A pod's limits as the kubelet sizes its cgroup: the sum of its
+/// containers' resources plus the pod's overhead (RuntimeClass
+/// `overhead`). No pod-level limit where the containers' sum has none.
+pub fn pod_resources(
+    overhead: Option<cri::LinuxContainerResources>,
+    sum: Option<cri::LinuxContainerResources>,
+) -> Resources {
+    let sum = resources(sum);
+    let overhead = resources(overhead);
+    let plus = |a: Option<u64>, b: Option<u64>| a.map(|a| a.saturating_add(b.unwrap_or(0)));
+    Resources {
+        memory_limit_bytes: plus(sum.memory_limit_bytes, overhead.memory_limit_bytes),
+        // Overhead's quota counts in the pod's period (the kubelet uses
+        // the same 100 ms for both).
+        cpu_quota_us: plus(sum.cpu_quota_us, overhead.cpu_quota_us),
+        cpu_shares: plus(sum.cpu_shares, overhead.cpu_shares),
+        ..sum
     }
 }
 
@@ -169,8 +192,14 @@ pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerS
         envs: config
             .envs
             .into_iter()
-            .map(|kv| (kv.key, kv.value))
-            .collect(),
+            .map(|kv| match String::from_utf8(kv.value) {
+                Ok(value) => Ok((kv.key, value)),
+                Err(_) => Err(Error::InvalidArgument(format!(
+                    "the value of environment variable {:?} is not UTF-8, which a Wasm guest's environment must be",
+                    kv.key
+                ))),
+            })
+            .collect::<Result<_>>()?,
         mounts,
         labels: btree(config.labels),
         annotations: btree(config.annotations),
@@ -448,6 +477,8 @@ pub fn container_status(r: &ContainerRecord, image: Option<&ImageRecord>) -> cri
         }),
         image_id: r.image_id.to_string(),
         user: None,
+        // A Wasm guest takes no signals: the runtime's default stop.
+        stop_signal: cri::Signal::RuntimeDefault as i32,
     }
 }
 
@@ -460,6 +491,7 @@ fn cpu(u: &Usage) -> cri::CpuUsage {
         timestamp: u.timestamp.as_nanos(),
         usage_core_nano_seconds: u64_value(u.cpu_nanos),
         usage_nano_cores: u64_value(u.nano_cores),
+        psi: None,
     }
 }
 
@@ -472,6 +504,7 @@ fn memory(u: &Usage) -> cri::MemoryUsage {
         rss_bytes: u64_value(u.working_set_bytes),
         page_faults: u64_value(0),
         major_page_faults: u64_value(0),
+        psi: None,
     }
 }
 
@@ -487,6 +520,7 @@ pub fn container_stats(c: &ContainerUsage) -> cri::ContainerStats {
         memory: Some(memory(&c.usage)),
         writable_layer: None,
         swap: None,
+        io: None,
     }
 }
 
@@ -510,6 +544,7 @@ pub fn pod_stats(p: &PodUsage) -> cri::PodSandboxStats {
                 ),
             }),
             containers: p.containers.iter().map(container_stats).collect(),
+            io: None,
         }),
         windows: None,
     }

@@ -345,6 +345,19 @@ impl RuntimeService for Cri {
         ok(cri::UpdateContainerResourcesResponse {})
     }
 
+    async fn update_pod_sandbox_resources(
+        &self,
+        req: Request<cri::UpdatePodSandboxResourcesRequest>,
+    ) -> Reply<cri::UpdatePodSandboxResourcesResponse> {
+        let req = req.into_inner();
+        let id = convert::sandbox_id(&req.pod_sandbox_id).map_err(to_status)?;
+        let resources = convert::pod_resources(req.overhead, req.resources);
+        self.agent
+            .update_pod_sandbox_resources(&id, resources)
+            .map_err(to_status)?;
+        ok(cri::UpdatePodSandboxResourcesResponse {})
+    }
+
     async fn reopen_container_log(
         &self,
         req: Request<cri::ReopenContainerLogRequest>,

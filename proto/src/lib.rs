@@ -1,9 +1,10 @@
 //! Wire types spoken by wasmlet.
 //!
-//! This crate owns the wire: the CRI v1 messages, clients and servers come
-//! from the `k8s-cri` crate and are re-exported here so that every other
-//! crate (the shim, the conformance harness) names one version of them;
-//! wasmlet's own admin API ([`admin`], what CRI has no words for) is
+//! This crate owns the wire: the CRI v1 messages, clients and servers are
+//! generated here from the vendored `proto/runtime/v1/api.proto`
+//! (k8s.io/cri-api v0.35.7, which has `UpdatePodSandboxResources`), so that
+//! every other crate (the shim, the conformance harness) names one version
+//! of them; wasmlet's own admin API ([`admin`], what CRI has no words for) is
 //! generated here from `proto/wasmlet/admin/v1/admin.proto`; and
 //! [`connect_unix`] opens the client side of a CRI unix socket, so every
 //! client dials the same way. It must not know anything about Wasm or about
@@ -14,7 +15,12 @@ use std::path::Path;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Error, Uri};
 
-pub use k8s_cri::v1 as cri;
+/// CRI v1 (`runtime.v1`): messages, the runtime and image services'
+/// clients and servers.
+pub mod cri {
+    #![allow(clippy::all)]
+    tonic::include_proto!("runtime.v1");
+}
 
 /// wasmlet's admin API (`wasmlet.admin.v1`), served beside CRI on the same
 /// socket: image inspection, precompiling, the Wasm side of running guests.

@@ -14,6 +14,7 @@ use super::{Agent, ContainerEntry, TRIM_EVERY, lock, read, write};
 use crate::error::{Error, Result};
 use crate::model::events::LifecycleKind;
 use crate::model::ids::{ContainerId, SandboxId};
+use crate::model::resources::Resources;
 use crate::model::sandbox::{SandboxFilter, SandboxRecord, SandboxSpec};
 use crate::model::time::Timestamp;
 use crate::network::NetworkRequest;
@@ -396,15 +397,41 @@ impl Agent {
         out
     }
 
-    /// The CPU account of a pod with a CPU quota, made on first use.
+    /// The CPU account of a pod, made on first use; it follows the pod's
+    /// quota (none while it has none).
     pub(super) fn pod_cpu(&self, sandbox: &SandboxRecord) -> Option<Arc<PodCpu>> {
-        let mut accounts = lock(&self.inner.pod_cpu);
-        if let Some(account) = accounts.get(&sandbox.id) {
-            return Some(account.clone());
+        Some(
+            lock(&self.inner.pod_cpu)
+                .entry(sandbox.id.clone())
+                .or_insert_with(|| PodCpu::for_pod(&sandbox.spec.resources))
+                .clone(),
+        )
+    }
+
+    /// UpdatePodSandboxResources: the pod-level limits (the sum of its
+    /// containers' and the pod's overhead, as the kubelet resized the pod's
+    /// cgroup) are stored with the pod and hold for its running guests at
+    /// once: memory growth from now on, CPU time from the next period.
+    pub fn update_pod_sandbox_resources(&self, id: &SandboxId, resources: Resources) -> Result<()> {
+        let entry = self.sandbox(id)?;
+        let mut record = lock(&entry.record);
+        if record.spec.joined.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "pod sandbox {id} belongs to another runtime; update it there"
+            )));
         }
-        let account = PodCpu::new(&sandbox.spec.resources)?;
-        accounts.insert(sandbox.id.clone(), account.clone());
-        Some(account)
+        self.inner.state.update_sync(&mut record, |r| {
+            r.spec.resources = resources.clone();
+            Ok(true)
+        })?;
+        if let Some(memory) = lock(&self.inner.pod_memory).get(id) {
+            memory.set_limit(resources.memory_limit_bytes);
+        }
+        if let Some(cpu) = lock(&self.inner.pod_cpu).get(id) {
+            cpu.set(&resources);
+        }
+        tracing::info!(sandbox_id = %id, ?resources, "pod sandbox resources updated");
+        Ok(())
     }
 
     /// The memory account of a pod, made on first use.

@@ -22,19 +22,27 @@ pub const MAX_TABLE_ELEMENTS: usize = 10_000_000;
 /// What a table element is charged (a pointer).
 const TABLE_ELEMENT_BYTES: u64 = 8;
 
-/// A pod's shared memory account.
+/// A pod's shared memory account. Its limit follows the pod's resources
+/// (UpdatePodSandboxResources changes it while the pod runs).
 #[derive(Debug, Default)]
 pub struct PodMemory {
-    limit: Option<u64>,
+    /// Zero: no pod-level limit.
+    limit: AtomicU64,
     used: AtomicU64,
 }
 
 impl PodMemory {
     pub fn new(limit: Option<u64>) -> Arc<Self> {
         Arc::new(Self {
-            limit,
+            limit: AtomicU64::new(limit.unwrap_or(0)),
             used: AtomicU64::new(0),
         })
+    }
+
+    /// Changes the limit; growth from now on is held to it (what the pod
+    /// already holds stays, as a cgroup's usage above a lowered limit).
+    pub fn set_limit(&self, limit: Option<u64>) {
+        self.limit.store(limit.unwrap_or(0), Ordering::Release);
     }
 
     /// Bytes charged to the pod now.
@@ -44,7 +52,7 @@ impl PodMemory {
     }
 
     fn try_charge(&self, bytes: u64) -> bool {
-        let Some(limit) = self.limit else {
+        let Some(limit) = Some(self.limit.load(Ordering::Acquire)).filter(|l| *l > 0) else {
             self.used.fetch_add(bytes, Ordering::Relaxed);
             return true;
         };
@@ -201,43 +209,31 @@ fn cfs_nanos(quota_us: u64, period_us: u64) -> (u64, u64) {
 
 /// A shared CPU account: a pod-level quota (`linux.resources` of the
 /// sandbox), whose containers' CPU time is summed per period, or an HTTP
-/// function's own quota, summed over its concurrent instances.
+/// function's own quota, summed over its concurrent instances. The quota
+/// is read live: a container's follows UpdateContainerResources, a pod's
+/// UpdatePodSandboxResources.
 #[derive(Debug)]
 pub struct PodCpu {
-    limit: CpuLimit,
+    live: Arc<LiveLimits>,
     budget: std::sync::Mutex<CpuBudget>,
 }
 
-#[derive(Debug)]
-enum CpuLimit {
-    /// Quota and period, in nanoseconds.
-    Fixed(u64, u64),
-    /// Whatever the container's live limits say now (updated by
-    /// UpdateContainerResources).
-    Live(Arc<LiveLimits>),
-}
-
 impl PodCpu {
-    /// An account for `r`'s CPU quota; `None` when the pod has none.
-    pub fn new(r: &Resources) -> Option<Arc<Self>> {
-        let quota = r.cpu_quota_us.filter(|q| *q > 0)?;
-        let period = r
-            .cpu_period_us
-            .filter(|p| *p > 0)
-            .unwrap_or(DEFAULT_CPU_PERIOD_US);
-        let (quota, period) = cfs_nanos(quota, period);
-        Some(Self::with(CpuLimit::Fixed(quota, period)))
+    /// A pod's account, following its quota (none while it has none).
+    pub fn for_pod(r: &Resources) -> Arc<Self> {
+        Self::following(LiveLimits::new(r))
+    }
+
+    /// Changes a pod's quota.
+    pub fn set(&self, r: &Resources) {
+        self.live.set(r);
     }
 
     /// An account following a container's live quota (none while it has
     /// none).
     pub fn following(live: Arc<LiveLimits>) -> Arc<Self> {
-        Self::with(CpuLimit::Live(live))
-    }
-
-    fn with(limit: CpuLimit) -> Arc<Self> {
         Arc::new(Self {
-            limit,
+            live,
             budget: std::sync::Mutex::new(CpuBudget::new()),
         })
     }
@@ -245,10 +241,7 @@ impl PodCpu {
     /// Charges `spent` nanoseconds; returns when the pod may run again if
     /// it has used its quota for this period.
     pub fn charge(&self, spent: u64) -> Option<tokio::time::Instant> {
-        let (quota_ns, period_ns) = match &self.limit {
-            CpuLimit::Fixed(quota, period) => (*quota, *period),
-            CpuLimit::Live(live) => live.cpu_quota()?,
-        };
+        let (quota_ns, period_ns) = self.live.cpu_quota()?;
         self.budget
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

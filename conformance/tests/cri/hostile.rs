@@ -103,7 +103,10 @@ async fn send(wasmlet: &Wasmlet, cri: &mut CriClient, case: Case) -> Result<(), 
         container.envs = case
             .envs
             .into_iter()
-            .map(|(key, value)| cri::KeyValue { key, value })
+            .map(|(key, value)| cri::KeyValue {
+                key,
+                value: value.into_bytes(),
+            })
             .collect();
         container.annotations = case.annotations;
         let linux = container.linux.get_or_insert_default();

@@ -25,7 +25,7 @@ use wasmlet_conformance::{POD_UID_LABEL, cri};
 
 use crate::daemon::Wasmlet;
 use crate::networked::test_network;
-use crate::{ECHO_P1, SLEEPER_P1};
+use crate::{ECHO_P1, HELLO_HTTP_P2, SLEEPER_P1};
 
 /// How long a pod may take to be scheduled, started and run to its end.
 const POD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -81,13 +81,14 @@ async fn kube_node_runs_wasm_pods() {
     eprintln!("kube: node Ready in {:?}", started.elapsed());
 
     let mut outcomes = vec![timed("node registers Ready", node_registers_ready(&node)).await];
-    let (completes, exit_code, crash_loop, deleted) = tokio::join!(
+    let (completes, exit_code, crash_loop, deleted, resized) = tokio::join!(
         timed("run to completion", run_to_completion(&node)),
         timed("exit code", exit_code(&node)),
         timed("crash loop", crash_loop(&node)),
         timed("delete leaves nothing", delete_leaves_nothing(&node)),
+        timed("in-place resize", in_place_resize(&node)),
     );
-    outcomes.extend([completes, exit_code, crash_loop, deleted]);
+    outcomes.extend([completes, exit_code, crash_loop, deleted, resized]);
     let failures: Vec<String> = outcomes.into_iter().filter_map(Result::err).collect();
     // Panicking while the node is up prints every component's log.
     assert!(
@@ -345,6 +346,96 @@ async fn crash_loop(node: &Node) -> Outcome {
     if last["exitCode"] != 7 {
         return Err(format!(
             "in CrashLoopBackOff, but the last termination is {last}, not exit code 7"
+        ));
+    }
+    Ok(())
+}
+
+/// An in-place resize (`kubectl patch --subresource resize`) of a running
+/// function's memory, 16Mi → 64Mi, reaches both its container's limit
+/// (UpdateContainerResources) and its pod's (UpdatePodSandboxResources):
+/// a 30 MiB request refused before is served after.
+async fn in_place_resize(node: &Node) -> Outcome {
+    let cluster = &node.cluster;
+    let (ns, name) = ("resize", "function");
+    let memory = |m: &str| json!({"requests": {"memory": m, "cpu": "100m"}, "limits": {"memory": m, "cpu": "100m"}});
+    let manifest = wasm_pod(
+        ns,
+        name,
+        HELLO_HTTP_P2,
+        "Always",
+        json!({
+            "ports": [{"containerPort": 8080}],
+            "resources": memory("16Mi"),
+            "resizePolicy": [{"resourceName": "memory", "restartPolicy": "NotRequired"}],
+        }),
+    );
+    create(cluster, ns, &manifest).await?;
+    let pod = cluster
+        .wait_pod(ns, name, "Running", POD_TIMEOUT, |pod| {
+            phase(pod) == "Running" && pod["status"]["podIP"].is_string()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let ip = pod["status"]["podIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let alloc = |mib: u32| {
+        let net = &node.net;
+        let ip = ip.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+            loop {
+                match net.http_get(
+                    &ip,
+                    8080,
+                    &format!("/alloc?mib={mib}"),
+                    Duration::from_secs(10),
+                ) {
+                    Ok((code, _)) => return Ok(code),
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        return Err(format!("GET /alloc?mib={mib} at {ip}: {e}"));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+    };
+    let before = alloc(30).await?;
+    if before != 500 {
+        return Err(format!(
+            "30 MiB under a 16Mi limit answered {before}, not 500"
+        ));
+    }
+    let patch = json!({"spec": {"containers": [{"name": name, "resources": memory("64Mi")}]}});
+    cluster
+        .kubectl(
+            &[
+                "patch",
+                "pod",
+                name,
+                "-n",
+                ns,
+                "--subresource",
+                "resize",
+                "--patch",
+                &patch.to_string(),
+            ],
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    cluster
+        .wait_pod(ns, name, "resized to 64Mi", POD_TIMEOUT, |pod| {
+            container_status(pod)["resources"]["limits"]["memory"] == "64Mi"
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let after = alloc(30).await?;
+    if after != 200 {
+        return Err(format!(
+            "30 MiB after the resize to 64Mi answered {after}, not 200 (the pod-level limit did not follow?)"
         ));
     }
     Ok(())

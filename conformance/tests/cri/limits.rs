@@ -125,3 +125,91 @@ async fn the_pod_memory_limit_caps_its_containers_together() {
         .unwrap();
     assert_eq!(status.exit_code, 0, "{status:?}");
 }
+
+/// UpdatePodSandboxResources (an in-place pod resize) moves the pod-level
+/// limit of a running pod: a guest its old limit refused fits under the
+/// new one, the running holder is untouched, the pod's overhead counts,
+/// and an unknown pod is NotFound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_place_pod_resize_moves_the_pod_memory_limit() {
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let mut pod_config = wasmlet.pod().build();
+    pod_config.linux = Some(cri::LinuxPodSandboxConfig {
+        resources: memory_limit(16 * MIB),
+        ..Default::default()
+    });
+    let pod = cri.run_pod(pod_config).await.unwrap();
+    let holder = ContainerConfigBuilder::new("holder", HOG_P1)
+        .env("HOG_LIMIT_MIB", "4")
+        .env("HOG_HOLD", "1")
+        .build();
+    let holder_log = pod.container_log(&holder);
+    let holder_id = cri.start(&pod, holder).await.unwrap();
+    wasmlet_conformance::wait_for_log(&holder_log, GUEST_TIMEOUT, "4 MiB held", |records| {
+        stream_lines(records, Stream::Stdout)
+            .iter()
+            .any(|l| l == "done holding 4 MiB")
+    })
+    .await
+    .unwrap();
+    let needs_30 = |attempt: u32| {
+        ContainerConfigBuilder::new("thirty", HOG_P1)
+            .attempt(attempt)
+            .env("HOG_LIMIT_MIB", "30")
+            .build()
+    };
+    let refused = cri
+        .run_to_exit(&pod, needs_30(0), GUEST_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (refused.exit_code, refused.reason.as_str()),
+        (137, "OOMKilled"),
+        "{refused:?}"
+    );
+
+    // 48 MiB for the containers and 16 MiB of overhead: 64 MiB in all.
+    cri.runtime()
+        .update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest {
+            pod_sandbox_id: pod.id.clone(),
+            overhead: memory_limit(16 * MIB),
+            resources: memory_limit(48 * MIB),
+        })
+        .await
+        .unwrap();
+    let fits = cri
+        .run_to_exit(&pod, needs_30(1), GUEST_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(
+        (fits.exit_code, fits.reason.as_str()),
+        (0, "Completed"),
+        "{fits:?}"
+    );
+    let holder = cri.container_status(&holder_id).await.unwrap();
+    assert_eq!(
+        holder.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{holder:?}"
+    );
+    // 4 + 30 + 34 > 64: still a limit, the new one.
+    let too_much = ContainerConfigBuilder::new("too-much", HOG_P1)
+        .env("HOG_LIMIT_MIB", "64")
+        .build();
+    let status = cri
+        .run_to_exit(&pod, too_much, GUEST_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(status.reason, "OOMKilled", "{status:?}");
+
+    let unknown = cri
+        .runtime()
+        .update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest {
+            pod_sandbox_id: "0".repeat(64),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+}

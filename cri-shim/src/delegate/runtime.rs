@@ -149,6 +149,24 @@ impl RuntimeService for Routed {
         }
     }
 
+    async fn update_pod_sandbox_resources(
+        &self,
+        req: Request<cri::UpdatePodSandboxResourcesRequest>,
+    ) -> Reply<cri::UpdatePodSandboxResourcesResponse> {
+        let req = req.into_inner();
+        // A pod with Wasm containers joined to it is the downstream
+        // runtime's pod, with its cgroup: it takes the update.
+        if self.pod_side(&req.pod_sandbox_id) == PodSide::Wasm {
+            return RuntimeService::update_pod_sandbox_resources(&self.local, Request::new(req))
+                .await;
+        }
+        self.down
+            .runtime()
+            .update_pod_sandbox_resources(req)
+            .await
+            .map_err(|s| self.down.error(s))
+    }
+
     async fn pod_sandbox_status(
         &self,
         req: Request<cri::PodSandboxStatusRequest>,

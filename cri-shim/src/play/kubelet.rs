@@ -152,7 +152,10 @@ impl PodIdentity<'_> {
             envs: container
                 .env()
                 .into_iter()
-                .map(|(key, value)| cri::KeyValue { key, value })
+                .map(|(key, value)| cri::KeyValue {
+                    key,
+                    value: value.into_bytes(),
+                })
                 .collect(),
             mounts: mounts(container, volumes)?,
             labels,
