@@ -81,14 +81,15 @@ async fn kube_node_runs_wasm_pods() {
     eprintln!("kube: node Ready in {:?}", started.elapsed());
 
     let mut outcomes = vec![timed("node registers Ready", node_registers_ready(&node)).await];
-    let (completes, exit_code, crash_loop, deleted, resized) = tokio::join!(
+    let (completes, exit_code, crash_loop, deleted, resized, metrics) = tokio::join!(
         timed("run to completion", run_to_completion(&node)),
         timed("exit code", exit_code(&node)),
         timed("crash loop", crash_loop(&node)),
         timed("delete leaves nothing", delete_leaves_nothing(&node)),
         timed("in-place resize", in_place_resize(&node)),
+        timed("resource metrics", resource_metrics(&node)),
     );
-    outcomes.extend([completes, exit_code, crash_loop, deleted, resized]);
+    outcomes.extend([completes, exit_code, crash_loop, deleted, resized, metrics]);
     let failures: Vec<String> = outcomes.into_iter().filter_map(Result::err).collect();
     // Panicking while the node is up prints every component's log.
     assert!(
@@ -439,6 +440,60 @@ async fn in_place_resize(node: &Node) -> Outcome {
         ));
     }
     Ok(())
+}
+
+/// What metrics-server scrapes for `kubectl top` and the HPA — the
+/// kubelet's `/metrics/resource` — carries a running Wasm container's CPU
+/// and memory, with the kubelet configured as the README says (the
+/// `PodAndContainerStatsFromCRI` gate off: the kubelet's CRI stats
+/// provider reads ListPodSandboxStats and ListContainerStats).
+async fn resource_metrics(node: &Node) -> Outcome {
+    let cluster = &node.cluster;
+    let (ns, name) = ("resource-metrics", "sleeper");
+    let manifest = wasm_pod(ns, name, SLEEPER_P1, "Always", json!({}));
+    create(cluster, ns, &manifest).await?;
+    cluster
+        .wait_pod(ns, name, "Running", POD_TIMEOUT, |pod| {
+            phase(pod) == "Running"
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let path = format!(
+        "/api/v1/nodes/{}/proxy/metrics/resource",
+        cluster.node_name()
+    );
+    let labels = format!(r#"{{container="{name}",namespace="{ns}",pod="{name}"}}"#);
+    let pod_labels = format!(r#"{{namespace="{ns}",pod="{name}"}}"#);
+    let wanted = [
+        format!("container_cpu_usage_seconds_total{labels}"),
+        format!("container_memory_working_set_bytes{labels}"),
+        format!("pod_cpu_usage_seconds_total{pod_labels}"),
+        format!("pod_memory_working_set_bytes{pod_labels}"),
+    ];
+    let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+    loop {
+        let text = cluster
+            .kubectl(&["get", "--raw", &path], None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let value = |series: &str| {
+            text.lines()
+                .find(|l| l.starts_with(series))
+                .and_then(|l| l[series.len()..].split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+        };
+        let missing: Vec<&String> = wanted.iter().filter(|w| value(w).is_none()).collect();
+        let memory = value(&wanted[1]).unwrap_or(0.0);
+        if missing.is_empty() && memory > 0.0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{path} lacks {missing:?} (or the working set is 0: {memory}):\n{text}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// The runtime's sandboxes and containers of the pod with `uid`.
