@@ -7,8 +7,9 @@ use serde::Deserialize;
 
 use super::{Credentials, Registry, anonymous_refusal, classify, failure};
 use crate::error::{RegistryFailure, Result};
+use crate::images::rootfs::Compression;
 use crate::model::ids::Digest;
-use crate::model::image::ImageName;
+use crate::model::image::{ImageConfig, ImageName};
 
 /// Wasm layer media types in use today.
 pub const WASM_LAYER_MEDIA_TYPES: &[&str] = &[
@@ -103,6 +104,11 @@ const VARIANT_ANNOTATION: &str = "module.wasm.image/variant";
 /// The largest image config read to learn an image's platform.
 const MAX_PROBED_CONFIG: u64 = 1024 * 1024;
 
+/// The largest image config a pull accepts. A config is read whole into
+/// memory and what it lists (entrypoint, command, environment) is kept
+/// with the image; real ones are a few KiB, a long history a few hundred.
+pub(super) const MAX_IMAGE_CONFIG: u64 = 4 * 1024 * 1024;
+
 #[derive(Deserialize)]
 struct ConfigPlatform {
     #[serde(default)]
@@ -123,6 +129,198 @@ pub(super) fn parse_manifest(reference: &str, bytes: &[u8]) -> Result<Manifest> 
             RegistryFailure::Invalid,
             format!("manifest is not valid JSON: {e}"),
         )
+    })
+}
+
+/// A blob a pull will download: its descriptor, and its digest checked.
+pub(super) struct Blob<'m> {
+    pub(super) digest: Digest,
+    pub(super) descriptor: &'m Descriptor,
+}
+
+/// What a pull downloads for an image manifest, every descriptor checked
+/// before the first byte of content is.
+pub(super) enum PullPlan<'m> {
+    /// A Wasm image: its config and its one Wasm layer.
+    Wasm { config: Blob<'m>, layer: Blob<'m> },
+    /// A compat image: its (OCI or Docker) config and its tar layers,
+    /// lowest first.
+    Compat {
+        config: Blob<'m>,
+        layers: Vec<(Blob<'m>, Compression)>,
+    },
+}
+
+/// `d` with its digest checked: sha256, as the store keeps blobs.
+fn blob<'m>(reference: &str, d: &'m Descriptor) -> Result<Blob<'m>> {
+    let digest = Digest::parse(&d.digest).map_err(|_| {
+        failure(
+            reference,
+            RegistryFailure::Invalid,
+            format!("descriptor digest {:?} is not sha256", d.digest),
+        )
+    })?;
+    Ok(Blob {
+        digest,
+        descriptor: d,
+    })
+}
+
+/// Whether `top` is an index (or Docker manifest list), and if so the
+/// digest of the manifest to pull in its stead: its Wasm entry's.
+pub(super) fn index_entry(reference: &str, top: &Manifest) -> Result<Option<Digest>> {
+    if !(top.media_type == OCI_INDEX
+        || top.media_type == DOCKER_LIST
+        || (!top.manifests.is_empty() && top.config.is_none()))
+    {
+        return Ok(None);
+    }
+    let entry = choose_wasm_platform(&top.manifests).ok_or_else(|| {
+        let found: Vec<String> = top
+            .manifests
+            .iter()
+            .map(|m| {
+                m.platform.as_ref().map_or("(no platform)".to_owned(), |p| {
+                    format!("{}/{}", p.os, p.architecture)
+                })
+            })
+            .collect();
+        failure(
+            reference,
+            RegistryFailure::NotWasm,
+            format!(
+                "the image index has no Wasm platform (os wasip1/wasip2/wasi or architecture wasm); it has {}",
+                found.join(", ")
+            ),
+        )
+    })?;
+    let digest = Digest::parse(&entry.digest).map_err(|_| {
+        failure(
+            reference,
+            RegistryFailure::Invalid,
+            format!("index entry digest {:?} is not sha256", entry.digest),
+        )
+    })?;
+    Ok(Some(digest))
+}
+
+/// What pulling the image `manifest` describes takes, or why it is
+/// refused: no config, a blob over `max_blob_bytes` (or a config over
+/// [`MAX_IMAGE_CONFIG`]), a digest that is not sha256, not Wasm, or more
+/// than one Wasm layer.
+pub(super) fn plan<'m>(
+    reference: &str,
+    manifest: &'m Manifest,
+    max_blob_bytes: u64,
+) -> Result<PullPlan<'m>> {
+    let config = manifest.config.as_ref().ok_or_else(|| {
+        failure(
+            reference,
+            RegistryFailure::Invalid,
+            "the manifest has no config",
+        )
+    })?;
+    // Refuse oversized content before downloading any of it.
+    for d in std::iter::once(config).chain(&manifest.layers) {
+        if d.size > max_blob_bytes {
+            return Err(failure(
+                reference,
+                RegistryFailure::TooLarge,
+                format!(
+                    "blob {} is {} bytes, over the {} byte limit",
+                    d.digest, d.size, max_blob_bytes
+                ),
+            ));
+        }
+    }
+    if config.size > MAX_IMAGE_CONFIG {
+        return Err(failure(
+            reference,
+            RegistryFailure::TooLarge,
+            format!(
+                "image config {} is {} bytes, over the {MAX_IMAGE_CONFIG} byte limit",
+                config.digest, config.size
+            ),
+        ));
+    }
+    let wasm_layers: Vec<&Descriptor> = manifest
+        .layers
+        .iter()
+        .filter(|l| WASM_LAYER_MEDIA_TYPES.contains(&l.media_type.as_str()))
+        .collect();
+    match wasm_layers.as_slice() {
+        [one] => Ok(PullPlan::Wasm {
+            config: blob(reference, config)?,
+            layer: blob(reference, one)?,
+        }),
+        [] => {
+            let tar_layers: Option<Vec<Compression>> = manifest
+                .layers
+                .iter()
+                .map(|l| Compression::of_media_type(&l.media_type))
+                .collect();
+            match tar_layers {
+                Some(compressions)
+                    if !compressions.is_empty()
+                        && IMAGE_CONFIG_MEDIA_TYPES.contains(&config.media_type.as_str()) =>
+                {
+                    let layers = manifest
+                        .layers
+                        .iter()
+                        .zip(compressions)
+                        .map(|(l, c)| Ok((blob(reference, l)?, c)))
+                        .collect::<Result<_>>()?;
+                    Ok(PullPlan::Compat {
+                        config: blob(reference, config)?,
+                        layers,
+                    })
+                }
+                _ => {
+                    let mut seen = vec![format!("config {}", config.media_type)];
+                    seen.extend(
+                        manifest
+                            .layers
+                            .iter()
+                            .map(|l| format!("layer {}", l.media_type)),
+                    );
+                    Err(failure(
+                        reference,
+                        RegistryFailure::NotWasm,
+                        format!(
+                            "the image is not Wasm: media types seen: {}",
+                            seen.join(", ")
+                        ),
+                    ))
+                }
+            }
+        }
+        _ => Err(failure(
+            reference,
+            RegistryFailure::Invalid,
+            format!(
+                "the image has {} Wasm layers; exactly one is supported",
+                wasm_layers.len()
+            ),
+        )),
+    }
+}
+
+/// The parts of an OCI or Docker image config that decide how a compat
+/// image's program runs; absent and `null` fields are empty.
+pub(super) fn parse_image_config(reference: &str, bytes: &[u8]) -> Result<ImageConfig> {
+    let parsed: OciImageConfig = serde_json::from_slice(bytes).map_err(|e| {
+        failure(
+            reference,
+            RegistryFailure::Invalid,
+            format!("image config is not valid JSON: {e}"),
+        )
+    })?;
+    let runtime = parsed.config.unwrap_or_default();
+    Ok(ImageConfig {
+        entrypoint: runtime.entrypoint.unwrap_or_default(),
+        cmd: runtime.cmd.unwrap_or_default(),
+        env: runtime.env.unwrap_or_default(),
+        working_dir: runtime.working_dir.unwrap_or_default(),
     })
 }
 
@@ -240,11 +438,16 @@ impl Registry {
             ..Default::default()
         };
         let registry = oci_ref.resolve_registry().to_owned();
-        let mut bytes = Vec::with_capacity(config.size as usize);
+        // A registry sending more than the descriptor says is cut off.
+        let mut out = super::pull::LimitedWriter {
+            inner: Vec::with_capacity(config.size as usize),
+            left: config.size,
+        };
         client
-            .pull_blob(&oci_ref, &descriptor, &mut bytes)
+            .pull_blob(&oci_ref, &descriptor, &mut out)
             .await
             .map_err(|e| classify(reference, &registry, e))?;
+        let bytes = out.inner;
         if Digest::of(&bytes).as_str() != config.digest {
             return Err(failure(
                 reference,
@@ -269,6 +472,9 @@ impl Registry {
         })
     }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

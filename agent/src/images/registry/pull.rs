@@ -5,15 +5,14 @@ use oci_client::{Client, Reference};
 use tokio::io::AsyncWriteExt;
 
 use super::manifest::{
-    DOCKER_LIST, Descriptor, IMAGE_CONFIG_MEDIA_TYPES, Manifest, OCI_INDEX, OciImageConfig,
-    WASM_LAYER_MEDIA_TYPES, choose_wasm_platform, parse_manifest,
+    Blob, Manifest, PullPlan, index_entry, parse_image_config, parse_manifest, plan,
 };
 use super::{Credentials, Registry, classify, failure};
 use crate::error::{Error, RegistryFailure, Result};
 use crate::images::rootfs::{Compression, RootfsError};
 use crate::images::store::{ImageStore, NewImage};
 use crate::model::ids::Digest;
-use crate::model::image::{ImageConfig, ImageName, ImageRecord, WasmKind};
+use crate::model::image::{ImageName, ImageRecord, WasmKind};
 
 /// Blobs a pull added to the store (not there before it).
 #[derive(Default)]
@@ -43,16 +42,10 @@ impl Registry {
         fresh: &Fresh,
         store: &ImageStore,
         reference: &Reference,
-        d: &Descriptor,
+        blob: &Blob<'_>,
         shown: &str,
     ) -> Result<Digest> {
-        let digest = Digest::parse(&d.digest).map_err(|_| {
-            failure(
-                shown,
-                RegistryFailure::Invalid,
-                format!("descriptor digest {:?} is not sha256", d.digest),
-            )
-        })?;
+        let (digest, d) = (blob.digest.clone(), blob.descriptor);
         if d.size > self.config.max_blob_bytes {
             return Err(failure(
                 shown,
@@ -153,121 +146,52 @@ impl Registry {
             .await?;
         let top: Manifest = parse_manifest(reference, &top_bytes)?;
         let mut blobs = Vec::new();
-        let (manifest_bytes, manifest_digest, manifest) = if top.media_type == OCI_INDEX
-            || top.media_type == DOCKER_LIST
-            || (!top.manifests.is_empty() && top.config.is_none())
-        {
-            let entry = choose_wasm_platform(&top.manifests).ok_or_else(|| {
-                let found: Vec<String> = top
-                    .manifests
-                    .iter()
-                    .map(|m| m.platform.as_ref().map_or("(no platform)".to_owned(), |p| format!("{}/{}", p.os, p.architecture)))
-                    .collect();
-                failure(
-                    reference,
-                    RegistryFailure::NotWasm,
-                    format!("the image index has no Wasm platform (os wasip1/wasip2/wasi or architecture wasm); it has {}", found.join(", ")),
-                )
-            })?;
-            let by_digest: Reference = format!("{}@{}", name.repository, entry.digest)
-                .parse()
-                .map_err(|e| {
-                    failure(
-                        reference,
-                        RegistryFailure::Invalid,
-                        format!("index entry digest: {e}"),
-                    )
-                })?;
-            let (bytes, digest) = self
-                .fetch_manifest(client, &by_digest, &auth, reference)
-                .await?;
-            let manifest: Manifest = parse_manifest(reference, &bytes)?;
-            blobs.push(fresh.write(store, &top_bytes)?);
-            (bytes, digest, manifest)
-        } else {
-            (top_bytes, top_digest.clone(), top)
-        };
+        let (manifest_bytes, manifest_digest, manifest) =
+            if let Some(entry) = index_entry(reference, &top)? {
+                let by_digest: Reference =
+                    format!("{}@{entry}", name.repository)
+                        .parse()
+                        .map_err(|e| {
+                            failure(
+                                reference,
+                                RegistryFailure::Invalid,
+                                format!("index entry digest: {e}"),
+                            )
+                        })?;
+                let (bytes, digest) = self
+                    .fetch_manifest(client, &by_digest, &auth, reference)
+                    .await?;
+                let manifest: Manifest = parse_manifest(reference, &bytes)?;
+                blobs.push(fresh.write(store, &top_bytes)?);
+                (bytes, digest, manifest)
+            } else {
+                (top_bytes, top_digest.clone(), top)
+            };
 
-        let config = manifest.config.as_ref().ok_or_else(|| {
-            failure(
-                reference,
-                RegistryFailure::Invalid,
-                "the manifest has no config",
-            )
-        })?;
-        // Refuse oversized content before downloading any of it.
-        for d in std::iter::once(config).chain(&manifest.layers) {
-            if d.size > self.config.max_blob_bytes {
-                return Err(failure(
-                    reference,
-                    RegistryFailure::TooLarge,
-                    format!(
-                        "blob {} is {} bytes, over the {} byte limit",
-                        d.digest, d.size, self.config.max_blob_bytes
-                    ),
-                ));
-            }
-        }
-        let wasm_layers: Vec<&Descriptor> = manifest
-            .layers
-            .iter()
-            .filter(|l| WASM_LAYER_MEDIA_TYPES.contains(&l.media_type.as_str()))
-            .collect();
-        let wasm_layer = match wasm_layers.as_slice() {
-            [one] => *one,
-            [] => {
-                let tar_layers = !manifest.layers.is_empty()
-                    && manifest
-                        .layers
-                        .iter()
-                        .all(|l| Compression::of_media_type(&l.media_type).is_some());
-                if IMAGE_CONFIG_MEDIA_TYPES.contains(&config.media_type.as_str()) && tar_layers {
-                    return self
-                        .pull_compat(
-                            client,
-                            fresh,
-                            store,
-                            &oci_ref,
-                            &name,
-                            reference,
-                            &top_digest,
-                            (manifest_bytes, manifest_digest, &manifest),
-                            blobs,
-                        )
-                        .await;
-                }
-                let mut seen = vec![format!("config {}", config.media_type)];
-                seen.extend(
-                    manifest
-                        .layers
-                        .iter()
-                        .map(|l| format!("layer {}", l.media_type)),
-                );
-                return Err(failure(
-                    reference,
-                    RegistryFailure::NotWasm,
-                    format!(
-                        "the image is not Wasm: media types seen: {}",
-                        seen.join(", ")
-                    ),
-                ));
-            }
-            _ => {
-                return Err(failure(
-                    reference,
-                    RegistryFailure::Invalid,
-                    format!(
-                        "the image has {} Wasm layers; exactly one is supported",
-                        wasm_layers.len()
-                    ),
-                ));
+        let (config, wasm_layer) = match plan(reference, &manifest, self.config.max_blob_bytes)? {
+            PullPlan::Wasm { config, layer } => (config, layer),
+            PullPlan::Compat { config, layers } => {
+                return self
+                    .pull_compat(
+                        client,
+                        fresh,
+                        store,
+                        &oci_ref,
+                        &name,
+                        reference,
+                        &top_digest,
+                        (&manifest_bytes, manifest_digest),
+                        (config, layers),
+                        blobs,
+                    )
+                    .await;
             }
         };
         let config_digest = self
-            .fetch_blob(client, fresh, store, &oci_ref, config, reference)
+            .fetch_blob(client, fresh, store, &oci_ref, &config, reference)
             .await?;
         let wasm_digest = self
-            .fetch_blob(client, fresh, store, &oci_ref, wasm_layer, reference)
+            .fetch_blob(client, fresh, store, &oci_ref, &wasm_layer, reference)
             .await?;
         let header = store.read_blob_prefix(&wasm_digest, 8)?;
         let wasm_kind = WasmKind::detect(&header).ok_or_else(|| {
@@ -276,14 +200,16 @@ impl Registry {
                 RegistryFailure::NotWasm,
                 format!(
                     "layer {wasm_digest} ({}) is not a WebAssembly binary",
-                    wasm_layer.media_type
+                    wasm_layer.descriptor.media_type
                 ),
             )
         })?;
         blobs.push(fresh.write(store, &manifest_bytes)?);
         blobs.push(config_digest.clone());
         blobs.push(wasm_digest.clone());
-        let size = manifest_bytes.len() as u64 + config.size + wasm_layer.size;
+        let size = (manifest_bytes.len() as u64)
+            .saturating_add(config.descriptor.size)
+            .saturating_add(wasm_layer.descriptor.size);
         let record = store.add_image(NewImage {
             name: &name,
             repo_digest: &top_digest,
@@ -312,44 +238,24 @@ impl Registry {
         name: &ImageName,
         reference: &str,
         top_digest: &Digest,
-        (manifest_bytes, manifest_digest, manifest): (Vec<u8>, Digest, &Manifest),
+        (manifest_bytes, manifest_digest): (&[u8], Digest),
+        (config_blob, layer_blobs): (Blob<'_>, Vec<(Blob<'_>, Compression)>),
         mut blobs: Vec<Digest>,
     ) -> Result<ImageRecord> {
-        let config_desc = manifest.config.as_ref().ok_or_else(|| {
-            failure(
-                reference,
-                RegistryFailure::Invalid,
-                "the manifest has no config",
-            )
-        })?;
+        let size = layer_blobs.iter().fold(
+            (manifest_bytes.len() as u64).saturating_add(config_blob.descriptor.size),
+            |sum, (l, _)| sum.saturating_add(l.descriptor.size),
+        );
         let config_digest = self
-            .fetch_blob(client, fresh, store, oci_ref, config_desc, reference)
+            .fetch_blob(client, fresh, store, oci_ref, &config_blob, reference)
             .await?;
-        let config_bytes = store.read_blob(&config_digest)?;
-        let parsed: OciImageConfig = serde_json::from_slice(&config_bytes).map_err(|e| {
-            failure(
-                reference,
-                RegistryFailure::Invalid,
-                format!("image config is not valid JSON: {e}"),
-            )
-        })?;
-        let runtime = parsed.config.unwrap_or_default();
-        let config = ImageConfig {
-            entrypoint: runtime.entrypoint.unwrap_or_default(),
-            cmd: runtime.cmd.unwrap_or_default(),
-            env: runtime.env.unwrap_or_default(),
-            working_dir: runtime.working_dir.unwrap_or_default(),
-        };
+        let config = parse_image_config(reference, &store.read_blob(&config_digest)?)?;
         let mut layers = Vec::new();
-        let mut size = manifest_bytes.len() as u64 + config_desc.size;
-        for layer in &manifest.layers {
+        for (layer, compression) in &layer_blobs {
             let digest = self
                 .fetch_blob(client, fresh, store, oci_ref, layer, reference)
                 .await?;
-            let compression =
-                Compression::of_media_type(&layer.media_type).unwrap_or(Compression::None);
-            layers.push((store.blob_path(&digest), compression));
-            size += layer.size;
+            layers.push((store.blob_path(&digest), *compression));
             blobs.push(digest);
         }
         let rootfs = store.rootfs_path(&config_digest);
@@ -384,7 +290,7 @@ impl Registry {
                 format!("the image's entrypoint {program:?} is not a WebAssembly file"),
             )
         })?;
-        blobs.push(fresh.write(store, &manifest_bytes)?);
+        blobs.push(fresh.write(store, manifest_bytes)?);
         blobs.push(config_digest.clone());
         let record = store.add_image(NewImage {
             name,
@@ -426,12 +332,12 @@ fn refused(reference: &str, why: RootfsError, kind: RegistryFailure) -> Error {
 }
 
 /// Fails the write once more than `left` bytes arrive.
-struct LimitedWriter {
-    inner: tokio::fs::File,
-    left: u64,
+pub(super) struct LimitedWriter<W> {
+    pub(super) inner: W,
+    pub(super) left: u64,
 }
 
-impl tokio::io::AsyncWrite for LimitedWriter {
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for LimitedWriter<W> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,

@@ -30,6 +30,19 @@ pub enum RootfsError {
         source: Arc<std::io::Error>,
     },
 
+    /// The layers' tar streams (headers and skipped data included) are
+    /// longer than the limits allow.
+    #[error(
+        "layer {layer} ({compression:?}): the layers hold more than {max} bytes of tar data \
+         (the byte limit plus {} bytes of headers per allowed entry)",
+        super::HEADER_BYTES_PER_ENTRY
+    )]
+    StreamTooLarge {
+        layer: String,
+        compression: Compression,
+        max: u64,
+    },
+
     /// The node's own filesystem failed (making the root, opening a blob,
     /// moving the root into place).
     #[error("{what} {path:?}: {source}")]
@@ -85,7 +98,7 @@ impl RootfsError {
             RootfsError::Entry {
                 source: EntryError::TooManyEntries { .. } | EntryError::TooLarge { .. },
                 ..
-            }
+            } | RootfsError::StreamTooLarge { .. }
         )
     }
 }

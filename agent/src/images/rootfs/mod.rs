@@ -8,7 +8,16 @@
 //! anything past the size limit are refused with an error naming the
 //! entry. Unpacking happens in a temporary directory that is renamed into
 //! place only when every layer succeeded: nothing partial is ever visible.
+//!
+//! The limits bound what a layer can cost however its headers lie: a file
+//! counts for the size its PAX record gives (the size the tar reader
+//! copies), directories made for an entry's missing parents count as
+//! entries, and the tar stream as a whole (headers, long names, PAX
+//! records, data of entries that are skipped) may not exceed the byte limit
+//! plus [`HEADER_BYTES_PER_ENTRY`] per allowed entry, so a gzip bomb ends in
+//! an error, not a full disk or memory.
 
+use std::cell::Cell;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +26,8 @@ use cap_std::ambient_authority;
 use cap_std::fs::Dir;
 
 mod error;
+#[cfg(test)]
+mod fuzz;
 pub use error::{EntryError, RootfsError};
 
 /// How a layer blob is compressed, from its media type.
@@ -40,13 +51,53 @@ impl Compression {
     }
 }
 
-/// Limits on what unpacking may produce.
+/// Limits on what unpacking may produce. The layers' decompressed tar
+/// streams may hold `max_bytes` plus [`HEADER_BYTES_PER_ENTRY`] per allowed
+/// entry, whatever their entries claim.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Total bytes of regular files across all layers.
     pub max_bytes: u64,
     /// Total entries across all layers.
     pub max_entries: u64,
+}
+
+/// What the tar stream may carry per allowed entry besides file data: its
+/// header, padding, and a long name or PAX record.
+pub const HEADER_BYTES_PER_ENTRY: u64 = 4096;
+
+impl Limits {
+    /// The most bytes all layers' (decompressed) tar streams may hold.
+    fn stream_bytes(&self) -> u64 {
+        self.max_bytes
+            .saturating_add(self.max_entries.saturating_mul(HEADER_BYTES_PER_ENTRY))
+    }
+}
+
+/// A reader that fails once more than `left` bytes have been read
+/// through it, and says so in `exceeded`.
+struct Budgeted<'a, R> {
+    inner: R,
+    left: &'a Cell<u64>,
+    exceeded: &'a Cell<bool>,
+}
+
+impl<R: Read> Read for Budgeted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left.get();
+        // One byte past the budget tells a stream that ends exactly on it
+        // from one that goes on.
+        let want = buf
+            .len()
+            .min(usize::try_from(left.saturating_add(1)).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > left {
+            self.exceeded.set(true);
+            return Err(std::io::Error::other("the layers exceed their byte limit"));
+        }
+        self.left.set(left - n as u64);
+        Ok(n)
+    }
 }
 
 /// Normalises a tar entry path to a relative path inside the root.
@@ -89,11 +140,41 @@ struct Unpacker {
     limits: Limits,
     bytes: u64,
     entries: u64,
+    /// What is left of [`Limits::stream_bytes`].
+    stream_left: u64,
 }
 
 impl Unpacker {
     /// Unpacks one layer; `layer` and `compression` name it in errors.
     fn layer(
+        &mut self,
+        reader: impl Read,
+        layer: &str,
+        compression: Compression,
+    ) -> Result<(), RootfsError> {
+        let left = Cell::new(self.stream_left);
+        let exceeded = Cell::new(false);
+        let result = self.entries_of(
+            Budgeted {
+                inner: reader,
+                left: &left,
+                exceeded: &exceeded,
+            },
+            layer,
+            compression,
+        );
+        self.stream_left = left.get();
+        if exceeded.get() {
+            return Err(RootfsError::StreamTooLarge {
+                layer: layer.to_owned(),
+                compression,
+                max: self.limits.stream_bytes(),
+            });
+        }
+        result
+    }
+
+    fn entries_of(
         &mut self,
         reader: impl Read,
         layer: &str,
@@ -130,12 +211,26 @@ impl Unpacker {
                 max: self.limits.max_entries,
             });
         }
+        let kind = entry.header().entry_type();
+        if kind == tar::EntryType::XGlobalHeader {
+            // Metadata for the archive as a whole; containerd ignores it too.
+            return Ok(());
+        }
         let path = inside(raw)?;
         let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
             return Ok(()); // the root itself
         };
         let parent = path.parent().unwrap_or(Path::new(""));
-        if !parent.as_os_str().is_empty() {
+        if !parent.as_os_str().is_empty() && self.root.symlink_metadata(parent).is_err() {
+            // Every directory this may make counts as an entry.
+            self.entries = self
+                .entries
+                .saturating_add(parent.components().count() as u64);
+            if self.entries > self.limits.max_entries {
+                return Err(EntryError::TooManyEntries {
+                    max: self.limits.max_entries,
+                });
+            }
             self.root.create_dir_all(parent)?;
         }
         // Whiteouts: remove what lower layers put there.
@@ -154,15 +249,15 @@ impl Unpacker {
         if let Some(hidden) = name.strip_prefix(".wh.") {
             return self.remove(&parent.join(hidden));
         }
-        let kind = entry.header().entry_type();
         if !kind.is_dir() {
             self.remove(&path)?;
         }
         match kind {
             tar::EntryType::Directory => Ok(self.root.create_dir_all(&path)?),
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = entry.header().size()?;
-                self.bytes += size;
+                // The size the reader copies: a PAX record's, if any, not
+                // the header's.
+                self.bytes = self.bytes.saturating_add(entry.size());
                 if self.bytes > self.limits.max_bytes {
                     return Err(EntryError::TooLarge {
                         max: self.limits.max_bytes,
@@ -177,9 +272,7 @@ impl Unpacker {
                     .link_name()?
                     .ok_or(EntryError::NoTarget { kind: "symlink" })?
                     .into_owned();
-                if !symlink_stays_inside(&path, &target) {
-                    return Err(EntryError::SymlinkEscapes { target });
-                }
+                self.check_symlink(parent, &target)?;
                 Ok(self.root.symlink(&target, &path)?)
             }
             tar::EntryType::Link => {
@@ -188,6 +281,11 @@ impl Unpacker {
                     .ok_or(EntryError::NoTarget { kind: "hard link" })?
                     .into_owned();
                 let target = inside(&target)?;
+                // A hard link to a symlink is that symlink in another
+                // directory, where its target may lead elsewhere.
+                if let Ok(contents) = self.root.read_link_contents(&target) {
+                    self.check_symlink(parent, &contents)?;
+                }
                 Ok(self.root.hard_link(&target, &self.root, &path)?)
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
@@ -197,6 +295,21 @@ impl Unpacker {
             other => Err(EntryError::Unsupported {
                 kind: format!("{other:?}"),
             }),
+        }
+    }
+
+    /// Refuses a symlink `target` that leaves the root when read from the
+    /// directory `parent` really is (which symlinks among its components
+    /// may put elsewhere than its name says).
+    fn check_symlink(&self, parent: &Path, target: &Path) -> Result<(), EntryError> {
+        let escapes = || EntryError::SymlinkEscapes {
+            target: target.to_owned(),
+        };
+        let parent = canonical_inside(&self.root, parent).map_err(|_| escapes())?;
+        if symlink_stays_inside(&parent.join("link"), target) {
+            Ok(())
+        } else {
+            Err(escapes())
         }
     }
 
@@ -229,6 +342,7 @@ pub fn unpack(
             limits,
             bytes: 0,
             entries: 0,
+            stream_left: limits.stream_bytes(),
         };
         for (blob, compression) in layers {
             let name = blob
