@@ -259,6 +259,26 @@ impl TestNetwork {
         Ok(text)
     }
 
+    /// Gives pods made from now on a route to `cidr` through the bridge
+    /// (their gateway): for a range the host itself routes locally, such
+    /// as a test cluster's Service addresses. The CNI configuration is read
+    /// at every RunPodSandbox, as containerd reads it.
+    pub fn add_route(&self, cidr: &str) -> Result<(), String> {
+        let path = self.dir.path().join("net.d/10-wasmlet-test.conflist");
+        let text = std::fs::read(&path).map_err(|e| e.to_string())?;
+        let mut conf: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+        let routes = conf["plugins"][0]["ipam"]["routes"]
+            .as_array_mut()
+            .ok_or("the test network's configuration has no routes")?;
+        routes.push(serde_json::json!({"dst": cidr}));
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&conf).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())
+    }
+
     /// `GET path` over HTTP/1.1 (one request, then close); the status and
     /// the body.
     pub fn http_get(

@@ -57,9 +57,14 @@ impl Node {
             ))
             .start()
             .await;
-        let cluster = Cluster::start(binaries, ClusterOptions::new(wasmlet.socket()))
+        let cluster = Cluster::start(binaries, ClusterOptions::new(wasmlet.socket()).kube_proxy())
             .await
             .unwrap_or_else(|e| panic!("starting the cluster: {e}"));
+        // Pods reach Services through their gateway: the host routes the
+        // Service range to the node's own interface, where kube-proxy's
+        // rules send it on to pods (never off the machine).
+        net.add_route(&cluster.service_cidr())
+            .unwrap_or_else(|e| panic!("routing pods to Services: {e}"));
         Node {
             cluster,
             wasmlet,
@@ -80,16 +85,22 @@ async fn kube_node_runs_wasm_pods() {
     let mut node = Node::start(&binaries).await;
     eprintln!("kube: node Ready in {:?}", started.elapsed());
 
-    let mut outcomes = vec![timed("node registers Ready", node_registers_ready(&node)).await];
-    let (completes, exit_code, crash_loop, deleted, resized, metrics) = tokio::join!(
+    let mut outcomes = vec![
+        timed("node registers Ready", node_registers_ready(&node)).await,
+        timed("deploy manifests", deploy_manifests(&node)).await,
+    ];
+    let (completes, exit_code, crash_loop, deleted, resized, metrics, services) = tokio::join!(
         timed("run to completion", run_to_completion(&node)),
         timed("exit code", exit_code(&node)),
         timed("crash loop", crash_loop(&node)),
         timed("delete leaves nothing", delete_leaves_nothing(&node)),
         timed("in-place resize", in_place_resize(&node)),
         timed("resource metrics", resource_metrics(&node)),
+        timed("services", services(&node)),
     );
-    outcomes.extend([completes, exit_code, crash_loop, deleted, resized, metrics]);
+    outcomes.extend([
+        completes, exit_code, crash_loop, deleted, resized, metrics, services,
+    ]);
     let failures: Vec<String> = outcomes.into_iter().filter_map(Result::err).collect();
     // Panicking while the node is up prints every component's log.
     assert!(
@@ -177,6 +188,45 @@ async fn node_registers_ready(node: &Node) -> Outcome {
             "RuntimeClass {RUNTIME_CLASS} has handler {}",
             class["handler"]
         ));
+    }
+    Ok(())
+}
+
+/// deploy/'s manifests (the RuntimeClasses, the installer's DaemonSet and
+/// its RBAC) are valid for this API server: `kubectl apply
+/// --dry-run=server` runs them through its validation and admission (the
+/// namespace made for real first).
+async fn deploy_manifests(node: &Node) -> Outcome {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let dir = dir.to_string_lossy();
+    // A dry run creates nothing, so the namespaced objects need their
+    // namespace to exist.
+    node.cluster
+        .create_namespace("wasmlet-system")
+        .await
+        .map_err(|e| e.to_string())?;
+    let out = node
+        .cluster
+        .kubectl(&["apply", "--dry-run=server", "-f", &dir], None)
+        .await
+        .map_err(|e| e.to_string())?;
+    for object in [
+        "runtimeclass.node.k8s.io/wasm",
+        "runtimeclass.node.k8s.io/wasmtime",
+        "namespace/wasmlet-system",
+        "serviceaccount/wasmlet-installer",
+        "clusterrole.rbac.authorization.k8s.io/wasmlet-installer",
+        "clusterrolebinding.rbac.authorization.k8s.io/wasmlet-installer",
+        "daemonset.apps/wasmlet-installer",
+    ] {
+        if !out
+            .lines()
+            .any(|l| l.starts_with(object) && l.contains("(server dry run)"))
+        {
+            return Err(format!(
+                "kubectl apply --dry-run=server did not take {object}:\n{out}"
+            ));
+        }
     }
     Ok(())
 }
@@ -494,6 +544,281 @@ async fn resource_metrics(node: &Node) -> Outcome {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Whether `ip` routes through the interface `iface` (the node's own,
+/// which holds every ClusterIP).
+fn routes_via(iface: &str, ip: &str) -> Result<bool, String> {
+    let route = std::process::Command::new("ip")
+        .args(["route", "get", ip])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let route = String::from_utf8_lossy(&route.stdout);
+    Ok(route.contains(&format!(" dev {iface} ")) || route.contains(&format!(" dev {iface}\n")))
+}
+
+/// `GET path` at `ip:port` from the host, once `ip` is checked to route
+/// through the node's own interface (a ClusterIP, the node's address) or
+/// the pods' bridge: never off the machine.
+fn host_get(node: &Node, ip: &str, port: u16, path: &str) -> Result<(u16, String), String> {
+    // The node's own address is local: it is the interface's.
+    let local = ip == node.cluster.node_ip().to_string();
+    if !local && !routes_via(node.cluster.node_interface(), ip)? {
+        node.net.check_route(ip)?;
+    }
+    get_checked(ip, port, path)
+}
+
+/// `GET path` over plain HTTP/1.1; the caller has checked the route.
+fn get_checked(ip: &str, port: u16, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(5);
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().map_err(|e| format!("{e}"))?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {ip}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    wasmlet_conformance::pod_network::parse_response(&raw)
+}
+
+/// The name of the replica that answered ("hello from NAME path=...").
+fn replica(body: &str) -> Option<String> {
+    body.strip_prefix("hello from ")?
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+}
+
+/// Services through kube-proxy (iptables mode) in front of a wasi:http
+/// Deployment: the ClusterIP answers from the node and spreads over both
+/// replicas; a NodePort answers on the node's address; another Wasm pod
+/// reaches the Service through `wasi:http/outgoing-handler` by its
+/// ClusterIP and by a name from its /etc/hosts; and a rollout (readiness
+/// gating the endpoints, the kubelet's preStop sleep draining them) serves
+/// every request while the replicas are replaced.
+async fn services(node: &Node) -> Outcome {
+    let cluster = &node.cluster;
+    let ns = "services";
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "web"}},
+            "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "runtimeClassName": RUNTIME_CLASS,
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "web",
+                        "image": HELLO_HTTP_P2,
+                        "imagePullPolicy": "Never",
+                        "ports": [{"containerPort": 8080}],
+                        "env": [{"name": "HELLO_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1},
+                        "lifecycle": {"preStop": {"sleep": {"seconds": 2}}},
+                    }],
+                },
+            },
+        },
+    });
+    let service = |name: &str, kind: &str| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "type": kind,
+                "selector": {"app": "web"},
+                "ports": [{"port": 80, "targetPort": 8080}],
+            },
+        })
+    };
+    create(cluster, ns, &deployment.to_string()).await?;
+    cluster
+        .apply(&service("web", "ClusterIP").to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    cluster
+        .apply(&service("web-node", "NodePort").to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let available = |want: u64| async move {
+        let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+        loop {
+            let d = cluster
+                .get_json(&["get", "deployment", "web", "-n", ns])
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = &d["status"];
+            if status["updatedReplicas"] == want
+                && status["readyReplicas"] == want
+                && status["replicas"] == want
+                && d["metadata"]["generation"] == status["observedGeneration"]
+            {
+                return Ok::<(), String>(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "deployment web never had {want} ready replicas: {status}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    available(2).await?;
+    let svc = cluster
+        .get_json(&["get", "service", "web", "-n", ns])
+        .await
+        .map_err(|e| e.to_string())?;
+    let cluster_ip = svc["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // kube-proxy syncs its rules a moment after the endpoints change.
+    let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut last: Option<String>;
+    while seen.len() < 2 {
+        match host_get(node, &cluster_ip, 80, "/") {
+            Ok((200, body)) => {
+                seen.extend(replica(&body));
+                last = Some(body);
+            }
+            Ok(other) => return Err(format!("ClusterIP {cluster_ip} answered {other:?}")),
+            Err(e) => last = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "ClusterIP {cluster_ip} answered only from {seen:?} (last: {last:?})"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let node_port = cluster
+        .get_json(&["get", "service", "web-node", "-n", ns])
+        .await
+        .map_err(|e| e.to_string())?["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .unwrap_or_default() as u16;
+    let node_ip = cluster.node_ip().to_string();
+    match host_get(node, &node_ip, node_port, "/") {
+        Ok((200, body)) if replica(&body).is_some() => {}
+        other => return Err(format!("NodePort {node_ip}:{node_port} answered {other:?}")),
+    }
+
+    // From another Wasm pod: by ClusterIP, and by a name its /etc/hosts
+    // holds (hostAliases), through wasi:http/outgoing-handler.
+    let mut client = serde_json::from_str::<Value>(&wasm_pod(
+        ns,
+        "client",
+        HELLO_HTTP_P2,
+        "Always",
+        json!({"ports": [{"containerPort": 8080}]}),
+    ))
+    .map_err(|e| e.to_string())?;
+    client["spec"]["hostAliases"] = json!([{"ip": cluster_ip, "hostnames": ["web"]}]);
+    cluster
+        .apply(&client.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let client = cluster
+        .wait_pod(ns, "client", "Running", POD_TIMEOUT, |pod| {
+            phase(pod) == "Running" && pod["status"]["podIP"].is_string()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let client_ip = client["status"]["podIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    for url in [format!("http://{cluster_ip}/"), "http://web/".to_owned()] {
+        let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+        loop {
+            let answer = node.net.http_get(
+                &client_ip,
+                8080,
+                &format!("/fetch?url={url}"),
+                Duration::from_secs(10),
+            );
+            match answer {
+                Ok((200, body)) if body.starts_with("fetched 200 hello from web-") => break,
+                other if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!("the client pod fetching {url} got {other:?}"));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    // A rollout while a client keeps asking: no request fails.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asking = {
+        let stop = stop.clone();
+        let ip = cluster_ip.clone();
+        let iface = cluster.node_interface().to_owned();
+        if !routes_via(&iface, &ip)? {
+            return Err(format!("refusing {ip}: it does not route through {iface}"));
+        }
+        tokio::task::spawn_blocking(move || {
+            let mut answered = std::collections::BTreeSet::new();
+            let mut failures = Vec::new();
+            let mut requests = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                requests += 1;
+                match get_checked(&ip, 80, "/") {
+                    Ok((200, body)) => answered.extend(replica(&body)),
+                    other => failures.push(format!("{other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (requests, answered, failures)
+        })
+    };
+    cluster
+        .kubectl(
+            &["set", "env", "-n", ns, "deployment/web", "ROLLOUT=2"],
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let rolled = available(2).await;
+    // The old replicas' drain (preStop sleep, then stop) ends after the
+    // Deployment counts the new ones ready.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (requests, answered, failures) = asking.await.map_err(|e| e.to_string())?;
+    rolled?;
+    if !failures.is_empty() {
+        return Err(format!(
+            "{} of {requests} requests failed during the rollout: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        ));
+    }
+    eprintln!(
+        "kube: services: {requests} requests during the rollout, none failed, answered by {answered:?}"
+    );
+    let new: Vec<&String> = answered.iter().filter(|n| !seen.contains(*n)).collect();
+    if new.is_empty() {
+        return Err(format!(
+            "no new replica answered during the rollout ({requests} requests; {answered:?})"
+        ));
+    }
+    Ok(())
 }
 
 /// The runtime's sandboxes and containers of the pod with `uid`.
