@@ -25,7 +25,7 @@ use wasmlet_conformance::{POD_UID_LABEL, cri};
 
 use crate::daemon::Wasmlet;
 use crate::networked::test_network;
-use crate::{ECHO_P1, HELLO_HTTP_P2, SLEEPER_P1};
+use crate::{ECHO_P1, HELLO_HTTP_P2, PONG_P2, SLEEPER_P1};
 
 /// How long a pod may take to be scheduled, started and run to its end.
 const POD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -603,7 +603,8 @@ fn replica(body: &str) -> Option<String> {
 /// Deployment: the ClusterIP answers from the node and spreads over both
 /// replicas; a NodePort answers on the node's address; another Wasm pod
 /// reaches the Service through `wasi:http/outgoing-handler` by its
-/// ClusterIP and by a name from its /etc/hosts; and a rollout (readiness
+/// ClusterIP and by a name from its /etc/hosts, and a TCP server's Service
+/// through `wasi:sockets`; and a rollout (readiness
 /// gating the endpoints, the kubelet's preStop sleep draining them) serves
 /// every request while the replicas are replaced.
 async fn services(node: &Node) -> Outcome {
@@ -762,6 +763,78 @@ async fn services(node: &Node) -> Outcome {
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
+    }
+
+    // Through wasi:sockets: a TCP client pod reaches a pong server behind
+    // a Service by its ClusterIP.
+    let mut server = serde_json::from_str::<Value>(&wasm_pod(
+        ns,
+        "pong",
+        PONG_P2,
+        "Always",
+        json!({
+            "ports": [{"containerPort": 7000}],
+            "env": [{"name": "LISTEN_PORT", "value": "7000"}, {"name": "PONG_NAME", "value": "behind-a-service"}],
+        }),
+    ))
+    .map_err(|e| e.to_string())?;
+    server["metadata"]["labels"] = json!({"app": "pong"});
+    cluster
+        .apply(&server.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    let pong_service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "pong", "namespace": ns},
+        "spec": {"selector": {"app": "pong"}, "ports": [{"port": 7000, "targetPort": 7000}]},
+    });
+    cluster
+        .apply(&pong_service.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    cluster
+        .wait_pod(ns, "pong", "Running", POD_TIMEOUT, |pod| {
+            phase(pod) == "Running"
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let pong_ip = cluster
+        .get_json(&["get", "service", "pong", "-n", ns])
+        .await
+        .map_err(|e| e.to_string())?["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+    for attempt in 0.. {
+        let name = format!("tcp-client-{attempt}");
+        let manifest = wasm_pod(
+            ns,
+            &name,
+            PONG_P2,
+            "Never",
+            json!({"env": [{"name": "CONNECT_TO", "value": format!("{pong_ip}:7000")}]}),
+        );
+        cluster.apply(&manifest).await.map_err(|e| e.to_string())?;
+        cluster
+            .wait_pod(ns, &name, "Succeeded or Failed", POD_TIMEOUT, ended)
+            .await
+            .map_err(|e| e.to_string())?;
+        let logs = cluster
+            .kubectl(&["logs", "-n", ns, &name], None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if logs.lines().any(|l| l == "got pong behind-a-service") {
+            break;
+        }
+        // kube-proxy may not have synced the new Service yet.
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "the TCP client got, through {pong_ip}:7000:\n{logs}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
     // A rollout while a client keeps asking: no request fails.
