@@ -38,6 +38,9 @@ const STOPPED_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a deleted pod's sandbox may stay in the runtime: the kubelet
 /// removes it in its garbage collection, which runs once a minute.
 const REMOVED_TIMEOUT: Duration = Duration::from_secs(100);
+/// How long 200 replicas may take to be Ready, and to leave wasmlet once
+/// deleted (the kubelet removes sandboxes in its garbage collection).
+const SCALE_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// A kubelet and its runtime. Fields drop in order: the cluster (kubelet
 /// first) before the runtime it talks to, the runtime before its network.
@@ -89,7 +92,7 @@ async fn kube_node_runs_wasm_pods() {
         timed("node registers Ready", node_registers_ready(&node)).await,
         timed("deploy manifests", deploy_manifests(&node)).await,
     ];
-    let (completes, exit_code, crash_loop, deleted, resized, metrics, services) = tokio::join!(
+    let (completes, exit_code, crash_loop, deleted, resized, metrics, services, scale) = tokio::join!(
         timed("run to completion", run_to_completion(&node)),
         timed("exit code", exit_code(&node)),
         timed("crash loop", crash_loop(&node)),
@@ -97,9 +100,10 @@ async fn kube_node_runs_wasm_pods() {
         timed("in-place resize", in_place_resize(&node)),
         timed("resource metrics", resource_metrics(&node)),
         timed("services", services(&node)),
+        timed("200 replicas", two_hundred_replicas(&node)),
     );
     outcomes.extend([
-        completes, exit_code, crash_loop, deleted, resized, metrics, services,
+        completes, exit_code, crash_loop, deleted, resized, metrics, services, scale,
     ]);
     let failures: Vec<String> = outcomes.into_iter().filter_map(Result::err).collect();
     // Panicking while the node is up prints every component's log.
@@ -890,6 +894,163 @@ async fn services(node: &Node) -> Outcome {
         return Err(format!(
             "no new replica answered during the rollout ({requests} requests; {answered:?})"
         ));
+    }
+    Ok(())
+}
+
+/// A Deployment of 200 replicas on the one node: all Ready, then deleted
+/// with nothing left in wasmlet — no sandbox, no container, no network
+/// namespace, and no pod address still held for a pod that is gone.
+async fn two_hundred_replicas(node: &Node) -> Outcome {
+    const REPLICAS: u64 = 200;
+    let cluster = &node.cluster;
+    let ns = "scale";
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "many", "namespace": ns},
+        "spec": {
+            "replicas": REPLICAS,
+            "selector": {"matchLabels": {"app": "many"}},
+            "template": {
+                "metadata": {"labels": {"app": "many"}},
+                "spec": {
+                    "runtimeClassName": RUNTIME_CLASS,
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [{
+                        "name": "sleeper",
+                        "image": SLEEPER_P1,
+                        "imagePullPolicy": "Never",
+                    }],
+                },
+            },
+        },
+    });
+    let created = Instant::now();
+    create(cluster, ns, &deployment.to_string()).await?;
+    let deadline = tokio::time::Instant::now() + SCALE_TIMEOUT;
+    loop {
+        let d = cluster
+            .get_json(&["get", "deployment", "many", "-n", ns])
+            .await
+            .map_err(|e| e.to_string())?;
+        if d["status"]["readyReplicas"] == REPLICAS {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{REPLICAS} replicas not Ready within {SCALE_TIMEOUT:?}: {}",
+                d["status"]
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "kube: {REPLICAS} replicas Ready {:?} after kubectl create",
+        created.elapsed()
+    );
+    let mut cri = node.wasmlet.cri();
+    let labels = std::collections::HashMap::from([(
+        "io.kubernetes.pod.namespace".to_owned(),
+        ns.to_owned(),
+    )]);
+    let ours = |cri: &mut wasmlet_conformance::CriClient| {
+        let labels = labels.clone();
+        let mut cri = cri.clone();
+        async move {
+            cri.runtime()
+                .list_pod_sandbox(cri::ListPodSandboxRequest {
+                    filter: Some(cri::PodSandboxFilter {
+                        label_selector: labels,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .map(|r| r.into_inner().items)
+                .map_err(|e| e.to_string())
+        }
+    };
+    let sandboxes = ours(&mut cri).await?;
+    let ready = cri::PodSandboxState::SandboxReady as i32;
+    if sandboxes.iter().filter(|s| s.state == ready).count() != REPLICAS as usize {
+        return Err(format!(
+            "wasmlet has {} ready sandboxes in {ns}, not {REPLICAS}",
+            sandboxes.iter().filter(|s| s.state == ready).count()
+        ));
+    }
+    let ids: Vec<String> = sandboxes.iter().map(|s| s.id.clone()).collect();
+
+    let deleted = Instant::now();
+    cluster
+        .kubectl(
+            &["delete", "deployment", "many", "-n", ns, "--wait=true"],
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        let left = ours(&mut cri).await?;
+        if left.is_empty() {
+            break;
+        }
+        if deleted.elapsed() >= SCALE_TIMEOUT {
+            return Err(format!(
+                "{SCALE_TIMEOUT:?} after the delete, wasmlet still holds {} sandboxes of {ns}",
+                left.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "kube: {REPLICAS} replicas left wasmlet {:?} after kubectl delete",
+        deleted.elapsed()
+    );
+    let containers = cri
+        .runtime()
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(cri::ContainerFilter {
+                label_selector: labels.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .containers;
+    if !containers.is_empty() {
+        return Err(format!("{} containers of {ns} are left", containers.len()));
+    }
+    let pinned: Vec<String> = node
+        .net
+        .namespaces()
+        .into_iter()
+        .filter(|n| ids.iter().any(|id| n.contains(id.as_str())))
+        .collect();
+    if !pinned.is_empty() {
+        return Err(format!("network namespaces left: {pinned:?}"));
+    }
+    // Every address still held belongs to a pod that is still there.
+    let mut live = std::collections::BTreeSet::new();
+    for sandbox in cri
+        .runtime()
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner()
+        .items
+    {
+        if let Ok(status) = cri.pod_sandbox_status(&sandbox.id).await {
+            live.extend(status.network.map(|n| n.ip));
+        }
+    }
+    let held: Vec<String> = node
+        .net
+        .allocated_ips()
+        .into_iter()
+        .filter(|ip| !live.contains(ip))
+        .collect();
+    if !held.is_empty() {
+        return Err(format!("addresses held for no pod: {held:?}"));
     }
     Ok(())
 }
