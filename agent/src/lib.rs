@@ -16,6 +16,7 @@
 
 mod agent;
 pub mod error;
+mod failpoint;
 mod images;
 pub mod model;
 mod network;

@@ -18,6 +18,12 @@ pub enum AdminCommand {
         #[arg(long)]
         pod: Option<String>,
     },
+    /// Show the daemon's log filter, or replace it until the daemon stops
+    /// (`debug`, `info,wasmlet_agent=debug`: RUST_LOG's syntax).
+    LogLevel {
+        /// The new filter; without it, the one in force is printed.
+        filter: Option<String>,
+    },
 }
 
 pub async fn run(settings: Settings, command: AdminCommand) -> anyhow::Result<()> {
@@ -99,6 +105,22 @@ pub async fn run(settings: Settings, command: AdminCommand) -> anyhow::Result<()
                     s.oom_killed
                 );
             }
+        }
+        AdminCommand::LogLevel { filter: None } => {
+            let level = client
+                .get_log_level(admin::GetLogLevelRequest {})
+                .await?
+                .into_inner();
+            println!("{}", level.filter);
+        }
+        AdminCommand::LogLevel {
+            filter: Some(filter),
+        } => {
+            let level = client
+                .set_log_level(admin::SetLogLevelRequest { filter })
+                .await?
+                .into_inner();
+            println!("{} (was {})", level.filter, level.previous);
         }
     }
     Ok(())

@@ -83,10 +83,11 @@ pub fn sandbox_spec(
     })
 }
 
-/// A hostPort mapping for the CNI `portmap` plugin; the kubelet also sends
-/// the ports without a hostPort (0), which need no mapping.
+/// A port of the pod: with a hostPort, a mapping for the CNI `portmap`
+/// plugin; without (0), only the container port (the port an HTTP function
+/// of a pod created without the kubelet's ports annotation listens on).
 fn port_mapping(p: &cri::PortMapping) -> Option<PortMapping> {
-    let host_port = u16::try_from(p.host_port).ok().filter(|p| *p > 0)?;
+    let host_port = u16::try_from(p.host_port).unwrap_or(0);
     let container_port = u16::try_from(p.container_port).ok().filter(|p| *p > 0)?;
     let protocol = match cri::Protocol::try_from(p.protocol) {
         Ok(cri::Protocol::Udp) => "udp",
@@ -151,6 +152,24 @@ fn linux_resources(r: &Resources) -> cri::LinuxContainerResources {
 pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerSpec> {
     let config =
         config.ok_or_else(|| Error::InvalidArgument("CreateContainer needs a config".into()))?;
+    // A group without a user names nothing to run as: containerd refuses it.
+    if let Some(sc) = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        && sc.run_as_group.is_some()
+        && sc.run_as_user.is_none()
+        && sc.run_as_username.is_empty()
+    {
+        return Err(Error::InvalidArgument(
+            "run_as_group is set without run_as_user or run_as_username".into(),
+        ));
+    }
+    let readonly_rootfs = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .is_some_and(|sc| sc.readonly_rootfs);
     let (image, user_specified_image) = config
         .image
         .map(|i| (i.image, i.user_specified_image))
@@ -172,10 +191,26 @@ pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerS
                     m.container_path
                 )));
             }
+            // What containerd refuses of a recursive read-only mount.
+            if m.recursive_read_only && !m.readonly {
+                return Err(Error::InvalidArgument(format!(
+                    "mount {:?}: a recursive read-only mount must be read-only",
+                    m.container_path
+                )));
+            }
+            if m.recursive_read_only
+                && m.propagation != cri::MountPropagation::PropagationPrivate as i32
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "mount {:?}: a recursive read-only mount needs private propagation",
+                    m.container_path
+                )));
+            }
             Ok(Mount {
                 container_path: m.container_path,
                 host_path: m.host_path,
                 readonly: m.readonly || m.recursive_read_only,
+                recursive_read_only: m.recursive_read_only,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -205,6 +240,7 @@ pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerS
         annotations: btree(config.annotations),
         log_path: config.log_path,
         resources: resources(config.linux.and_then(|l| l.resources)),
+        readonly_rootfs,
         stdin: config.stdin,
         stdin_once: config.stdin_once,
         tty: config.tty,
@@ -463,6 +499,7 @@ pub fn container_status(r: &ContainerRecord, image: Option<&ImageRecord>) -> cri
                 container_path: m.container_path.clone(),
                 host_path: m.host_path.clone(),
                 readonly: m.readonly,
+                recursive_read_only: m.recursive_read_only,
                 ..Default::default()
             })
             .collect(),
@@ -702,14 +739,27 @@ pub fn pod_stats_filter(f: Option<cri::PodSandboxStatsFilter>) -> SandboxFilter 
     }
 }
 
+/// An image config's `User` as the CRI reports it, as containerd does:
+/// the user part (before any `:group`), a number as the uid, else as the
+/// username.
+fn image_user(user: &str) -> (Option<cri::Int64Value>, String) {
+    let user = user.split(':').next().unwrap_or_default();
+    match user.parse::<i64>() {
+        _ if user.is_empty() => (None, String::new()),
+        Ok(value) => (Some(cri::Int64Value { value }), String::new()),
+        Err(_) => (None, user.to_owned()),
+    }
+}
+
 pub fn image(r: &ImageRecord) -> cri::Image {
+    let (uid, username) = image_user(r.compat.as_ref().map_or("", |c| c.user.as_str()));
     cri::Image {
         id: r.id.to_string(),
         repo_tags: r.repo_tags.clone(),
         repo_digests: r.repo_digests.clone(),
         size: r.size,
-        uid: None,
-        username: String::new(),
+        uid,
+        username,
         spec: Some(cri::ImageSpec {
             image: r.id.to_string(),
             ..Default::default()
@@ -833,6 +883,73 @@ mod tests {
             container_spec(Some(c)),
             Err(Error::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn recursive_read_only_mounts_must_be_read_only_and_private() {
+        let config = |readonly, propagation: cri::MountPropagation| cri::ContainerConfig {
+            image: Some(cri::ImageSpec {
+                image: "x.io/a:1".into(),
+                ..Default::default()
+            }),
+            mounts: vec![cri::Mount {
+                container_path: "/mnt".into(),
+                host_path: "/tmp".into(),
+                readonly,
+                recursive_read_only: true,
+                propagation: propagation as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        use cri::MountPropagation::*;
+        assert!(container_spec(Some(config(true, PropagationPrivate))).is_ok());
+        for bad in [
+            config(false, PropagationPrivate),
+            config(true, PropagationHostToContainer),
+            config(true, PropagationBidirectional),
+        ] {
+            assert!(matches!(
+                container_spec(Some(bad)),
+                Err(Error::InvalidArgument(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn an_image_user_is_a_uid_or_a_username_without_its_group() {
+        let uid = |v| Some(cri::Int64Value { value: v });
+        assert_eq!(image_user(""), (None, String::new()));
+        assert_eq!(image_user("1002"), (uid(1002), String::new()));
+        assert_eq!(image_user("1003:users"), (uid(1003), String::new()));
+        assert_eq!(image_user("www-data"), (None, "www-data".to_owned()));
+        assert_eq!(image_user("www-data:users"), (None, "www-data".to_owned()));
+    }
+
+    #[test]
+    fn a_group_without_a_user_is_refused() {
+        let config = |user: Option<i64>, username: &str| cri::ContainerConfig {
+            image: Some(cri::ImageSpec {
+                image: "x.io/a:1".into(),
+                ..Default::default()
+            }),
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    run_as_group: Some(cri::Int64Value { value: 1000 }),
+                    run_as_user: user.map(|value| cri::Int64Value { value }),
+                    run_as_username: username.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(matches!(
+            container_spec(Some(config(None, ""))),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(container_spec(Some(config(Some(1000), ""))).is_ok());
+        assert!(container_spec(Some(config(None, "www-data"))).is_ok());
     }
 
     #[test]

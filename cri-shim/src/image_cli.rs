@@ -54,7 +54,9 @@ impl RegistryLogin {
 #[derive(Debug, clap::Subcommand)]
 pub enum ImageCommand {
     /// Package a Wasm module or component as an OCI Wasm artifact in the
-    /// store. Run it while no agent uses the same root.
+    /// store: through the running agent on the socket (validated and
+    /// compiled before it answers, as a pull is), or, with no agent
+    /// listening, straight into the root's store.
     Import {
         /// The `.wasm` file.
         file: PathBuf,
@@ -103,11 +105,27 @@ fn spec(reference: String) -> Option<cri::ImageSpec> {
 pub async fn run(settings: Settings, command: ImageCommand) -> anyhow::Result<()> {
     match command {
         ImageCommand::Import { file, name } => {
-            let agent = crate::server::open_agent(&settings)?;
-            let image = agent
-                .import_image(&file, &name)
-                .with_context(|| format!("importing {file:?} as {name}"))?;
-            println!("{}", image.id);
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {file:?}"))?;
+            match wasmlet_proto::connect_unix(&settings.socket).await {
+                Ok(channel) => {
+                    let id = import_through_agent(channel, bytes, &name)
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "importing {file:?} as {name} into the agent on {:?}",
+                                settings.socket
+                            )
+                        })?;
+                    println!("{id}");
+                }
+                Err(_) => {
+                    let agent = crate::server::open_agent(&settings)?;
+                    let image = agent
+                        .import_image(&file, &name)
+                        .with_context(|| format!("importing {file:?} as {name}"))?;
+                    println!("{}", image.id);
+                }
+            }
         }
         ImageCommand::Push {
             file,
@@ -202,4 +220,34 @@ pub async fn run(settings: Settings, command: ImageCommand) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// The bytes of one ImportImage message.
+const IMPORT_CHUNK: usize = 1 << 20;
+
+/// Streams `bytes` to the agent's admin API as the image `name`; its id.
+async fn import_through_agent(
+    channel: tonic::transport::Channel,
+    bytes: Vec<u8>,
+    name: &str,
+) -> anyhow::Result<String> {
+    use wasmlet_proto::admin;
+    let mut messages: Vec<admin::ImportImageRequest> = bytes
+        .chunks(IMPORT_CHUNK)
+        .map(|chunk| admin::ImportImageRequest {
+            reference: String::new(),
+            data: chunk.to_vec(),
+        })
+        .collect();
+    if messages.is_empty() {
+        messages.push(admin::ImportImageRequest::default());
+    }
+    messages[0].reference = name.to_owned();
+    let mut client = admin::admin_client::AdminClient::new(channel);
+    let answer = client
+        .import_image(futures::stream::iter(messages))
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner();
+    Ok(answer.image_id)
 }

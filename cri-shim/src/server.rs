@@ -15,8 +15,10 @@ use wasmlet_proto::cri::runtime_service_server::{RuntimeService, RuntimeServiceS
 use crate::admin::AdminService;
 use crate::config::Settings;
 use crate::delegate::{Downstream, Routed};
+use crate::logging::LogLevel;
 use crate::service::{Cri, CriSettings};
 use crate::streaming::Streaming;
+use crate::traced::Traced;
 
 /// The kubelet's default maximum gRPC message size.
 const MAX_MESSAGE: usize = 16 * 1024 * 1024;
@@ -71,10 +73,12 @@ pub fn open_agent(settings: &Settings) -> anyhow::Result<Agent> {
 }
 
 /// Serves CRI for `agent` on `listener` until `shutdown` resolves, then
-/// removes the socket file.
+/// removes the socket file. `log` is the process's log filter, which the
+/// admin API changes (none: it answers that it cannot).
 pub async fn serve(
     agent: Agent,
     settings: &Settings,
+    log: Option<LogLevel>,
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
@@ -103,7 +107,11 @@ pub async fn serve(
         },
     )
     .with_streaming(streaming);
-    let admin = AdminServer::new(AdminService::new(agent.clone()));
+    let admin = AdminServer::new(
+        AdminService::new(agent.clone())
+            .with_log_level(log)
+            .with_import_limit(settings.registry.max_blob_bytes),
+    );
     let result = match &settings.delegate {
         None => {
             tracing::info!(socket = ?settings.socket, root = ?settings.root, "serving CRI v1");
@@ -124,7 +132,8 @@ pub async fn serve(
     result.context("serving CRI")
 }
 
-/// CRI (`services`) and wasmlet's admin API on one socket.
+/// CRI (`services`, each call in a span of its own) and wasmlet's admin
+/// API on one socket.
 async fn serve_services<S>(
     services: S,
     admin: AdminServer<AdminService>,
@@ -134,6 +143,7 @@ async fn serve_services<S>(
 where
     S: RuntimeService + ImageService + Clone,
 {
+    let services = Traced(services);
     let runtime = RuntimeServiceServer::new(services.clone())
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -176,7 +186,7 @@ impl InProcess {
         let served = agent.clone();
         let task_settings = settings.clone();
         let task = tokio::spawn(async move {
-            serve(served, &task_settings, listener, async {
+            serve(served, &task_settings, None, listener, async {
                 let _ = stopped.await;
             })
             .await

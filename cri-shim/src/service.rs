@@ -181,8 +181,11 @@ impl RuntimeService for Cri {
         &self,
         req: Request<cri::StopPodSandboxRequest>,
     ) -> Reply<cri::StopPodSandboxResponse> {
-        let id = convert::sandbox_id(&req.into_inner().pod_sandbox_id).map_err(to_status)?;
-        self.agent.stop_pod_sandbox(&id).await.map_err(to_status)?;
+        // An id that cannot name a sandbox names none that exists, and
+        // stopping what is gone succeeds.
+        if let Ok(id) = convert::sandbox_id(&req.into_inner().pod_sandbox_id) {
+            self.agent.stop_pod_sandbox(&id).await.map_err(to_status)?;
+        }
         ok(cri::StopPodSandboxResponse {})
     }
 
@@ -265,12 +268,14 @@ impl RuntimeService for Cri {
         req: Request<cri::StopContainerRequest>,
     ) -> Reply<cri::StopContainerResponse> {
         let req = req.into_inner();
-        let id = convert::container_id(&req.container_id).map_err(to_status)?;
-        let timeout = Duration::from_secs(req.timeout.max(0).unsigned_abs());
-        self.agent
-            .stop_container(&id, timeout)
-            .await
-            .map_err(to_status)?;
+        // As for a sandbox: an id that cannot name a container is stopped.
+        if let Ok(id) = convert::container_id(&req.container_id) {
+            let timeout = Duration::from_secs(req.timeout.max(0).unsigned_abs());
+            self.agent
+                .stop_container(&id, timeout)
+                .await
+                .map_err(to_status)?;
+        }
         ok(cri::StopContainerResponse {})
     }
 

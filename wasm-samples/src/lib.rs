@@ -47,6 +47,15 @@
 //!   `ok`, `/spin?ms=N` after burning N ms of CPU, `/alloc?mib=N` after
 //!   allocating N MiB, and anything else with `hello from <HELLO_NAME>
 //!   path=<path>`, logging `request <method> <path>`.
+//! - `minibox` ([`MINIBOX_P1`], and [`MINIBOX_P2`] with `wasi:sockets`;
+//!   not in [`ALL`]) is a busybox-like multi-call program, the Wasm
+//!   stand-in for the busybox and httpd images of the CRI validation suite:
+//!   the applet is the basename of `argv[0]` (`sh`, `echo`, `cat`, `ls`,
+//!   `touch`, `mkdir`, `rm`, `hostname`, `sleep`, `top`, `env`, `test`/`[`,
+//!   `grep`, `dd`, `id`, `true`, `false`, and `httpd`, which needs the WASI
+//!   0.2 build); `sh -c LINE` (or lines from stdin) interprets `;`, `&&`,
+//!   `||`, `|`, redirections, quotes, `$VAR`, `$(...)`, `while` and `if`
+//!   itself, and `hostname` reads `/etc/hostname` (else `HOSTNAME`).
 //!
 //! ```
 //! let module = std::fs::read(wasm_samples::ECHO_P1).unwrap();
@@ -83,10 +92,12 @@ mod tests {
             };
             assert_eq!(magic(path), expected, "{image}: {path}");
         }
-        for path in [ECHO_P2, PONG_P2, HELLO_HTTP_P2] {
+        for path in [ECHO_P2, PONG_P2, HELLO_HTTP_P2, MINIBOX_P2] {
             assert_eq!(magic(path), COMPONENT, "{path}");
         }
-        for path in [ECHO_P1, TICKER_P1, TRAP_P1, SPIN_P1, SLEEPER_P1, HOG_P1] {
+        for path in [
+            ECHO_P1, TICKER_P1, TRAP_P1, SPIN_P1, SLEEPER_P1, HOG_P1, MINIBOX_P1,
+        ] {
             assert_eq!(magic(path), CORE_MODULE, "{path}");
         }
     }

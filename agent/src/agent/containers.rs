@@ -104,6 +104,37 @@ impl ContainerEntry {
 /// A compiled program, or why it could not be compiled.
 pub(super) type PreparedProgram = std::result::Result<Prepared, GuestError>;
 
+/// Removes the directories under `dir` (the root's `containers`) of
+/// containers that are not recorded: an earlier agent died between a
+/// removal's commit and the removal of its files. Run at start-up, before
+/// any container starts.
+pub(super) fn remove_unrecorded_files(
+    dir: &Path,
+    recorded: &std::collections::HashMap<ContainerId, Arc<ContainerEntry>>,
+) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        let known =
+            ContainerId::parse(&name.to_string_lossy()).is_ok_and(|id| recorded.contains_key(&id));
+        if known {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!(
+                ?path,
+                "removed the files of a container that no longer exists"
+            ),
+            Err(error) => {
+                tracing::warn!(?path, %error, "could not remove the files of a container that no longer exists")
+            }
+        }
+    }
+}
+
 impl Agent {
     /// Whether the agent holds container `id`.
     pub fn holds_container(&self, id: &ContainerId) -> bool {
@@ -213,7 +244,9 @@ impl Agent {
             finished_at: None,
             exit: None,
         };
+        crate::failpoint::hit("create.before_commit")?;
         self.inner.state.apply(&[Change::PutContainer(&record)])?;
+        crate::failpoint::hit("create.after_commit")?;
         let id = record.id.clone();
         write(&self.inner.containers)
             .insert(id.clone(), ContainerEntry::new(record, Some(prepared)));
@@ -380,6 +413,7 @@ impl Agent {
                 .inner
                 .state
                 .apply(&[Change::DeleteContainer(id.as_str())])?;
+            crate::failpoint::hit("remove.container.after_commit")?;
             let record = entry.snapshot();
             write(&agent.inner.containers).remove(&id);
             agent.forget_calls(&record);

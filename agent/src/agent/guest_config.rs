@@ -76,6 +76,148 @@ pub(super) fn pod_hostname(sandbox: &SandboxRecord) -> Option<String> {
         .flatten()
 }
 
+/// What a compat image has at `parent` (a directory of its `root`), made
+/// visible beside the file mounts gathered in `dir`, which hides it: each
+/// regular file not mounted over is copied into `dir` (a copy: `dir` may be
+/// writable, and the image's tree is shared by its containers), each
+/// directory is returned as a read-only preopen at its place. Symlinks and
+/// anything else are left out. Best effort: what cannot be carried over is
+/// logged.
+fn carry_over(id: &ContainerId, root: &Path, parent: &str, dir: &Path) -> Vec<Preopen> {
+    let Ok(relative) = Path::new(parent).strip_prefix("/") else {
+        return Vec::new();
+    };
+    let image_dir = root.join(relative);
+    // Only inside the image root: no symlink on the way may lead out.
+    let inside = match (root.canonicalize(), image_dir.canonicalize()) {
+        (Ok(root), Ok(real)) => real.starts_with(root) && real.is_dir(),
+        _ => false,
+    };
+    if !inside {
+        return Vec::new();
+    }
+    let Ok(entries) = std::fs::read_dir(&image_dir) else {
+        return Vec::new();
+    };
+    let mut preopens = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let name = entry.file_name();
+        let target = dir.join(&name);
+        if kind.is_dir() {
+            preopens.push(Preopen {
+                host_path: entry.path(),
+                guest_path: Path::new(parent).join(&name).to_string_lossy().into_owned(),
+                readonly: true,
+            });
+        } else if kind.is_file()
+            && std::fs::symlink_metadata(&target).is_err()
+            && let Err(error) = std::fs::copy(entry.path(), &target)
+        {
+            tracing::debug!(container_id = %id, file = ?entry.path(), %error, "an image file hidden by a file mount's directory could not be carried over");
+        }
+    }
+    preopens
+}
+
+/// Copies the tree at `from` to `to` (made): directories, regular files
+/// (with their permissions) and symlinks as they are (an image root's
+/// symlinks were checked to stay inside it when it was unpacked); anything
+/// else is left out.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The mount points strictly below `dir` in this process's mount
+/// namespace, each with its path relative to `dir`, read from
+/// `/proc/self/mountinfo` (none if it cannot be read).
+fn mounts_below(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    mount_points(&table)
+        .into_iter()
+        .filter_map(|point| {
+            let rest = point.strip_prefix(&dir).ok()?.to_owned();
+            (!rest.as_os_str().is_empty()).then_some((point, rest))
+        })
+        .collect()
+}
+
+/// The mount points a `/proc/self/mountinfo` lists (its fifth field, with
+/// the kernel's octal escapes undone), each once.
+fn mount_points(table: &str) -> Vec<PathBuf> {
+    let unescape = |field: &str| {
+        let bytes = field.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+                let d = std::str::from_utf8(d).ok()?;
+                u8::from_str_radix(d, 8).ok()
+            });
+            match (bytes[i], octal) {
+                (b'\\', Some(byte)) => {
+                    out.push(byte);
+                    i += 4;
+                }
+                (byte, _) => {
+                    out.push(byte);
+                    i += 1;
+                }
+            }
+        }
+        PathBuf::from(std::ffi::OsString::from(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&out),
+        ))
+    };
+    let mut points: Vec<PathBuf> = table
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape)
+        .collect();
+    points.sort();
+    points.dedup();
+    points
+}
+
+/// The pod's DNS config as a `resolv.conf`, as containerd writes it;
+/// `None` when the pod gives none (the node's is used).
+pub(super) fn resolv_conf(dns: &crate::model::network::DnsSettings) -> Option<String> {
+    if dns.servers.is_empty() && dns.searches.is_empty() && dns.options.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    if !dns.searches.is_empty() {
+        out.push_str(&format!("search {}\n", dns.searches.join(" ")));
+    }
+    for server in &dns.servers {
+        out.push_str(&format!("nameserver {server}\n"));
+    }
+    if !dns.options.is_empty() {
+        out.push_str(&format!("options {}\n", dns.options.join(" ")));
+    }
+    Some(out)
+}
+
 /// A guest's environment: `HOSTNAME`, then the image's (`KEY=VALUE`
 /// entries), then the container's; a later definition of a name replaces
 /// an earlier one, in place.
@@ -267,11 +409,70 @@ pub(super) fn artifact_program_names(image: &ImageRecord, spec: &ContainerSpec) 
     names
 }
 
+/// The variable in which runwasi's wasmtime shim takes the address a
+/// wasi:http component listens on (`ADDR:PORT`), so images built for it
+/// set it; wasmlet takes its port.
+pub(super) const HTTP_PROXY_ADDR_ENV: &str = "WASMTIME_HTTP_PROXY_SOCKET_ADDR";
+
+/// The port a container's HTTP function listens on, first found of:
+/// [`HTTP_PROXY_ADDR_ENV`] in the container's environment, then in the
+/// image's (the program says where it listens); the first TCP port the
+/// kubelet lists for the container ([`CONTAINER_PORTS_ANNOTATION`]); the
+/// first TCP container port of the pod's port mappings (what a client
+/// other than the kubelet, such as critest, gives); else `None` (the
+/// node's default).
+pub(super) fn http_port(
+    container_env: &[(String, String)],
+    image_env: &[String],
+    annotations: &BTreeMap<String, String>,
+    port_mappings: &[crate::model::network::PortMapping],
+) -> Option<u16> {
+    let from_addr = |addr: &str| {
+        addr.trim()
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.port())
+    };
+    let from_env = container_env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == HTTP_PROXY_ADDR_ENV)
+        .map(|(_, v)| v.as_str())
+        .or_else(|| {
+            image_env
+                .iter()
+                .rev()
+                .filter_map(|e| e.split_once('='))
+                .find(|(k, _)| *k == HTTP_PROXY_ADDR_ENV)
+                .map(|(_, v)| v)
+        })
+        .and_then(from_addr);
+    let is_tcp = |proto: &str| proto.is_empty() || proto.eq_ignore_ascii_case("tcp");
+    let from_annotation = || {
+        let json = annotations.get(CONTAINER_PORTS_ANNOTATION)?;
+        let ports = serde_json::from_str::<serde_json::Value>(json).ok()?;
+        ports.as_array()?.iter().find_map(|p| {
+            let tcp = p
+                .get("protocol")
+                .and_then(serde_json::Value::as_str)
+                .is_none_or(is_tcp);
+            let port = p.get("containerPort").and_then(serde_json::Value::as_u64)?;
+            tcp.then(|| u16::try_from(port).ok()).flatten()
+        })
+    };
+    let from_mappings = || {
+        port_mappings
+            .iter()
+            .find(|m| is_tcp(&m.protocol) && m.container_port != 0)
+            .map(|m| m.container_port)
+    };
+    from_env.or_else(from_annotation).or_else(from_mappings)
+}
+
 impl Agent {
-    /// How a container's HTTP function is served: the first TCP port the
-    /// kubelet lists for the container (its `ports`), the node's defaults
-    /// for the rest, overridden by the pod annotations
-    /// `wasmlet.dev/http-max-concurrency` and
+    /// How a container's HTTP function is served: on the port
+    /// [`http_port`] finds, the node's defaults for the rest, overridden by
+    /// the pod annotations `wasmlet.dev/http-max-concurrency` and
     /// `wasmlet.dev/http-request-timeout-seconds`.
     pub(super) fn http_options(
         &self,
@@ -279,23 +480,17 @@ impl Agent {
         spec: &ContainerSpec,
     ) -> HttpOptions {
         let mut options = self.inner.http.clone();
-        if let Some(port) = spec
-            .annotations
-            .get(CONTAINER_PORTS_ANNOTATION)
-            .and_then(|json| serde_json::from_str::<serde_json::Value>(json).ok())
+        let image = self.inner.images.resolve(&spec.image);
+        let image_env = image
             .as_ref()
-            .and_then(serde_json::Value::as_array)
-            .and_then(|ports| {
-                ports.iter().find_map(|p| {
-                    let tcp = p
-                        .get("protocol")
-                        .and_then(serde_json::Value::as_str)
-                        .is_none_or(|proto| proto.eq_ignore_ascii_case("tcp"));
-                    let port = p.get("containerPort").and_then(serde_json::Value::as_u64)?;
-                    tcp.then(|| u16::try_from(port).ok()).flatten()
-                })
-            })
-        {
+            .and_then(|i| i.compat.as_ref())
+            .map_or(&[][..], |c| &c.env[..]);
+        if let Some(port) = http_port(
+            &spec.envs,
+            image_env,
+            &spec.annotations,
+            &sandbox.spec.port_mappings,
+        ) {
             options.port = port;
         }
         let annotation = |key: &str| {
@@ -334,13 +529,20 @@ impl Agent {
         let program = program(&self.inner.images, &self.inner.programs, image, spec)?;
         let mut preopens = Vec::new();
         if let Some(root) = &program.rootfs {
+            let host_path = if spec.readonly_rootfs {
+                root.clone()
+            } else {
+                self.writable_root(id, root)?
+            };
             preopens.push(Preopen {
-                host_path: root.clone(),
+                host_path,
                 guest_path: "/".to_owned(),
-                readonly: true,
+                readonly: spec.readonly_rootfs,
             });
         }
-        let (mounted, write_back) = self.preopens(id, &spec.mounts)?;
+        let mut mounts = spec.mounts.clone();
+        mounts.extend(self.pod_files(id, &dns, hostname.as_deref(), &spec.mounts)?);
+        let (mounted, write_back) = self.preopens(id, &mounts, program.rootfs.as_deref())?;
         preopens.extend(mounted);
         let working_dir = if spec.working_dir.is_empty() {
             image
@@ -378,14 +580,97 @@ impl Agent {
         Ok((config, write_back))
     }
 
+    /// The container's own copy of a compat image's root, which it may
+    /// write (the image's tree is shared by its containers and stays as
+    /// pulled): made at the container's first guest, in the container's
+    /// directory (removed with it); an exec'd instance shares it.
+    fn writable_root(
+        &self,
+        id: &ContainerId,
+        image_root: &Path,
+    ) -> std::result::Result<PathBuf, GuestError> {
+        let dir = self.container_dir(id).join("rootfs");
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        // Copied aside, then renamed: a copy cut short is never used.
+        let partial = self.container_dir(id).join("rootfs.partial");
+        let failed = |path: &Path| {
+            let path = path.to_owned();
+            move |e| GuestError::ContainerDir {
+                path,
+                source: Arc::new(e),
+            }
+        };
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(failed(&partial))?;
+        }
+        copy_tree(image_root, &partial).map_err(failed(&partial))?;
+        std::fs::rename(&partial, &dir).map_err(failed(&dir))?;
+        Ok(dir)
+    }
+
+    /// `/etc/resolv.conf` (from the pod's DNS config, else the node's) and
+    /// `/etc/hostname` (the pod's hostname), as read-only mounts of files
+    /// in the container's directory, as containerd gives every container of
+    /// a pod; what the container mounts there itself is left alone. The
+    /// files are written once, at the container's first guest (an exec'd
+    /// instance reads the same).
+    fn pod_files(
+        &self,
+        id: &ContainerId,
+        dns: &crate::model::network::DnsSettings,
+        hostname: Option<&str>,
+        mounts: &[Mount],
+    ) -> std::result::Result<Vec<Mount>, GuestError> {
+        let dir = self.container_dir(id).join("pod-etc");
+        let resolv = resolv_conf(dns).or_else(|| std::fs::read_to_string("/etc/resolv.conf").ok());
+        let files = [
+            ("/etc/resolv.conf", "resolv.conf", resolv),
+            (
+                "/etc/hostname",
+                "hostname",
+                hostname.map(|h| format!("{h}\n")),
+            ),
+        ];
+        let mut added = Vec::new();
+        for (container_path, name, contents) in files {
+            let Some(contents) = contents else { continue };
+            if mounts.iter().any(|m| m.container_path == container_path) {
+                continue;
+            }
+            let path = dir.join(name);
+            if !path.exists() {
+                std::fs::create_dir_all(&dir)
+                    .and_then(|()| std::fs::write(&path, contents))
+                    .map_err(|e| GuestError::ContainerDir {
+                        path: path.clone(),
+                        source: Arc::new(e),
+                    })?;
+            }
+            added.push(Mount {
+                container_path: container_path.to_owned(),
+                host_path: path.to_string_lossy().into_owned(),
+                readonly: true,
+                recursive_read_only: true,
+            });
+        }
+        Ok(added)
+    }
+
     /// Turns mounts into preopened directories. WASI preopens only
     /// directories, so file mounts (`/etc/hosts`, `/dev/termination-log`)
     /// are gathered by parent directory into a per-container directory of
     /// hard links (copies across filesystems) that is preopened instead.
+    /// That directory hides the image's own directory of the same path
+    /// (`/etc` of a compat image's `rootfs`), so what the image has there
+    /// is carried over: its files copied in, its directories preopened
+    /// read-only at their place.
     pub(super) fn preopens(
         &self,
         id: &ContainerId,
         mounts: &[Mount],
+        rootfs: Option<&Path>,
     ) -> std::result::Result<(Vec<Preopen>, Vec<WriteBack>), GuestError> {
         let mut preopens = Vec::new();
         let mut write_back = Vec::new();
@@ -402,6 +687,23 @@ impl Agent {
                     guest_path: m.container_path.clone(),
                     readonly: m.readonly,
                 });
+                // A read-only flag is not recursive unless asked: what the
+                // host mounts below stays as it is (the kernel decides
+                // whether it can be written).
+                if m.readonly && !m.recursive_read_only {
+                    preopens.extend(mounts_below(Path::new(&m.host_path)).into_iter().map(
+                        |(host_path, rest)| {
+                            Preopen {
+                                host_path,
+                                guest_path: Path::new(&m.container_path)
+                                    .join(rest)
+                                    .to_string_lossy()
+                                    .into_owned(),
+                                readonly: false,
+                            }
+                        },
+                    ));
+                }
             } else {
                 let parent = Path::new(&m.container_path)
                     .parent()
@@ -448,6 +750,9 @@ impl Agent {
                         });
                     }
                 }
+            }
+            if let Some(root) = rootfs {
+                preopens.extend(carry_over(id, root, &parent, &dir));
             }
             preopens.push(Preopen {
                 host_path: dir,
@@ -535,5 +840,140 @@ mod tests {
         assert!(working_dir_preopen("/srv/none", &preopens).is_none());
         assert!(working_dir_preopen("/", &preopens).is_none());
         assert!(working_dir_preopen("relative", &preopens).is_none());
+    }
+
+    #[test]
+    fn the_http_port_is_the_programs_then_the_kubelets_then_the_pods_mappings() {
+        use crate::model::network::PortMapping;
+        let mapping = |port: u16, protocol: &str| PortMapping {
+            host_port: 0,
+            container_port: port,
+            protocol: protocol.to_owned(),
+            host_ip: String::new(),
+        };
+        let annotated: BTreeMap<String, String> = [(
+            CONTAINER_PORTS_ANNOTATION.to_owned(),
+            r#"[{"containerPort":53,"protocol":"UDP"},{"containerPort":8081,"protocol":"TCP"}]"#
+                .to_owned(),
+        )]
+        .into();
+        let none = BTreeMap::new();
+        let mappings = [mapping(53, "udp"), mapping(80, "tcp")];
+        // Nothing: the node's default.
+        assert_eq!(http_port(&[], &[], &none, &[]), None);
+        // critest: port mappings only.
+        assert_eq!(http_port(&[], &[], &none, &mappings), Some(80));
+        // The kubelet's annotation wins over the mappings.
+        assert_eq!(http_port(&[], &[], &annotated, &mappings), Some(8081));
+        // runwasi's variable, from the image, then from the container.
+        let image = [
+            "PATH=/bin".to_owned(),
+            format!("{HTTP_PROXY_ADDR_ENV}=0.0.0.0:12003"),
+        ];
+        assert_eq!(http_port(&[], &image, &annotated, &mappings), Some(12003));
+        let container = [(HTTP_PROXY_ADDR_ENV.to_owned(), "127.0.0.1:9000".to_owned())];
+        assert_eq!(
+            http_port(&container, &image, &annotated, &mappings),
+            Some(9000)
+        );
+        // One that is no address is ignored.
+        let bad = [(HTTP_PROXY_ADDR_ENV.to_owned(), "nine thousand".to_owned())];
+        assert_eq!(http_port(&bad, &[], &none, &mappings), Some(80));
+    }
+
+    #[test]
+    fn resolv_conf_is_written_as_containerd_writes_it() {
+        let dns = crate::model::network::DnsSettings {
+            servers: vec!["10.10.10.10".into(), "10.10.10.11".into()],
+            searches: vec!["google.com".into(), "example.com".into()],
+            options: vec!["ndots:8".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            resolv_conf(&dns).unwrap(),
+            "search google.com example.com\nnameserver 10.10.10.10\nnameserver 10.10.10.11\noptions ndots:8\n"
+        );
+        assert_eq!(resolv_conf(&Default::default()), None);
+    }
+
+    #[test]
+    fn mount_points_are_read_from_mountinfo_unescaped() {
+        let table = "\
+22 1 0:21 / / rw,relatime - ext4 /dev/sda1 rw
+40 22 0:35 / /tmp/host\\040path/tmpfs rw - tmpfs tmpfs rw
+41 22 0:35 / /tmp/host\\040path/tmpfs rw - tmpfs tmpfs rw
+";
+        assert_eq!(
+            mount_points(table),
+            [PathBuf::from("/"), PathBuf::from("/tmp/host path/tmpfs")]
+        );
+    }
+
+    #[test]
+    fn an_image_directory_hidden_by_file_mounts_is_carried_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir_all(root.join("etc/ssl")).unwrap();
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0\n").unwrap();
+        std::fs::write(root.join("etc/hosts"), "from the image\n").unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", root.join("etc/link")).unwrap();
+        let dir = tmp.path().join("group");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts"), "mounted\n").unwrap();
+        let id = ContainerId::parse(&"a".repeat(64)).unwrap();
+
+        let preopens = carry_over(&id, &root, "/etc", &dir);
+        assert_eq!(preopens.len(), 1);
+        assert_eq!(preopens[0].guest_path, "/etc/ssl");
+        assert_eq!(preopens[0].host_path, root.join("etc/ssl"));
+        assert!(preopens[0].readonly);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("passwd")).unwrap(),
+            "root:x:0:0\n"
+        );
+        // What is mounted wins; symlinks are left out.
+        assert_eq!(
+            std::fs::read_to_string(dir.join("hosts")).unwrap(),
+            "mounted\n"
+        );
+        assert!(std::fs::symlink_metadata(dir.join("link")).is_err());
+        // A copy: writing it leaves the image alone.
+        std::fs::write(dir.join("passwd"), "changed\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/passwd")).unwrap(),
+            "root:x:0:0\n"
+        );
+        // Nothing where the image has no such directory.
+        assert!(carry_over(&id, &root, "/dev", &dir).is_empty());
+    }
+
+    #[test]
+    fn a_tree_is_copied_with_its_files_directories_and_symlinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let from = tmp.path().join("from");
+        std::fs::create_dir_all(from.join("bin/sub")).unwrap();
+        std::fs::write(from.join("bin/busybox"), "wasm").unwrap();
+        std::fs::write(from.join("bin/sub/file"), "deep").unwrap();
+        std::os::unix::fs::symlink("busybox", from.join("bin/sh")).unwrap();
+        let to = tmp.path().join("to");
+        copy_tree(&from, &to).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(to.join("bin/busybox")).unwrap(),
+            "wasm"
+        );
+        assert_eq!(
+            std::fs::read_to_string(to.join("bin/sub/file")).unwrap(),
+            "deep"
+        );
+        assert_eq!(
+            std::fs::read_link(to.join("bin/sh")).unwrap(),
+            Path::new("busybox")
+        );
+        // Writing the copy leaves the original alone.
+        std::fs::write(to.join("bin/busybox"), "changed").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(from.join("bin/busybox")).unwrap(),
+            "wasm"
+        );
     }
 }

@@ -134,6 +134,26 @@ impl Agent {
         Ok(record)
     }
 
+    /// Imports `bytes` (a Wasm module or component) as `reference` into
+    /// the running agent and compiles it, as a pull does before it
+    /// answers. The work runs on a task of its own: a caller that goes
+    /// away leaves it whole or not at all.
+    pub async fn import_image_bytes(
+        &self,
+        bytes: Vec<u8>,
+        reference: &str,
+    ) -> Result<(ImageRecord, Precompiled)> {
+        let agent = self.clone();
+        let reference = reference.to_owned();
+        super::ops::detached(async move {
+            let record = agent.inner.images.import_wasm(&bytes, &reference)?;
+            tracing::info!(image = %record.id, reference, "image imported into the running agent");
+            let compiled = agent.precompile_image(record.id.as_str()).await?;
+            Ok((record, compiled))
+        })
+        .await
+    }
+
     /// Pulls `reference` from its registry into the store. An image that
     /// was imported (not pulled) has no registry and is served as stored.
     /// Concurrent pulls of one reference share one download.
@@ -171,6 +191,10 @@ impl Agent {
                                 .pull(&agent.inner.images, &reference, &credentials)
                                 .await
                                 .map_err(Arc::new);
+                            let result = result.and_then(|image| {
+                                crate::failpoint::hit("pull.after_record").map_err(Arc::new)?;
+                                Ok(image)
+                            });
                             if let Ok(image) = &result {
                                 // The kubelet gives PullImage no deadline
                                 // but CreateContainer two minutes: a big

@@ -26,7 +26,7 @@ use crate::images::store::ImageStore;
 use crate::model::container::ExitStatus;
 use crate::model::events::LifecycleEvent;
 use crate::model::ids::{ContainerId, SandboxId};
-use crate::model::sandbox::PodMetadata;
+use crate::model::sandbox::{PodMetadata, SandboxState};
 use crate::model::time::Timestamp;
 use crate::model::usage::CpuRate;
 use crate::network::{NetworkConfig, Networks};
@@ -186,6 +186,7 @@ impl Agent {
             }
             containers.insert(record.id.clone(), ContainerEntry::new(record, None));
         }
+        containers::remove_unrecorded_files(&root.join("containers"), &containers);
         if !recovered.is_empty() {
             tracing::warn!(
                 count = recovered.len(),
@@ -197,7 +198,7 @@ impl Agent {
         let networks = Networks::new(config.network);
         let mut sandbox_records = snapshot.sandboxes;
         for record in &mut sandbox_records {
-            if record.state != crate::model::sandbox::SandboxState::Ready {
+            if record.state != SandboxState::Ready {
                 continue;
             }
             let adopted = match (&record.spec.joined, &record.network) {
@@ -212,6 +213,28 @@ impl Agent {
                 tracing::warn!(sandbox_id = %record.id, %error, "pod sandbox lost its network; it is now NOTREADY");
                 record.stop();
                 state.apply(&[Change::PutSandbox(record)])?;
+            }
+        }
+        // A call that made an object the previous agent recorded but died
+        // before answering is retried by the kubelet: it gets that object,
+        // as it would have from the agent that made it.
+        let sandbox_runs = InFlight::default();
+        for record in &sandbox_records {
+            if let Some(meta) = &record.spec.metadata
+                && record.spec.joined.is_none()
+                && record.state == SandboxState::Ready
+            {
+                sandbox_runs.settled(meta.clone(), record.id.clone());
+            }
+        }
+        let container_creates = InFlight::default();
+        for entry in containers.values() {
+            let record = lock(&entry.record);
+            if let Some(meta) = &record.spec.metadata
+                && record.state.can_start()
+            {
+                let key = (record.sandbox_id.clone(), meta.name.clone(), meta.attempt);
+                container_creates.settled(key, record.id.clone());
             }
         }
         let sandboxes = sandbox_records
@@ -238,8 +261,8 @@ impl Agent {
                 egress_tls,
                 sandboxes: RwLock::new(sandboxes),
                 containers: RwLock::new(containers),
-                sandbox_runs: InFlight::default(),
-                container_creates: InFlight::default(),
+                sandbox_runs,
+                container_creates,
                 container_starts: InFlight::default(),
                 joining: tokio::sync::Mutex::new(()),
                 removed_since_trim: Default::default(),

@@ -89,6 +89,22 @@ where
         outcome.await.map_err(|e| e.duplicate())
     }
 
+    /// Records `answer` as the success of a call with `key` made to an
+    /// earlier agent (the object it made was recovered from the state): a
+    /// retry after the restart gets it, as a retry before would have, for
+    /// the retry window from now.
+    pub(super) fn settled(&self, key: K, answer: T) {
+        let succeeded = Arc::new(OnceLock::new());
+        let _ = succeeded.set(Instant::now());
+        let outcome: BoxFuture<'static, Outcome<T>> = Box::pin(futures::future::ready(Ok(answer)));
+        let flight = Flight {
+            serial: self.serials.fetch_add(1, Ordering::Relaxed),
+            outcome: outcome.shared(),
+            succeeded,
+        };
+        lock(&self.flights).insert(key, flight);
+    }
+
     /// Forgets the call with `key`: the next call with it runs anew (the
     /// object the call made is gone).
     pub(super) fn forget(&self, key: &K) {
@@ -250,6 +266,24 @@ mod tests {
             9
         );
         assert_eq!(runs.load(Ordering::SeqCst), 2, "a forgotten call runs anew");
+    }
+
+    #[tokio::test]
+    async fn a_call_settled_by_an_earlier_agent_answers_its_retry() {
+        let calls = InFlight::<&str, u32>::default();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (release, _) = tokio::sync::watch::channel(true);
+        calls.settled("c", 4);
+        assert_eq!(
+            calls.run("c", work(&runs, &release, Ok(5))).await.unwrap(),
+            4
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "the work did not run");
+        calls.forget(&"c");
+        assert_eq!(
+            calls.run("c", work(&runs, &release, Ok(5))).await.unwrap(),
+            5
+        );
     }
 
     #[tokio::test]

@@ -113,7 +113,9 @@ impl Agent {
                 }
             }
         }
-        if let Err(e) = self.inner.state.apply(&[Change::PutSandbox(&record)]) {
+        let recorded = crate::failpoint::hit("cni.add.after")
+            .and_then(|()| self.inner.state.apply(&[Change::PutSandbox(&record)]));
+        if let Err(e) = recorded {
             if let Some(network) = &record.network
                 && let Err(error) = self.inner.networks.teardown(&id, network).await
             {
@@ -121,6 +123,7 @@ impl Agent {
             }
             return Err(e);
         }
+        crate::failpoint::hit("cni.add.after_commit")?;
         tracing::info!(sandbox_id = %id, pod = %meta.name, namespace = %meta.namespace, "pod sandbox ready");
         self.inner
             .events
@@ -250,6 +253,7 @@ impl Agent {
             .filter(|n| !n.torn_down);
         if let Some(network) = &network {
             self.inner.networks.teardown(id, network).await?;
+            crate::failpoint::hit("cni.del.after")?;
             tracing::info!(sandbox_id = %id, "pod network torn down");
         }
         let mut record = lock(&sandbox.record);
@@ -315,6 +319,7 @@ impl Agent {
             .collect();
         changes.push(Change::DeleteSandbox(id.as_str()));
         self.inner.state.apply(&changes)?;
+        crate::failpoint::hit("remove.pod.after_commit")?;
         {
             let mut containers = write(&self.inner.containers);
             for c in &ids {

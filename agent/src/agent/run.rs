@@ -268,6 +268,7 @@ impl Agent {
         let Launch { run, kill_rx, body } = launch;
         let mut record = lock(&entry.record);
         let started = self.inner.state.update_sync(&mut record, |r| {
+            crate::failpoint::hit("start.before_commit")?;
             r.start(Timestamp::now())?;
             Ok(true)
         });
@@ -275,6 +276,7 @@ impl Agent {
             run.log.close();
             return Err(e);
         }
+        crate::failpoint::hit("start.after_commit")?;
         // An update that came while the guest was made applies now.
         run.limits.set(&record.spec.resources);
         // The container left CREATED: a create retried from now on is not
@@ -434,7 +436,9 @@ impl Agent {
         if record.exit(Timestamp::now(), status).is_err() {
             return;
         }
-        if let Err(error) = self.inner.state.apply(&[Change::PutContainer(&record)]) {
+        if let Err(error) = crate::failpoint::hit("stop.before_record")
+            .and_then(|()| self.inner.state.apply(&[Change::PutContainer(&record)]))
+        {
             tracing::error!(container_id = %record.id, %error, "could not persist container exit");
         }
         // A start retried from now on is a new call (and finds the exit).

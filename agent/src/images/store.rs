@@ -203,6 +203,7 @@ impl ImageStore {
     /// (the tag moves from whichever image held it) and remembering the
     /// digest it was reached by.
     pub fn add_image(&self, new: NewImage<'_>) -> Result<ImageRecord> {
+        crate::failpoint::hit("pull.before_record")?;
         for blob in &new.blobs {
             if !self.blob_path(blob).exists() {
                 return Err(Error::Internal(format!("image blob {blob} is not stored")));

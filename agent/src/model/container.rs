@@ -21,6 +21,11 @@ pub struct Mount {
     pub container_path: String,
     pub host_path: String,
     pub readonly: bool,
+    /// Read-only all the way down: what the host mounts below `host_path`
+    /// is read-only too. A read-only mount without it leaves those mounts
+    /// as they are (a bind mount's read-only flag is not recursive).
+    #[serde(default)]
+    pub recursive_read_only: bool,
 }
 
 /// The name the kubelet gives a container; unique in its sandbox.
@@ -52,6 +57,10 @@ pub struct ContainerSpec {
     pub log_path: String,
     #[serde(default)]
     pub resources: Resources,
+    /// The image's root stays read-only (`readOnlyRootFilesystem`);
+    /// otherwise a compat image's container writes to its own copy.
+    #[serde(default)]
+    pub readonly_rootfs: bool,
     /// The guest reads a stdin that `Attach` clients write to.
     #[serde(default)]
     pub stdin: bool,

@@ -181,6 +181,10 @@ pub struct ImageConfig {
     /// `KEY=VALUE` entries.
     pub env: Vec<String>,
     pub working_dir: String,
+    /// The image's `User` (`uid`, `name`, `uid:gid` or `name:group`): only
+    /// reported (`ImageStatus`), a guest has no credentials.
+    #[serde(default)]
+    pub user: String,
 }
 
 impl ImageConfig {

@@ -227,11 +227,14 @@ impl Cni {
             .and_then(|c| c.get("portMappings"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        if wants_ports && !at.port_mappings.is_empty() {
-            obj.insert(
-                "runtimeConfig".into(),
-                json!({ "portMappings": at.port_mappings }),
-            );
+        // A port without a host port needs no mapping.
+        let mapped: Vec<_> = at
+            .port_mappings
+            .iter()
+            .filter(|m| m.host_port != 0)
+            .collect();
+        if wants_ports && !mapped.is_empty() {
+            obj.insert("runtimeConfig".into(), json!({ "portMappings": mapped }));
         }
         config
     }
@@ -402,12 +405,21 @@ mod tests {
             netns: "/run/netns/x".into(),
             ifname: "eth0".into(),
             args: BTreeMap::new(),
-            port_mappings: vec![PortMapping {
-                host_port: 8080,
-                container_port: 80,
-                protocol: "tcp".into(),
-                host_ip: String::new(),
-            }],
+            port_mappings: vec![
+                PortMapping {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: "tcp".into(),
+                    host_ip: String::new(),
+                },
+                // No host port: nothing for portmap to map.
+                PortMapping {
+                    host_port: 0,
+                    container_port: 81,
+                    protocol: "tcp".into(),
+                    host_ip: String::new(),
+                },
+            ],
         };
         let prev = json!({"ips":[{"address":"10.1.0.5/24"}]});
         let bridge = cni.plugin_config(&list, &list.plugins[0], None, &at);

@@ -121,7 +121,8 @@ fn is_fingerprint(name: &str) -> bool {
 impl ArtifactStore {
     /// Opens (creating it, mode 0700) the directory of `engine`'s
     /// fingerprint under `cache_dir`, deletes the directories of other
-    /// fingerprints and the temporary files of interrupted writes.
+    /// fingerprints and what interrupted writes left: temporary files, and
+    /// metadata without its artifact (or an artifact without its metadata).
     pub(crate) fn open(cache_dir: &Path, engine: &Engine) -> Result<Self> {
         let fingerprint = fingerprint(engine);
         let dir = cache_dir.join(&fingerprint);
@@ -159,10 +160,17 @@ impl ArtifactStore {
             let path = entry
                 .map_err(Error::io("listing the artifact cache", &dir))?
                 .path();
-            if path.extension().is_some_and(|e| e == TMP_EXT)
-                && let Err(e) = fs::remove_file(&path)
-            {
-                tracing::warn!(path = ?path, error = %e, "cannot remove a temporary artifact");
+            // A temporary file, or half of a pair whose write was
+            // interrupted between the metadata and the artifact.
+            let partner = |ext| path.with_extension(ext).exists();
+            let stray = match path.extension().and_then(|e| e.to_str()) {
+                Some(TMP_EXT) => true,
+                Some(META_EXT) => !partner(ARTIFACT_EXT),
+                Some(ARTIFACT_EXT) => !partner(META_EXT),
+                _ => false,
+            };
+            if stray && let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = ?path, error = %e, "cannot remove an incomplete artifact");
             }
         }
         tracing::debug!(dir = ?dir, "precompiled artifact cache opened");
@@ -262,7 +270,8 @@ impl ArtifactStore {
 
     /// Writes `bytes`, an artifact of `kind` produced by this engine
     /// (`Engine::precompile_*` or `serialize`), as the artifact of `digest`,
-    /// replacing any previous one. Returns the artifact's path.
+    /// replacing any previous one. Returns the artifact's path. A write
+    /// that fails leaves neither file.
     pub(crate) fn store(&self, digest: &Digest, kind: WasmKind, bytes: &[u8]) -> Result<PathBuf> {
         let meta = Meta {
             kind,
@@ -273,10 +282,19 @@ impl ArtifactStore {
             .map_err(|e| Error::Internal(format!("encoding artifact metadata: {e}")))?;
         self.write_atomically(&self.meta_path(digest), &meta)?;
         let path = self.artifact_path(digest);
-        self.write_atomically(&path, bytes)?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(Error::io("syncing the artifact cache", &self.dir))?;
+        let stored = crate::failpoint::hit("compile.after_meta")
+            .and_then(|()| self.write_atomically(&path, bytes))
+            .and_then(|()| {
+                File::open(&self.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(Error::io("syncing the artifact cache", &self.dir))
+            });
+        if stored.is_err() {
+            // No metadata without its artifact: the next store starts over.
+            self.remove(digest);
+        }
+        stored?;
+        crate::failpoint::hit("compile.after_store")?;
         Ok(path)
     }
 
@@ -294,7 +312,12 @@ impl ArtifactStore {
                 f.write_all(bytes)?;
                 f.sync_all()
             })
-            .and_then(|()| fs::rename(&tmp, path));
+            .and_then(|()| {
+                if path.extension().is_some_and(|e| e == ARTIFACT_EXT) {
+                    crate::failpoint::hit("compile.before_rename").map_err(io::Error::other)?;
+                }
+                fs::rename(&tmp, path)
+            });
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
         }
@@ -484,10 +507,14 @@ mod tests {
         let ours = cache.path().join(fingerprint(&engine));
         fs::create_dir_all(&ours).unwrap();
         fs::write(ours.join("x.cwasm.0123.tmp"), b"half").unwrap();
+        fs::write(ours.join("metaonly.json"), b"{}").unwrap();
+        fs::write(ours.join("artifactonly.cwasm"), b"x").unwrap();
+        fs::write(ours.join("whole.json"), b"{}").unwrap();
+        fs::write(ours.join("whole.cwasm"), b"x").unwrap();
 
         ArtifactStore::open(cache.path(), &engine).unwrap();
         assert!(!other.exists());
         assert!(unrelated.exists());
-        assert!(files(&ours).is_empty(), "{:?}", files(&ours));
+        assert_eq!(files(&ours), ["whole.cwasm", "whole.json"]);
     }
 }

@@ -202,3 +202,68 @@ async fn instance_stats_show_guest_memory_against_its_limit_and_oom() {
         "{stdout}"
     );
 }
+
+/// `wasmlet image import` while the agent runs goes through the admin API
+/// (streamed, validated and compiled before it answers, as a pull is):
+/// the image runs at once, without a compile at create; what is not Wasm
+/// is refused and nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_is_imported_into_the_running_agent() {
+    let wasmlet = Wasmlet::start().await;
+    let name = "example.com/imported/echo:live";
+    let out = wasmlet.cli(&["image", "import", wasm_samples::ECHO_P1, name], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(crate::daemon::is_image_id(&id), "{id:?}");
+    let mut admin = admin(&wasmlet).await;
+    let inspected = admin
+        .inspect_image(InspectImageRequest {
+            image: name.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(inspected.image_id, id);
+    assert!(
+        inspected.compiled,
+        "imported but not compiled: {inspected:?}"
+    );
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let config = ContainerConfigBuilder::new("imported", name)
+        .args(["from", "the", "admin", "api"])
+        .build();
+    let log = pod.container_log(&config);
+    let status = cri.run_to_exit(&pod, config, GUEST_TIMEOUT).await.unwrap();
+    assert_eq!(status.exit_code, 0, "{status:?}");
+    let records = wasmlet_conformance::read_cri_log(&log).unwrap();
+    assert!(
+        stream_lines(&records, Stream::Stdout)
+            .iter()
+            .any(|l| l == "arg[4]=api"),
+        "{records:#?}"
+    );
+
+    // Not Wasm: refused, nothing stored under the name.
+    let junk = wasmlet.scratch("junk").join("junk.wasm");
+    std::fs::write(&junk, b"#!/bin/sh\necho not wasm\n").unwrap();
+    let bad = "example.com/imported/junk:v1";
+    let out = wasmlet.cli(&["image", "import", junk.to_str().unwrap(), bad], None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("junk"), "{stderr}");
+    let status = cri
+        .images()
+        .image_status(wasmlet_conformance::cri::ImageStatusRequest {
+            image: Some(wasmlet_conformance::cri::ImageSpec {
+                image: bad.to_owned(),
+                ..Default::default()
+            }),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.image.is_none(), "{status:?}");
+}

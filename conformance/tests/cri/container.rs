@@ -248,6 +248,10 @@ async fn start_and_status_of_an_unknown_container_are_not_found_and_stop_succeed
     assert_code(cri.container_status(UNKNOWN_ID).await, Code::NotFound);
     // Stop is idempotent in the CRI: a container already gone is stopped.
     cri.stop_container(UNKNOWN_ID, 0).await.unwrap();
+    // critest stops a random UUID, which is no id wasmlet could hand out.
+    cri.stop_container("c1f110b4-f863-45fa-8434-9538c6e05777", 0)
+        .await
+        .unwrap();
 }
 
 /// Starts `image`, waits for its first log line, stops it with `timeout_seconds`

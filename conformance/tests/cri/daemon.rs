@@ -42,6 +42,11 @@ pub struct Wasmlet {
     config: Option<PathBuf>,
     /// `RUST_LOG` for the daemon, overriding the environment's.
     rust_log: Option<String>,
+    /// What the daemon is started through (see [`Wasmlet::set_wrapper`]).
+    wrapper: Vec<String>,
+    /// Environment variables the daemon is started with (see
+    /// [`Wasmlet::set_env`]).
+    env: BTreeMap<String, String>,
 }
 
 /// How to set up a [`Wasmlet`] beyond the defaults.
@@ -123,6 +128,8 @@ impl Wasmlet {
             cri: None,
             config: None,
             rust_log: None,
+            wrapper: Vec::new(),
+            env: BTreeMap::new(),
         };
         std::fs::create_dir(wasmlet.log_root()).expect("creating the pod log root");
         // Whatever the machine's /etc/cni/net.d holds, pods get no network
@@ -155,6 +162,24 @@ impl Wasmlet {
         let path = self.dir.path().join("wasmlet.toml");
         std::fs::write(&path, toml).expect("writing the daemon's config");
         self.config = Some(path);
+    }
+
+    /// A command the daemon is started through from now on (`WRAPPER...
+    /// wasmlet serve ...`), which must exec it so that its pid stays the
+    /// daemon's: e.g. `unshare` to give it a mount namespace of its own.
+    pub fn set_wrapper(&mut self, command: &[&str]) {
+        self.wrapper = command.iter().map(|&a| a.to_owned()).collect();
+    }
+
+    /// Sets (`Some`) or unsets (`None`) an environment variable of the
+    /// daemon from its next start on (e.g. `WASMLET_FAILPOINTS`, to arm
+    /// failpoints and to restart without them); the image commands the
+    /// fixture runs do not get it.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        match value {
+            Some(value) => self.env.insert(key.to_owned(), value.to_owned()),
+            None => self.env.remove(key),
+        };
     }
 
     /// Extra config or a fixed log filter; see [`WasmletBuilder`].
@@ -316,6 +341,15 @@ impl Wasmlet {
         self.wait_ready().await
     }
 
+    /// Spawns `wasmlet serve FLAGS... --root ROOT --socket SOCK` (e.g.
+    /// `--log-format json`) and waits until it answers.
+    pub async fn serve_with(&mut self, flags: &[&str]) -> CriClient {
+        let mut args = vec!["serve"];
+        args.extend_from_slice(flags);
+        self.spawn(&args);
+        self.wait_ready().await
+    }
+
     /// Spawns `wasmlet --root ROOT --socket SOCK` (serve being the default
     /// subcommand) and waits until it answers.
     pub async fn serve_without_subcommand(&mut self) -> CriClient {
@@ -340,7 +374,14 @@ impl Wasmlet {
             Some(filter) => filter.clone(),
             None => std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
         };
-        let mut command = Command::new(Self::bin());
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(Self::bin());
+                command
+            }
+            None => Command::new(Self::bin()),
+        };
         command.args(subcommand).env_remove("WASMLET_CONFIG");
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
@@ -351,6 +392,7 @@ impl Wasmlet {
             .arg("--socket")
             .arg(self.socket())
             .env("RUST_LOG", rust_log)
+            .envs(&self.env)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(log)
@@ -401,6 +443,23 @@ impl Wasmlet {
             }
             if Instant::now() >= deadline {
                 panic!("wasmlet did not exit within {EXIT_TIMEOUT:?} of {signal}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) for the daemon to exit by itself, e.g. killed by a
+    /// failpoint; returns how it exited.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        self.cri = None;
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            if let Some(status) = self.daemon_mut().try_wait().expect("polling the daemon") {
+                self.daemon = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("wasmlet did not exit within {EXIT_TIMEOUT:?}");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -52,17 +52,31 @@ struct Node {
 
 impl Node {
     async fn start(binaries: &KubeBinaries) -> Node {
+        Self::start_with(binaries, |o| o, "info").await
+    }
+
+    /// A node whose cluster options `options` adjusts, its wasmlet logging
+    /// with `rust_log`.
+    async fn start_with(
+        binaries: &KubeBinaries,
+        options: impl FnOnce(ClusterOptions) -> ClusterOptions,
+        rust_log: &str,
+    ) -> Node {
         let net = test_network();
         let wasmlet = Wasmlet::builder()
             .config(format!(
                 "cgroup_driver = \"cgroupfs\"\n{}",
                 net.wasmlet_config()
             ))
+            .rust_log(rust_log)
             .start()
             .await;
-        let cluster = Cluster::start(binaries, ClusterOptions::new(wasmlet.socket()).kube_proxy())
-            .await
-            .unwrap_or_else(|e| panic!("starting the cluster: {e}"));
+        let cluster = Cluster::start(
+            binaries,
+            options(ClusterOptions::new(wasmlet.socket()).kube_proxy()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("starting the cluster: {e}"));
         // Pods reach Services through their gateway: the host routes the
         // Service range to the node's own interface, where kube-proxy's
         // rules send it on to pods (never off the machine).
@@ -126,6 +140,49 @@ async fn kube_node_runs_wasm_pods() {
         teardown.elapsed(),
         started.elapsed()
     );
+    drop(node);
+
+    // Again with the evented PLEG, which learns of containers' changes
+    // from GetContainerEvents instead of relisting: one cluster at a time,
+    // as both use the host's KUBE-* chains.
+    let started = Instant::now();
+    // The CRI calls' spans at DEBUG show whether the kubelet subscribed.
+    let mut node = Node::start_with(
+        &binaries,
+        |o| o.kubelet_feature_gate("EventedPLEG", true),
+        "info,wasmlet::traced=debug",
+    )
+    .await;
+    let (completes, exit_code, crash_loop) = tokio::join!(
+        timed(
+            "evented PLEG: run to completion",
+            self::run_to_completion(&node)
+        ),
+        timed("evented PLEG: exit code", self::exit_code(&node)),
+        timed("evented PLEG: crash loop", self::crash_loop(&node)),
+    );
+    let failures: Vec<String> = [completes, exit_code, crash_loop]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} scenario(s) failed with EventedPLEG:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+    let log = node.wasmlet.daemon_log();
+    assert!(
+        log.contains("GetContainerEvents"),
+        "the kubelet with EventedPLEG never called GetContainerEvents"
+    );
+    let leftovers = node.cluster.teardown();
+    assert!(
+        leftovers.is_empty(),
+        "the cluster left behind:\n  {}",
+        leftovers.join("\n  ")
+    );
+    eprintln!("kube: evented PLEG run in {:?}", started.elapsed());
 }
 
 /// Runs a scenario, prefixing its failure with its name and noting how
@@ -949,6 +1006,7 @@ async fn two_hundred_replicas(node: &Node) -> Outcome {
         "kube: {REPLICAS} replicas Ready {:?} after kubectl create",
         created.elapsed()
     );
+    runtime_latencies(node).await;
     let mut cri = node.wasmlet.cri();
     let labels = std::collections::HashMap::from([(
         "io.kubernetes.pod.namespace".to_owned(),
@@ -1053,6 +1111,40 @@ async fn two_hundred_replicas(node: &Node) -> Outcome {
         return Err(format!("addresses held for no pod: {held:?}"));
     }
     Ok(())
+}
+
+/// Prints the kubelet's own measure of each CRI call (the mean of
+/// `kubelet_runtime_operations_duration_seconds` by operation): the
+/// latencies the kubelet sees under its concurrency (a figure, not a test).
+async fn runtime_latencies(node: &Node) {
+    let path = format!("/api/v1/nodes/{}/proxy/metrics", node.cluster.node_name());
+    let Ok(text) = node.cluster.kubectl(&["get", "--raw", &path], None).await else {
+        return;
+    };
+    let series = |suffix: &str| -> std::collections::BTreeMap<String, f64> {
+        let prefix =
+            format!("kubelet_runtime_operations_duration_seconds_{suffix}{{operation_type=\"");
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|l| {
+                let (op, rest) = l.split_once('"')?;
+                let value = rest.rsplit(' ').next()?.parse().ok()?;
+                Some((op.to_owned(), value))
+            })
+            .collect()
+    };
+    let (sums, counts) = (series("sum"), series("count"));
+    let means: Vec<String> = sums
+        .iter()
+        .filter_map(|(op, sum)| {
+            let count = counts.get(op).copied().filter(|c| *c > 0.0)?;
+            Some(format!("{op} {:.1} ms ×{count}", sum / count * 1000.0))
+        })
+        .collect();
+    eprintln!(
+        "kube: CRI calls as the kubelet measured them (mean): {}",
+        means.join(", ")
+    );
 }
 
 /// The runtime's sandboxes and containers of the pod with `uid`.

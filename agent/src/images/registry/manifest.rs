@@ -68,6 +68,8 @@ pub(super) struct OciRuntimeConfig {
     pub(super) env: Option<Vec<String>>,
     #[serde(rename = "WorkingDir", default)]
     pub(super) working_dir: Option<String>,
+    #[serde(rename = "User", default)]
+    pub(super) user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -321,6 +323,7 @@ pub(super) fn parse_image_config(reference: &str, bytes: &[u8]) -> Result<ImageC
         cmd: runtime.cmd.unwrap_or_default(),
         env: runtime.env.unwrap_or_default(),
         working_dir: runtime.working_dir.unwrap_or_default(),
+        user: runtime.user.unwrap_or_default(),
     })
 }
 

@@ -514,6 +514,7 @@ proptest! {
             cmd: c.cmd.clone().unwrap_or_default(),
             env: c.env.clone().unwrap_or_default(),
             working_dir: c.working_dir.clone().unwrap_or_default(),
+            user: String::new(),
         });
     }
 
