@@ -6,6 +6,7 @@ mod admin;
 mod admin_cli;
 mod config;
 mod convert;
+mod deadline;
 mod delegate;
 mod doctor;
 mod image_cli;

@@ -151,6 +151,7 @@ where
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     tonic::transport::Server::builder()
+        .layer(crate::deadline::DeadlineLayer)
         .add_service(runtime)
         .add_service(images)
         .add_service(admin)

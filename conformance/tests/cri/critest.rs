@@ -258,10 +258,6 @@ pub const NOT_YET: &[(&str, &str)] = &[
         "[k8s.io] Container Mount Readonly runtime should support readonly mounts should support recursive readonly mounts",
         "a write under a read-only preopen fails with EPERM (wasmtime-wasi's permission check), not EROFS \"Read-only file system\": needs read-only bind mounts, so that the kernel answers",
     ),
-    (
-        "[k8s.io] Image Manager public image should timeout if requested [Conformance]",
-        "tonic's server answers a call past its grpc-timeout with CANCELLED, not DEADLINE_EXCEEDED: the spec passes only when critest's own deadline fires first",
-    ),
 ];
 
 #[test]
