@@ -18,6 +18,7 @@ mod agent;
 pub mod error;
 mod failpoint;
 mod images;
+pub mod metrics;
 pub mod model;
 mod network;
 mod runtime;

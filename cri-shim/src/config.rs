@@ -40,7 +40,20 @@ pub struct FileConfig {
     pub streaming: StreamingSection,
     #[serde(default)]
     pub memory: MemorySection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
 }
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub address: Option<String>,
+}
+
+/// Where metrics are served unless the file says otherwise: loopback, for
+/// a Prometheus agent on the node (or a kube-rbac-proxy in front of it).
+pub const DEFAULT_METRICS_ADDRESS: &str = "127.0.0.1:10470";
 
 /// `[memory]`: the node memory guard and the agent's own OOM score.
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +192,11 @@ pub const SECTIONS: &[Section] = &[
     Section {
         name: "http",
         doc: "wasi:http functions: containers whose program exports wasi:http/incoming-handler, served on their pod's IP.",
+        optional: false,
+    },
+    Section {
+        name: "metrics",
+        doc: "Prometheus metrics (OpenMetrics text at /metrics); the README lists every family.",
         optional: false,
     },
     Section {
@@ -349,6 +367,14 @@ pub const KEYS: &[Key] = &[
         name: "ca_file",
         doc: "PEM CA certificates functions trust for outgoing HTTPS, besides the web PKI's roots. Default: none.",
         default: KeyDefault::Example("\"/etc/wasmlet/egress-ca.pem\""),
+    },
+    Key {
+        section: "metrics",
+        name: "address",
+        doc: "Where GET /metrics is served, IP:port; \"\" turns metrics off. Anyone who can reach it reads every pod's name and usage: keep it on loopback or a node-internal address. If the port is taken the agent logs why and tries again every 5 seconds.",
+        default: KeyDefault::Value(|s| {
+            text(s.metrics_address.map(|a| a.to_string()).unwrap_or_default())
+        }),
     },
     Key {
         section: "memory",
@@ -572,6 +598,8 @@ pub struct Settings {
     pub node_memory_budget: Option<u64>,
     /// What the agent sets its own `oom_score_adj` to.
     pub agent_oom_score_adj: i64,
+    /// Where metrics are served (`None`: off).
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 fn is_root() -> bool {
@@ -731,6 +759,17 @@ impl Settings {
                     bail!("memory.agent_oom_score_adj {adj}: expected -1000 to 1000")
                 }
                 adj => adj.unwrap_or(DEFAULT_AGENT_OOM_SCORE_ADJ),
+            },
+            metrics_address: match file.metrics.address.as_deref() {
+                Some("") => None,
+                Some(address) => Some(address.parse().map_err(|e| {
+                    anyhow::anyhow!("metrics.address {address:?}: expected IP:port ({e})")
+                })?),
+                None => Some(
+                    DEFAULT_METRICS_ADDRESS
+                        .parse()
+                        .expect("the default metrics address parses"),
+                ),
             },
             delegate: file.delegate.map(|d| DelegateSettings {
                 socket: d.socket,
@@ -905,6 +944,7 @@ mod tests {
             ("streaming", serde_fields::<StreamingSection>()),
             ("http", serde_fields::<HttpSection>()),
             ("memory", serde_fields::<MemorySection>()),
+            ("metrics", serde_fields::<MetricsSection>()),
         ] {
             assert_eq!(sorted(fields), described(section), "[{section}]");
         }

@@ -11,6 +11,7 @@ mod delegate;
 mod doctor;
 mod image_cli;
 mod logging;
+mod metrics;
 mod play;
 mod server;
 mod service;
@@ -63,7 +64,10 @@ Pointing the node's kubelet at it:
 Logs go to stderr: RUST_LOG sets the filter (default \"info\"), --log-format
 json writes one JSON object a line; every CRI call runs in a span carrying
 its method, pod sandbox id and container id. `wasmlet admin log-level debug`
-changes the filter of the running agent until it stops.";
+changes the filter of the running agent until it stops.
+
+Metrics: Prometheus (OpenMetrics text) at http://127.0.0.1:10470/metrics,
+set by [metrics] address (\"\" turns them off).";
 
 #[derive(Debug, Parser)]
 #[command(

@@ -91,6 +91,9 @@ pub async fn serve(
             tracing::warn!(%error, "collecting the compiled programs no image runs");
         }
     });
+    let metrics = settings
+        .metrics_address
+        .map(|address| tokio::spawn(crate::metrics::serve(address, agent.clone())));
     let streaming = Streaming::start(settings.streaming.clone(), agent.clone())
         .await
         .with_context(|| {
@@ -128,6 +131,9 @@ pub async fn serve(
             serve_services(routed, admin, listener, shutdown).await
         }
     };
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     let _ = std::fs::remove_file(&settings.socket);
     result.context("serving CRI")
 }
@@ -179,6 +185,8 @@ impl InProcess {
         let settings = Settings {
             socket: dir.path().join("wasmlet.sock"),
             root: dir.path().join("root"),
+            // A pod played beside a node's agent must not take its port.
+            metrics_address: None,
             ..base.clone()
         };
         let agent = open_agent(&settings)?;

@@ -68,6 +68,7 @@ macro_rules! event_at {
 /// dropped (the client went away).
 struct Call {
     span: Span,
+    method: &'static str,
     kind: Kind,
     started: Instant,
     finished: bool,
@@ -94,6 +95,7 @@ impl Call {
         }
         Self {
             span,
+            method,
             kind,
             started: Instant::now(),
             finished: false,
@@ -107,6 +109,11 @@ impl Call {
     fn finish<T: Names>(mut self, reply: Result<&T, &Status>) {
         self.finished = true;
         let elapsed_ms = self.elapsed_ms();
+        crate::metrics::cri_call(
+            self.method,
+            reply.as_ref().map_or_else(|s| s.code(), |_| Code::Ok),
+            self.started.elapsed(),
+        );
         let _entered = self.span.enter();
         match reply {
             Ok(response) => {
@@ -130,6 +137,7 @@ impl Drop for Call {
     fn drop(&mut self) {
         if !self.finished {
             let elapsed_ms = self.elapsed_ms();
+            crate::metrics::cri_call(self.method, Code::Cancelled, self.started.elapsed());
             let _entered = self.span.enter();
             event_at!(
                 match self.kind {

@@ -206,6 +206,7 @@ impl Agent {
         spec: ContainerSpec,
         meta: ContainerMetadata,
     ) -> Result<ContainerId> {
+        let started = std::time::Instant::now();
         let sandbox = self.pod_sandbox_status(sandbox_id)?;
         sandbox.check_accepts_containers()?;
         self.check_unique(sandbox_id, &meta)?;
@@ -223,7 +224,7 @@ impl Agent {
             (!sandbox.spec.log_directory.is_empty() && !spec.log_path.is_empty()).then(|| {
                 Path::new(&sandbox.spec.log_directory).join(spec.log_path.trim_start_matches('/'))
             });
-        let prepared = self.prepare(&image, &spec).await;
+        let (prepared, compiling) = self.prepare_timed(&image, &spec).await;
 
         // The pod may have been stopped or removed while this compiled.
         let sandbox = self.sandbox(sandbox_id)?;
@@ -251,6 +252,10 @@ impl Agent {
         write(&self.inner.containers)
             .insert(id.clone(), ContainerEntry::new(record, Some(prepared)));
         tracing::info!(container_id = %id, sandbox_id = %sandbox_id, image = %image.id, "container created");
+        crate::metrics::global().phase(
+            crate::metrics::Phase::ImagePrepare,
+            started.elapsed().saturating_sub(compiling),
+        );
         self.inner
             .events
             .emit(id.as_str(), sandbox_id, LifecycleKind::Created);
@@ -287,20 +292,40 @@ impl Agent {
         image: &ImageRecord,
         spec: &ContainerSpec,
     ) -> PreparedProgram {
-        let program = program(&self.inner.images, &self.inner.programs, image, spec)?;
+        self.prepare_timed(image, spec).await.0
+    }
+
+    /// [`Self::prepare`], also saying how long the engine took to make the
+    /// program ready when it was not in memory (the `compile` phase).
+    async fn prepare_timed(
+        &self,
+        image: &ImageRecord,
+        spec: &ContainerSpec,
+    ) -> (PreparedProgram, Duration) {
+        let program = match program(&self.inner.images, &self.inner.programs, image, spec) {
+            Ok(program) => program,
+            Err(error) => return (Err(error), Duration::ZERO),
+        };
         // The hot path: an image compiled before needs no I/O.
         if let Some(prepared) = program
             .digest
             .as_ref()
             .and_then(|d| self.inner.engine.cached(d))
         {
-            return Ok(prepared);
+            return (Ok(prepared), Duration::ZERO);
         }
         let inner = self.inner.clone();
         let image = image.clone();
-        tokio::task::spawn_blocking(move || {
+        let compiling = Arc::new(Mutex::new(Duration::ZERO));
+        let took = compiling.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
             let (digest, kind, bytes) = read_program(&inner.images, &image, &program)?;
-            let prepared = inner.engine.prepare(&digest, kind, &bytes)?;
+            let started = std::time::Instant::now();
+            let prepared = inner.engine.prepare(&digest, kind, &bytes);
+            let elapsed = started.elapsed();
+            *lock(&took) = elapsed;
+            crate::metrics::global().phase(crate::metrics::Phase::Compile, elapsed);
+            let prepared = prepared?;
             if program.file.is_some()
                 && let Some(p) =
                     lock(&inner.programs).get_mut(&(image.id.clone(), program.argv[0].clone()))
@@ -310,9 +335,13 @@ impl Agent {
             Ok(prepared)
         })
         .await
-        .map_err(|e| GuestError::Compile {
-            detail: e.to_string(),
-        })?
+        .unwrap_or_else(|e| {
+            Err(GuestError::Compile {
+                detail: e.to_string(),
+            })
+        });
+        let took = *lock(&compiling);
+        (prepared, took)
     }
 
     pub(super) fn container_dir(&self, id: &ContainerId) -> PathBuf {

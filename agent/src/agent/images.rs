@@ -185,6 +185,7 @@ impl Agent {
                     let credentials = credentials.clone();
                     let fut: futures::future::BoxFuture<'static, PullResult> =
                         Box::pin(async move {
+                            let started = std::time::Instant::now();
                             let result = agent
                                 .inner
                                 .registry
@@ -201,6 +202,10 @@ impl Agent {
                                 // module compiles here, not there.
                                 agent.precompile_pulled(image.clone()).await;
                             }
+                            crate::metrics::global().pulled(
+                                started.elapsed(),
+                                result.as_ref().map(drop).map_err(|e| &**e),
+                            );
                             lock(&agent.inner.pulls).remove(&key);
                             result
                         });

@@ -60,10 +60,12 @@ impl Agent {
         let key = meta.clone();
         self.inner
             .sandbox_runs
-            .run(
-                key,
-                async move { agent.run_pod_sandbox_now(spec, meta).await },
-            )
+            .run(key, async move {
+                let started = std::time::Instant::now();
+                let id = agent.run_pod_sandbox_now(spec, meta).await?;
+                crate::metrics::global().phase(crate::metrics::Phase::Sandbox, started.elapsed());
+                Ok(id)
+            })
             .await
     }
 

@@ -128,6 +128,7 @@ impl Agent {
     }
 
     async fn start_container_now(&self, id: &ContainerId) -> Result<()> {
+        let started = std::time::Instant::now();
         let entry = self.container(id)?;
         let _op = entry.ops.lock().await;
         // It may have been removed while this waited.
@@ -154,7 +155,12 @@ impl Agent {
             )),
         };
         match launched {
-            Ok(launch) => self.commit_running(&entry, launch),
+            Ok(launch) => {
+                self.commit_running(&entry, launch)?;
+                crate::metrics::global()
+                    .phase(crate::metrics::Phase::Instantiate, started.elapsed());
+                Ok(())
+            }
             Err((error, log)) => {
                 let reason = error.cause.to_string();
                 if let Some(log) = log {
@@ -162,7 +168,10 @@ impl Agent {
                     log.close();
                 }
                 let status = if error.oom {
-                    ExitStatus::oom_killed(memory_note(&record, error.node_short, &reason))
+                    oom_killed(
+                        error.node_short,
+                        memory_note(&record, error.node_short, &reason),
+                    )
                 } else {
                     ExitStatus::start_error(reason)
                 };
@@ -292,6 +301,7 @@ impl Agent {
         }));
         let id = record.id.clone();
         let log = run.log.clone();
+        log.time_first_output();
         let guest: BoxFuture<'static, ExitStatus> = match body {
             Body::Http {
                 function,
@@ -310,7 +320,7 @@ impl Agent {
                     match function.serve(listener, options, metering, kill_rx).await {
                         HttpExit::Drained => ExitStatus::guest(0, String::new()),
                         HttpExit::Interrupted { .. } if node_memory.doomed() => {
-                            ExitStatus::oom_killed(node_short_note())
+                            oom_killed(true, node_short_note())
                         }
                         HttpExit::Interrupted { why, requests } => ExitStatus::killed(&format!(
                             "{why}; {requests} request(s) still in flight were interrupted"
@@ -343,13 +353,16 @@ impl Agent {
                                 log.write_line(Stream::Stderr, &exit.message);
                             }
                             if exit.code != 0 && oom.load(std::sync::atomic::Ordering::Relaxed) {
-                                ExitStatus::oom_killed(memory_note(&memory, node_memory.node_short(), &exit.message))
+                                {
+                                let node_short = node_memory.node_short();
+                                oom_killed(node_short, memory_note(&memory, node_short, &exit.message))
+                            }
                             } else {
                                 ExitStatus::guest(exit.code, exit.message)
                             }
                         }
                         stop = kill_rx => if node_memory.doomed() {
-                            ExitStatus::oom_killed(node_short_note())
+                            oom_killed(true, node_short_note())
                         } else {
                             ExitStatus::killed(stop.map_or("the runtime stopped it", |s| s.why))
                         },
@@ -468,6 +481,16 @@ impl Agent {
 const NODE_SHORT_OF_MEMORY: &str = "the node ran short of memory for its guests";
 
 /// The message of a guest the node memory guard ended.
+/// An `OOMKilled` exit, counted by why.
+fn oom_killed(node_short: bool, note: String) -> ExitStatus {
+    crate::metrics::global().oom_killed(if node_short {
+        crate::metrics::OomReason::NodeMemory
+    } else {
+        crate::metrics::OomReason::Limit
+    });
+    ExitStatus::oom_killed(note)
+}
+
 fn node_short_note() -> String {
     format!(
         "{NODE_SHORT_OF_MEMORY}: wasmlet ended this guest, ranked first by its oom_score_adj (its QoS class) and size"

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use super::{Agent, ContainerEntry, lock, read};
 use crate::error::Result;
-use crate::model::container::{ContainerFilter, ContainerRecord};
+use crate::metrics::{ContainerSample, HttpSample, PodLabels, PodSample, Snapshot};
+use crate::model::container::{ContainerFilter, ContainerRecord, ContainerState};
 use crate::model::ids::{ContainerId, SandboxId};
-use crate::model::sandbox::{SandboxFilter, SandboxRecord};
+use crate::model::sandbox::{SandboxFilter, SandboxRecord, SandboxState};
 use crate::model::time::Timestamp;
 use crate::model::usage::Usage;
 use crate::runtime::usage::INSTANCE_OVERHEAD_BYTES;
@@ -136,5 +137,110 @@ impl Agent {
                 self.pod_usage_of(s, &entries)
             })
             .collect()
+    }
+}
+
+impl Agent {
+    /// The agent's state for one metrics scrape: counts by state, memory
+    /// against the budget and the pods' limits, each container's CPU,
+    /// throttling, memory and wasi:http requests. Reads without disturbing
+    /// the CPU rates the CRI stats calls compute.
+    pub fn metrics_snapshot(&self) -> Snapshot {
+        let sandboxes: Vec<SandboxRecord> = read(&self.inner.sandboxes)
+            .values()
+            .map(|e| lock(&e.record).clone())
+            .collect();
+        let entries: Vec<Arc<ContainerEntry>> =
+            read(&self.inner.containers).values().cloned().collect();
+        let pods: HashMap<&SandboxId, PodLabels> = sandboxes
+            .iter()
+            .map(|s| {
+                let meta = s.spec.metadata.as_ref();
+                let labels = PodLabels {
+                    namespace: meta.map(|m| m.namespace.clone()).unwrap_or_default(),
+                    pod: meta.map_or_else(|| s.id.to_string(), |m| m.name.clone()),
+                };
+                (&s.id, labels)
+            })
+            .collect();
+        let mut containers = [
+            (ContainerState::Created, 0),
+            (ContainerState::Running, 0),
+            (ContainerState::Exited, 0),
+        ];
+        let mut pod_memory: HashMap<&SandboxId, u64> = HashMap::new();
+        let mut guests = Vec::new();
+        let records: Vec<ContainerRecord> = entries.iter().map(|e| e.snapshot()).collect();
+        for (entry, record) in entries.iter().zip(&records) {
+            if let Some(n) = containers.iter_mut().find(|(s, _)| *s == record.state) {
+                n.1 += 1;
+            }
+            let (Some(usage), Some(pod)) = (entry.usage(), pods.get(&record.sandbox_id)) else {
+                continue;
+            };
+            let memory = if record.state.is_running() {
+                usage.memory_bytes()
+            } else {
+                0
+            };
+            *pod_memory.entry(&record.sandbox_id).or_default() += memory;
+            let http = usage.http_latency().map(|latency| {
+                let counts = usage.http();
+                HttpSample {
+                    requests: counts.requests,
+                    server_errors: counts.server_errors,
+                    latency,
+                }
+            });
+            guests.push(ContainerSample {
+                pod: pod.clone(),
+                container: record
+                    .spec
+                    .metadata
+                    .as_ref()
+                    .map_or_else(|| record.id.to_string(), |m| m.name.clone()),
+                cpu_seconds: usage.cpu_nanos() as f64 / 1e9,
+                throttled_periods: usage.throttled_periods(),
+                throttled_seconds: usage.throttled_nanos() as f64 / 1e9,
+                memory_bytes: memory,
+                http,
+            });
+        }
+        let ready = sandboxes
+            .iter()
+            .filter(|s| s.state == SandboxState::Ready)
+            .count() as u64;
+        let node = self.node_memory();
+        Snapshot {
+            sandboxes: vec![
+                ("ready", ready),
+                ("notready", sandboxes.len() as u64 - ready),
+            ],
+            containers: containers
+                .iter()
+                .map(|(state, n)| {
+                    let label = match state {
+                        ContainerState::Created => "created",
+                        ContainerState::Running => "running",
+                        ContainerState::Exited => "exited",
+                    };
+                    (label, *n)
+                })
+                .collect(),
+            node_memory_budget_bytes: node.budget_bytes,
+            node_memory_committed_bytes: node.used_bytes,
+            pods: sandboxes
+                .iter()
+                .filter(|s| s.state == SandboxState::Ready)
+                .filter_map(|s| {
+                    Some(PodSample {
+                        pod: pods.get(&s.id)?.clone(),
+                        memory_bytes: pod_memory.get(&s.id).copied().unwrap_or(0),
+                        memory_limit_bytes: s.spec.resources.memory_limit_bytes,
+                    })
+                })
+                .collect(),
+            guests,
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
 
+use crate::metrics::CacheResult;
 use crate::model::ids::Digest;
 use crate::model::image::WasmKind;
 use crate::runtime::artifacts::{ArtifactStore, Compiled};
@@ -41,10 +42,14 @@ impl WasmEngine {
                 self.counters
                     .loaded_from_disk
                     .fetch_add(1, Ordering::Relaxed);
+                crate::metrics::global().compile_lookup(CacheResult::Disk);
                 tracing::debug!(%digest, "loaded precompiled artifact");
                 compiled
             }
-            None => self.compile(http, digest, kind, bytes)?,
+            None => {
+                crate::metrics::global().compile_lookup(CacheResult::Miss);
+                self.compile(http, digest, kind, bytes)?
+            }
         };
         let prepared = self.link(compiled, http)?;
         if let Ok(mut m) = self.prepared.lock() {
@@ -70,12 +75,14 @@ impl WasmEngine {
         if store.verified(digest, kind).is_some() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let artifact = match kind {
             WasmKind::Module => engine.precompile_module(bytes),
             WasmKind::Component => engine.precompile_component(bytes),
         }
         .map_err(|e| invalid(kind, &e))?;
         self.counters.compiled.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::global().compiled(started.elapsed(), artifact.len());
         tracing::info!(%digest, "compiled Wasm");
         store.store(digest, kind, &artifact).map(drop)
     }
@@ -154,6 +161,7 @@ impl WasmEngine {
             .and_then(|m| m.get(digest).cloned());
         if hit.is_some() {
             self.counters.memory_hits.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::global().compile_lookup(CacheResult::Memory);
         }
         hit
     }
@@ -177,23 +185,30 @@ impl WasmEngine {
         bytes: &[u8],
     ) -> Result<Compiled, GuestError> {
         let (engine, artifacts) = self.engine_for(http);
+        let started = std::time::Instant::now();
         let compiled = match kind {
             WasmKind::Module => Module::new(engine, bytes).map(Compiled::Module),
             WasmKind::Component => Component::new(engine, bytes).map(Compiled::Component),
         }
         .map_err(|e| invalid(kind, &e))?;
+        let elapsed = started.elapsed();
         self.counters.compiled.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%digest, http, "compiled Wasm");
-        if let Some(store) = artifacts {
-            match compiled.serialize() {
-                Ok(artifact) => {
-                    if let Err(error) = store.store(digest, kind, &artifact) {
-                        tracing::warn!(%digest, %error, "cannot keep the precompiled artifact");
-                    }
+        let Some(store) = artifacts else {
+            // No disk cache: the code's size is not measured.
+            crate::metrics::global().compiled(elapsed, 0);
+            return Ok(compiled);
+        };
+        match compiled.serialize() {
+            Ok(artifact) => {
+                crate::metrics::global().compiled(elapsed, artifact.len());
+                if let Err(error) = store.store(digest, kind, &artifact) {
+                    tracing::warn!(%digest, %error, "cannot keep the precompiled artifact");
                 }
-                Err(error) => {
-                    tracing::warn!(%digest, error = format!("{error:#}"), "cannot serialize the compiled artifact");
-                }
+            }
+            Err(error) => {
+                crate::metrics::global().compiled(elapsed, 0);
+                tracing::warn!(%digest, error = format!("{error:#}"), "cannot serialize the compiled artifact");
             }
         }
         Ok(compiled)

@@ -50,6 +50,8 @@ struct Inner {
     tap: Option<tokio::sync::broadcast::Sender<Output>>,
     /// The guest ended: no more output, attached clients are let go.
     closed: bool,
+    /// When the guest was started, until its first output is timed.
+    awaiting_output: Option<std::time::Instant>,
 }
 
 /// A chunk of a running container's output, as attached clients see it.
@@ -172,6 +174,7 @@ impl ContainerLog {
                 pending: [Vec::new(), Vec::new()],
                 tap: None,
                 closed: false,
+                awaiting_output: None,
                 capture: None,
             })),
         })
@@ -187,6 +190,7 @@ impl ContainerLog {
                 pending: [Vec::new(), Vec::new()],
                 tap: None,
                 closed: false,
+                awaiting_output: None,
                 capture: Some(Capture {
                     limit,
                     streams: [Vec::new(), Vec::new()],
@@ -207,7 +211,20 @@ impl ContainerLog {
     /// Appends raw output of `stream`.
     pub fn write(&self, stream: Stream, data: &[u8]) {
         if let Ok(mut inner) = self.inner.lock() {
+            if !data.is_empty()
+                && let Some(since) = inner.awaiting_output.take()
+            {
+                crate::metrics::global().phase(crate::metrics::Phase::FirstOutput, since.elapsed());
+            }
             inner.write(stream, data);
+        }
+    }
+
+    /// Times the guest's first output from now (the `first_output` phase
+    /// of a pod's start); a guest that never writes is not counted.
+    pub fn time_first_output(&self) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.awaiting_output = Some(std::time::Instant::now());
         }
     }
 

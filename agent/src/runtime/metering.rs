@@ -87,7 +87,9 @@ impl<F: Future> Future for Metered<F> {
                 }
             }
             if let Some(until) = resume_at {
-                this.usage.add_throttled_period();
+                let held = until.saturating_duration_since(tokio::time::Instant::now());
+                this.usage
+                    .add_throttled_period(u64::try_from(held.as_nanos()).unwrap_or(u64::MAX));
                 let mut sleep = Box::pin(tokio::time::sleep_until(until));
                 // Register the wake-up now; the guest's own wake is ignored
                 // until the period ends.

@@ -19,6 +19,9 @@ pub struct GuestUsage {
     http_requests: AtomicU64,
     http_server_errors: AtomicU64,
     http_latency_micros: AtomicU64,
+    throttled_nanos: AtomicU64,
+    /// A wasi:http function's request latencies, made at its first request.
+    http_latency: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl GuestUsage {
@@ -36,6 +39,17 @@ impl GuestUsage {
         self.throttled_periods.load(Ordering::Relaxed)
     }
 
+    /// How long the guest was held back by its CPU quotas.
+    pub fn throttled_nanos(&self) -> u64 {
+        self.throttled_nanos.load(Ordering::Relaxed)
+    }
+
+    /// The latencies of the requests a wasi:http function answered, if it
+    /// answered any.
+    pub fn http_latency(&self) -> Option<prometheus_client::metrics::histogram::Histogram> {
+        self.http_latency.get().cloned()
+    }
+
     /// Guest memory committed now (0 once the guest ended).
     pub fn memory_bytes(&self) -> u64 {
         self.memory_bytes.load(Ordering::Relaxed)
@@ -51,6 +65,9 @@ impl GuestUsage {
             u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+        self.http_latency
+            .get_or_init(crate::metrics::latency_buckets)
+            .observe(latency.as_secs_f64());
     }
 
     pub fn http(&self) -> HttpUsage {
@@ -65,8 +82,10 @@ impl GuestUsage {
         self.cpu_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
-    pub(crate) fn add_throttled_period(&self) {
+    /// Counts a period the guest was throttled in, for `nanos`.
+    pub(crate) fn add_throttled_period(&self, nanos: u64) {
         self.throttled_periods.fetch_add(1, Ordering::Relaxed);
+        self.throttled_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     pub(crate) fn add_memory(&self, bytes: u64) {

@@ -150,7 +150,12 @@ impl StateStore {
             queue.committing = true;
             let batch = std::mem::take(&mut queue.pending);
             drop(queue);
+            let started = std::time::Instant::now();
             let outcome = self.commit(&batch);
+            crate::metrics::global().committed(
+                started.elapsed(),
+                batch.iter().map(|(_, ops)| ops.len()).sum(),
+            );
             queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
             for (t, _) in &batch {
                 queue

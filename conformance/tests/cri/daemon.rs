@@ -158,8 +158,16 @@ impl Wasmlet {
         )
     }
 
+    /// Writes the daemon's config: `toml`, with metrics off unless it has
+    /// a `[metrics]` section (tests run many daemons at once; the default
+    /// port is one).
     fn write_config(&mut self, toml: &str) {
         let path = self.dir.path().join("wasmlet.toml");
+        let toml = if toml.contains("[metrics]") {
+            toml.to_owned()
+        } else {
+            format!("{toml}\n[metrics]\naddress = \"\"\n")
+        };
         std::fs::write(&path, toml).expect("writing the daemon's config");
         self.config = Some(path);
     }

@@ -30,6 +30,7 @@ mod kube;
 mod kubectl;
 mod limits;
 mod log_rotation;
+mod metrics;
 mod network;
 mod networked;
 mod node_memory;

@@ -96,6 +96,7 @@ impl Registry {
             .await;
             let _ = std::fs::remove_file(&tmp);
             result?;
+            crate::metrics::global().downloaded(d.size);
             if d.size > 8 * 1024 * 1024 {
                 tracing::info!(reference = shown, %digest, bytes = d.size, "blob downloaded");
             }
