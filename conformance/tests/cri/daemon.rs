@@ -6,8 +6,9 @@
 //! daemon when dropped. When the test is panicking, the daemon's log is printed
 //! so the failure can be read next to the daemon's side of the story.
 //! [`Wasmlet::builder`] adds a TOML config file (`--config`) and a fixed log
-//! filter; [`Wasmlet::push`] and [`Wasmlet::cli`] run the binary's image
-//! commands.
+//! filter, and can put the root on a tmpfs of its own (a filesystem the
+//! kubelet can size: its image filesystem); [`Wasmlet::push`] and
+//! [`Wasmlet::cli`] run the binary's image commands.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -47,6 +48,9 @@ pub struct Wasmlet {
     /// Environment variables the daemon is started with (see
     /// [`Wasmlet::set_env`]).
     env: BTreeMap<String, String>,
+    /// Whether the root is a tmpfs the fixture mounted (and unmounts when
+    /// dropped).
+    root_mounted: bool,
 }
 
 /// How to set up a [`Wasmlet`] beyond the defaults.
@@ -54,6 +58,7 @@ pub struct Wasmlet {
 pub struct WasmletBuilder {
     config: Option<String>,
     rust_log: Option<String>,
+    root_tmpfs_size: Option<String>,
 }
 
 impl WasmletBuilder {
@@ -71,9 +76,18 @@ impl WasmletBuilder {
         self
     }
 
+    /// The root on a tmpfs of `size` (a `mount -o size=` value, e.g.
+    /// `64m`), mounted before the samples are imported and unmounted when
+    /// the fixture is dropped: the image store then lives on a filesystem
+    /// of its own, which the kubelet's cAdvisor can size.
+    pub fn root_on_tmpfs(mut self, size: &str) -> Self {
+        self.root_tmpfs_size = Some(size.to_owned());
+        self
+    }
+
     /// A fresh root with every sample imported; no daemon running yet.
     pub fn build(self) -> Wasmlet {
-        let mut wasmlet = Wasmlet::new();
+        let mut wasmlet = Wasmlet::with_root(self.root_tmpfs_size.as_deref());
         if let Some(toml) = self.config {
             // Without a [network] of its own, the fixture's: no CNI.
             let toml = if toml.contains("[network]") {
@@ -117,6 +131,12 @@ impl Wasmlet {
 
     /// A fresh root with every sample imported; no daemon running yet.
     pub fn new() -> Self {
+        Self::with_root(None)
+    }
+
+    /// A fresh root, on a tmpfs of `tmpfs_size` if given, with every sample
+    /// imported.
+    fn with_root(tmpfs_size: Option<&str>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("wasmlet-conformance-")
             .tempdir()
@@ -130,8 +150,22 @@ impl Wasmlet {
             rust_log: None,
             wrapper: Vec::new(),
             env: BTreeMap::new(),
+            root_mounted: false,
         };
         std::fs::create_dir(wasmlet.log_root()).expect("creating the pod log root");
+        if let Some(size) = tmpfs_size {
+            let root = wasmlet.root();
+            std::fs::create_dir(&root).expect("creating the root");
+            nix::mount::mount(
+                Some("tmpfs"),
+                &root,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some(format!("size={size},mode=0700").as_str()),
+            )
+            .unwrap_or_else(|e| panic!("mounting a tmpfs on {}: {e}", root.display()));
+            wasmlet.root_mounted = true;
+        }
         // Whatever the machine's /etc/cni/net.d holds, pods get no network
         // unless a test configures one.
         let toml = wasmlet.no_network_config();
@@ -489,6 +523,12 @@ impl Drop for Wasmlet {
         if let Some(mut child) = self.daemon.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if self.root_mounted {
+            let root = self.root();
+            if let Err(e) = nix::mount::umount2(&root, nix::mount::MntFlags::MNT_DETACH) {
+                eprintln!("unmounting the tmpfs on {}: {e}", root.display());
+            }
         }
         if std::thread::panicking() && self.daemon_log_path().exists() {
             eprintln!(
