@@ -165,11 +165,12 @@ pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerS
             "run_as_group is set without run_as_user or run_as_username".into(),
         ));
     }
-    let readonly_rootfs = config
+    let security = config
         .linux
         .as_ref()
-        .and_then(|l| l.security_context.as_ref())
-        .is_some_and(|sc| sc.readonly_rootfs);
+        .and_then(|l| l.security_context.as_ref());
+    let readonly_rootfs = security.is_some_and(|sc| sc.readonly_rootfs);
+    let readonly_paths = security.map_or_else(Vec::new, |sc| sc.readonly_paths.clone());
     let (image, user_specified_image) = config
         .image
         .map(|i| (i.image, i.user_specified_image))
@@ -241,6 +242,7 @@ pub fn container_spec(config: Option<cri::ContainerConfig>) -> Result<ContainerS
         log_path: config.log_path,
         resources: resources(config.linux.and_then(|l| l.resources)),
         readonly_rootfs,
+        readonly_paths,
         stdin: config.stdin,
         stdin_once: config.stdin_once,
         tty: config.tty,
@@ -950,6 +952,31 @@ mod tests {
         ));
         assert!(container_spec(Some(config(Some(1000), ""))).is_ok());
         assert!(container_spec(Some(config(None, "www-data"))).is_ok());
+    }
+
+    #[test]
+    fn the_read_only_root_and_paths_are_taken_from_the_security_context() {
+        let mut config = cri::ContainerConfig {
+            image: Some(cri::ImageSpec {
+                image: "x.io/a:1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let spec = container_spec(Some(config.clone())).unwrap();
+        assert!(!spec.readonly_rootfs);
+        assert!(spec.readonly_paths.is_empty());
+        config.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                readonly_rootfs: true,
+                readonly_paths: vec!["/tmp".into(), "/proc/sys".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let spec = container_spec(Some(config)).unwrap();
+        assert!(spec.readonly_rootfs);
+        assert_eq!(spec.readonly_paths, ["/tmp", "/proc/sys"]);
     }
 
     #[test]

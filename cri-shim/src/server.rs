@@ -124,7 +124,7 @@ pub async fn serve(
             tracing::info!(socket = ?settings.socket, root = ?settings.root, downstream = ?delegate.socket, "serving CRI v1 in front of a downstream runtime");
             let routed = Routed::new(
                 cri,
-                agent,
+                agent.clone(),
                 Downstream::new(delegate),
                 settings.runtime_handlers.clone(),
             );
@@ -134,6 +134,7 @@ pub async fn serve(
     if let Some(metrics) = metrics {
         metrics.abort();
     }
+    agent.close_mounts();
     let _ = std::fs::remove_file(&settings.socket);
     result.context("serving CRI")
 }

@@ -123,6 +123,14 @@ pub(super) fn remove_unrecorded_files(
             continue;
         }
         let path = entry.path();
+        // Never through a mount: what is below it is not the container's.
+        if !super::ro_binds::mounts_below(&path).is_empty() {
+            tracing::warn!(
+                ?path,
+                "the files of a container that no longer exists are left: a mount below them could not be detached"
+            );
+            continue;
+        }
         match std::fs::remove_dir_all(&path) {
             Ok(()) => tracing::info!(
                 ?path,
@@ -348,8 +356,29 @@ impl Agent {
         self.inner.root.join("containers").join(id.as_str())
     }
 
+    /// Where the read-only binds of container `id` are (see `ro_binds`).
+    pub(super) fn mounts_dir(&self, id: &ContainerId) -> PathBuf {
+        self.container_dir(id).join("mounts")
+    }
+
+    /// Detaches the read-only binds of container `id`: its guest ended
+    /// (an exec'd instance still running keeps the directories it has
+    /// open), or the container goes.
+    pub(super) fn release_read_only_binds(&self, id: &ContainerId) {
+        let released = super::ro_binds::release_binds(&self.mounts_dir(id));
+        if released > 0 {
+            tracing::debug!(container_id = %id, count = released, "read-only binds detached");
+        }
+    }
+
     pub(super) fn remove_container_files(&self, id: &ContainerId) {
         let dir = self.container_dir(id);
+        self.release_read_only_binds(id);
+        // Never through a mount: what is below it is not the container's.
+        if super::ro_binds::binds_left(&self.mounts_dir(id)) {
+            tracing::warn!(container_id = %id, ?dir, "container files are left: a mount below them could not be detached");
+            return;
+        }
         if dir.exists()
             && let Err(error) = std::fs::remove_dir_all(&dir)
         {

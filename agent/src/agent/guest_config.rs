@@ -17,7 +17,7 @@ use crate::model::image::{ImageRecord, WasmKind};
 use crate::model::sandbox::SandboxRecord;
 use crate::network::GuestNetwork;
 use crate::runtime::error::GuestError;
-use crate::runtime::host::{GuestConfig, GuestStdio, Preopen};
+use crate::runtime::host::{Access, GuestConfig, GuestStdio, Preopen};
 use crate::runtime::http::HttpOptions;
 use crate::runtime::limits::MemoryLimiter;
 use crate::runtime::logs::ContainerLog;
@@ -110,7 +110,7 @@ fn carry_over(id: &ContainerId, root: &Path, parent: &str, dir: &Path) -> Vec<Pr
             preopens.push(Preopen {
                 host_path: entry.path(),
                 guest_path: Path::new(parent).join(&name).to_string_lossy().into_owned(),
-                readonly: true,
+                access: Access::RecursiveReadOnly,
             });
         } else if kind.is_file()
             && std::fs::symlink_metadata(&target).is_err()
@@ -164,7 +164,7 @@ fn mounts_below(dir: &Path) -> Vec<(PathBuf, PathBuf)> {
 
 /// The mount points a `/proc/self/mountinfo` lists (its fifth field, with
 /// the kernel's octal escapes undone), each once.
-fn mount_points(table: &str) -> Vec<PathBuf> {
+pub(super) fn mount_points(table: &str) -> Vec<PathBuf> {
     let unescape = |field: &str| {
         let bytes = field.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());
@@ -247,25 +247,41 @@ pub(super) fn guest_env(
 /// again as `.`; WASI 0.2 guests also get it as their initial cwd.
 pub(super) fn working_dir_preopen(working_dir: &str, preopens: &[Preopen]) -> Option<Preopen> {
     let wd = Path::new(working_dir);
-    if !wd.is_absolute() || wd == Path::new("/") {
+    if wd == Path::new("/") {
         return None;
     }
-    let (mount, rest) = preopens
-        .iter()
-        .filter_map(|p| Some((p, wd.strip_prefix(&p.guest_path).ok()?)))
-        .max_by_key(|(p, _)| p.guest_path.len())?;
-    if rest
-        .components()
-        .any(|c| !matches!(c, std::path::Component::Normal(_)))
-    {
-        return None;
-    }
-    let host_path = mount.host_path.join(rest);
+    let (mount, rest) = containing(wd, preopens)?;
+    let host_path = preopens[mount].host_path.join(rest);
     host_path.is_dir().then(|| Preopen {
         host_path,
         guest_path: ".".to_owned(),
-        readonly: mount.readonly,
+        access: preopens[mount].access,
     })
+}
+
+/// The deepest of `preopens` holding the absolute guest path `path` (its
+/// index), and the rest of `path` below it, which has plain names only.
+fn containing(path: &Path, preopens: &[Preopen]) -> Option<(usize, PathBuf)> {
+    if !path.is_absolute() {
+        return None;
+    }
+    let (index, rest) = preopens
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.guest_path != ".")
+        .filter_map(|(i, p)| Some((i, path.strip_prefix(&p.guest_path).ok()?)))
+        .max_by_key(|(i, _)| preopens[*i].guest_path.len())?;
+    rest.components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)))
+        .then(|| (index, rest.to_owned()))
+}
+
+/// `root/rest` as the directory it resolves to, if that is a directory
+/// inside `root` (a symlink on the way may not lead out).
+fn resolved_inside(root: &Path, rest: &Path) -> Option<PathBuf> {
+    let root = root.canonicalize().ok()?;
+    let real = root.join(rest).canonicalize().ok()?;
+    (real.starts_with(&root) && real.is_dir()).then_some(real)
 }
 
 /// What a container runs: its argv and, for compat images, the program's
@@ -537,13 +553,19 @@ impl Agent {
             preopens.push(Preopen {
                 host_path,
                 guest_path: "/".to_owned(),
-                readonly: spec.readonly_rootfs,
+                access: if spec.readonly_rootfs {
+                    Access::RecursiveReadOnly
+                } else {
+                    Access::ReadWrite
+                },
             });
         }
         let mut mounts = spec.mounts.clone();
         mounts.extend(self.pod_files(id, &dns, hostname.as_deref(), &spec.mounts)?);
         let (mounted, write_back) = self.preopens(id, &mounts, program.rootfs.as_deref())?;
         preopens.extend(mounted);
+        self.apply_readonly_paths(id, &spec.readonly_paths, &mut preopens);
+        self.bind_read_only(id, &mut preopens);
         let working_dir = if spec.working_dir.is_empty() {
             image
                 .compat
@@ -578,6 +600,73 @@ impl Agent {
             egress_tls: self.inner.egress_tls.clone(),
         };
         Ok((config, write_back))
+    }
+
+    /// Makes each of `paths` (`readonly_paths`) read-only where it is a
+    /// directory the guest sees: a preopen there becomes read-only, a
+    /// directory inside a writable one is preopened again, read-only, at
+    /// its place (bound read-only when binds are on, opened beneath its
+    /// preopen's directory: one the guest writes may hold symlinks). What
+    /// is no directory the guest sees (the kubelet's `/proc/...` defaults)
+    /// is left alone.
+    fn apply_readonly_paths(
+        &self,
+        id: &ContainerId,
+        paths: &[String],
+        preopens: &mut Vec<Preopen>,
+    ) {
+        for path in paths {
+            let Some((index, rest)) = containing(Path::new(path), preopens) else {
+                tracing::debug!(container_id = %id, %path, "a read-only path outside every directory the guest sees is ignored");
+                continue;
+            };
+            let parent = &preopens[index];
+            if parent.access.is_read_only() {
+                continue;
+            }
+            if rest.as_os_str().is_empty() {
+                preopens[index].access = Access::ReadOnly;
+                continue;
+            }
+            let Some(resolved) = resolved_inside(&parent.host_path, &rest) else {
+                tracing::debug!(container_id = %id, %path, "a read-only path that is no directory is ignored");
+                continue;
+            };
+            let bound =
+                self.inner
+                    .binds
+                    .bind(&self.mounts_dir(id), &parent.host_path, Some(&rest), false);
+            preopens.push(match bound {
+                Some(host_path) => Preopen {
+                    host_path,
+                    guest_path: path.clone(),
+                    access: Access::ReadWrite,
+                },
+                None => Preopen {
+                    host_path: resolved,
+                    guest_path: path.clone(),
+                    access: Access::ReadOnly,
+                },
+            });
+        }
+    }
+
+    /// Replaces each read-only preopen's directory with a read-only bind
+    /// mount of it, given full WASI permissions, so that the kernel refuses
+    /// writes there (`EROFS`); left as it is when binds are off.
+    fn bind_read_only(&self, id: &ContainerId, preopens: &mut [Preopen]) {
+        let dir = self.mounts_dir(id);
+        for preopen in preopens.iter_mut().filter(|p| p.access.is_read_only()) {
+            let recursive = preopen.access == Access::RecursiveReadOnly;
+            if let Some(target) = self
+                .inner
+                .binds
+                .bind(&dir, &preopen.host_path, None, recursive)
+            {
+                preopen.host_path = target;
+                preopen.access = Access::ReadWrite;
+            }
+        }
     }
 
     /// The container's own copy of a compat image's root, which it may
@@ -685,7 +774,11 @@ impl Agent {
                 preopens.push(Preopen {
                     host_path: PathBuf::from(&m.host_path),
                     guest_path: m.container_path.clone(),
-                    readonly: m.readonly,
+                    access: match (m.readonly, m.recursive_read_only) {
+                        (false, _) => Access::ReadWrite,
+                        (true, false) => Access::ReadOnly,
+                        (true, true) => Access::RecursiveReadOnly,
+                    },
                 });
                 // A read-only flag is not recursive unless asked: what the
                 // host mounts below stays as it is (the kernel decides
@@ -699,7 +792,7 @@ impl Agent {
                                     .join(rest)
                                     .to_string_lossy()
                                     .into_owned(),
-                                readonly: false,
+                                access: Access::ReadWrite,
                             }
                         },
                     ));
@@ -757,7 +850,11 @@ impl Agent {
             preopens.push(Preopen {
                 host_path: dir,
                 guest_path: parent,
-                readonly: files.iter().all(|m| m.readonly),
+                access: if files.iter().all(|m| m.readonly) {
+                    Access::RecursiveReadOnly
+                } else {
+                    Access::ReadWrite
+                },
             });
         }
         Ok((preopens, write_back))
@@ -820,7 +917,7 @@ mod tests {
         Preopen {
             host_path: host.to_owned(),
             guest_path: guest.to_owned(),
-            readonly: false,
+            access: Access::ReadWrite,
         }
     }
 
@@ -840,6 +937,31 @@ mod tests {
         assert!(working_dir_preopen("/srv/none", &preopens).is_none());
         assert!(working_dir_preopen("/", &preopens).is_none());
         assert!(working_dir_preopen("relative", &preopens).is_none());
+    }
+
+    #[test]
+    fn a_read_only_path_is_found_in_the_deepest_preopen_and_no_symlink_leads_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, srv) = (dir.path().join("root"), dir.path().join("srv"));
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        std::fs::create_dir_all(&srv).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
+        std::os::unix::fs::symlink("tmp", root.join("inside")).unwrap();
+        let preopens = [preopen(&root, "/"), preopen(&srv, "/srv")];
+        let found = |path: &str| containing(Path::new(path), &preopens);
+        assert_eq!(found("/tmp"), Some((0, PathBuf::from("tmp"))));
+        assert_eq!(found("/srv/x"), Some((1, PathBuf::from("x"))));
+        assert_eq!(found("/srv"), Some((1, PathBuf::new())));
+        assert_eq!(found("/srv/../etc"), None);
+        assert_eq!(found("tmp"), None);
+        let real_tmp = root.join("tmp").canonicalize().unwrap();
+        assert_eq!(
+            resolved_inside(&root, Path::new("tmp")),
+            Some(real_tmp.clone())
+        );
+        assert_eq!(resolved_inside(&root, Path::new("inside")), Some(real_tmp));
+        assert_eq!(resolved_inside(&root, Path::new("escape")), None);
+        assert_eq!(resolved_inside(&root, Path::new("missing")), None);
     }
 
     #[test]
@@ -926,7 +1048,7 @@ mod tests {
         assert_eq!(preopens.len(), 1);
         assert_eq!(preopens[0].guest_path, "/etc/ssl");
         assert_eq!(preopens[0].host_path, root.join("etc/ssl"));
-        assert!(preopens[0].readonly);
+        assert_eq!(preopens[0].access, Access::RecursiveReadOnly);
         assert_eq!(
             std::fs::read_to_string(dir.join("passwd")).unwrap(),
             "root:x:0:0\n"

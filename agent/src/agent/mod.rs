@@ -13,6 +13,7 @@ mod guest_config;
 mod images;
 mod ops;
 mod pods;
+mod ro_binds;
 mod run;
 mod stats;
 
@@ -129,6 +130,8 @@ struct Inner {
     pod_cpu: Mutex<HashMap<SandboxId, Arc<PodCpu>>>,
     /// Programs found in compat images.
     programs: ProgramCache,
+    /// Read-only bind mounts of containers' read-only directories.
+    binds: ro_binds::ReadOnlyBinds,
     networks: Networks,
     http: HttpOptions,
     /// How functions verify the servers they call over HTTPS.
@@ -186,6 +189,8 @@ impl Agent {
             }
             containers.insert(record.id.clone(), ContainerEntry::new(record, None));
         }
+        // No guest runs yet: the read-only binds an earlier agent left go.
+        let binds = ro_binds::ReadOnlyBinds::open(&root.join("containers"));
         containers::remove_unrecorded_files(&root.join("containers"), &containers);
         if !recovered.is_empty() {
             tracing::warn!(
@@ -256,6 +261,7 @@ impl Agent {
                 pod_cpu: Mutex::new(HashMap::new()),
                 pod_samples: Mutex::new(HashMap::new()),
                 programs: Mutex::new(HashMap::new()),
+                binds,
                 networks,
                 http: config.http,
                 egress_tls,
@@ -305,6 +311,13 @@ impl Agent {
             used_bytes: node.used(),
             kills: node.kills(),
         }
+    }
+
+    /// Undoes what the agent mounted on the host (the read-only binds and
+    /// the containers directory's own mount): call it once the agent
+    /// stops serving, as the process ends.
+    pub fn close_mounts(&self) {
+        self.inner.binds.close(&self.inner.root.join("containers"));
     }
 
     /// Subscribes to sandbox and container lifecycle events from now on.

@@ -394,6 +394,7 @@ impl Agent {
             for file in &run.write_back {
                 file.write_back();
             }
+            agent.release_read_only_binds(&container_id);
             log.close();
             agent.finish(&owner, Some(run.as_ref()), status);
         });

@@ -61,6 +61,11 @@ pub struct ContainerSpec {
     /// otherwise a compat image's container writes to its own copy.
     #[serde(default)]
     pub readonly_rootfs: bool,
+    /// Paths the guest sees that are read-only (`readonly_paths`), each
+    /// the directory there, if there is one: what is mounted below stays
+    /// as it is.
+    #[serde(default)]
+    pub readonly_paths: Vec<String>,
     /// The guest reads a stdin that `Attach` clients write to.
     #[serde(default)]
     pub stdin: bool,

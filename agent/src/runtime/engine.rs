@@ -124,6 +124,10 @@ impl WasmEngine {
                 what: "WASI preview1",
                 detail: format!("{e:#}"),
             })?;
+        super::read_only::link_p1(&mut p1_linker).map_err(|e| EngineError::Link {
+            what: "WASI preview1 read-only errors",
+            detail: format!("{e:#}"),
+        })?;
         let p2_linker = make_p2_linker(&engine)?;
         let http_linker = make_p2_linker(&http_engine)?;
         let open = |dir: &std::path::Path, engine: &Engine| {
@@ -226,6 +230,11 @@ impl WasmEngine {
                     P1State {
                         wasi: builder.build_p1(),
                         limiter: config.limiter,
+                        preopen_dirs: config
+                            .preopens
+                            .iter()
+                            .map(|p| p.host_path.clone())
+                            .collect(),
                     },
                 );
                 store.limiter(|s| &mut s.limiter);

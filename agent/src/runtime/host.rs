@@ -23,13 +23,16 @@ use crate::runtime::logs::{ContainerLog, Stream};
 pub struct P1State {
     pub(super) wasi: WasiP1Ctx,
     pub(super) limiter: MemoryLimiter,
+    /// The host directories of the guest's preopens, in the order they
+    /// were given (the guest's descriptors 3, 4...): see `read_only`.
+    pub(super) preopen_dirs: Vec<std::path::PathBuf>,
 }
 
 /// Store data of a component (WASI 0.2) guest: a command, or one request
 /// of an HTTP function.
 pub struct P2State {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
     http: WasiHttpCtx,
     hooks: PodHooks,
     resolver: Resolver,
@@ -60,7 +63,26 @@ impl WasiView for P2State {
 pub struct Preopen {
     pub host_path: std::path::PathBuf,
     pub guest_path: String,
-    pub readonly: bool,
+    pub access: Access,
+}
+
+/// What a guest may do in a preopened directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Whatever the host's own permissions and mounts let it (a read-only
+    /// bind mount answers a write with `EROFS`).
+    ReadWrite,
+    /// Read: WASI permissions refuse writes (`EPERM`). What the host mounts
+    /// below it keeps its own permissions if it is preopened too.
+    ReadOnly,
+    /// Read, and read-only all the way down.
+    RecursiveReadOnly,
+}
+
+impl Access {
+    pub fn is_read_only(self) -> bool {
+        self != Access::ReadWrite
+    }
 }
 
 /// Everything a guest runs with.
@@ -105,6 +127,7 @@ pub(super) fn make_p2_linker(engine: &Engine) -> Result<ComponentLinker<P2State>
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
         .map_err(failed("wasi:http"))?;
     link_name_lookup(&mut linker).map_err(failed("name lookup"))?;
+    super::read_only::link_p2(&mut linker).map_err(failed("read-only filesystem errors"))?;
     Ok(linker)
 }
 
@@ -257,7 +280,7 @@ pub(super) fn wasi_builder(config: &GuestConfig) -> Result<WasiCtxBuilder, Guest
         builder.allow_tcp(true).allow_udp(true).inherit_network();
     }
     for p in &config.preopens {
-        let perms = if p.readonly {
+        let perms = if p.access.is_read_only() {
             FsPerms::ReadOnly
         } else {
             FsPerms::ReadWrite

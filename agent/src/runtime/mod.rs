@@ -22,5 +22,6 @@ pub(crate) mod limits;
 pub(crate) mod logs;
 pub(crate) mod metering;
 pub(crate) mod node_memory;
+mod read_only;
 pub(crate) mod stdio;
 pub(crate) mod usage;

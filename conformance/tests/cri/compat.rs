@@ -428,3 +428,184 @@ async fn exec_sync_runs_a_program_of_the_image_beside_the_container() {
     let empty = exec(&mut cri, &id, &[], 10).await.unwrap_err();
     assert_eq!(empty.code(), Code::InvalidArgument, "{empty:?}");
 }
+
+/// A busybox-like image: `minibox` as `/bin/busybox` with the applets the
+/// read-only test runs, and the directories a Linux image has.
+async fn push_minibox(registry: &Registry) -> String {
+    let mut layer = tar::Builder::new(Vec::new());
+    for dir in ["tmp/", "data/"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o755);
+        h.set_entry_type(tar::EntryType::Directory);
+        layer.append_data(&mut h, dir, &[][..]).unwrap();
+    }
+    regular(
+        &mut layer,
+        "bin/busybox",
+        &std::fs::read(wasm_samples::MINIBOX_P1).unwrap(),
+    );
+    for applet in ["sh", "touch", "sleep", "cat"] {
+        symlink(&mut layer, &format!("bin/{applet}"), "busybox");
+    }
+    let layer = gzip(&layer.into_inner().unwrap());
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "wasm",
+        "os": "wasip1",
+        "config": { "Cmd": ["sh"], "Env": ["PATH=/bin"] },
+        "rootfs": { "type": "layers", "diff_ids": [] },
+    }))
+    .unwrap();
+    registry
+        .push_image(
+            "compat/box",
+            "v1",
+            OCI_CONFIG,
+            &config,
+            &[(TAR_GZ, &layer)],
+            OCI_MANIFEST,
+        )
+        .await
+        .unwrap();
+    format!("{}/compat/box:v1", registry.host())
+}
+
+/// A tmpfs the test mounts at `dir` (made), as a kubelet volume below a
+/// host path; the fixture detaches it when dropped.
+fn mount_tmpfs(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mounting a tmpfs (the test runs as root)");
+}
+
+/// The mounts strictly below the daemon's `ROOT/containers` (which is a
+/// private mount of its own while binds are on).
+fn container_mounts(wasmlet: &Wasmlet) -> Vec<std::path::PathBuf> {
+    let containers = wasmlet.root().join("containers");
+    crate::daemon::mounts_under(&containers)
+        .into_iter()
+        .filter(|m| m != &containers)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_directories_refuse_writes_with_erofs_and_their_binds_go_with_the_container() {
+    let registry = Registry::start(RegistryOptions::default()).await.unwrap();
+    let reference = push_minibox(&registry).await;
+    let mut wasmlet = daemon_for(&registry).await;
+    let mut cri = wasmlet.cri();
+    cri.pull_image(&reference).await.unwrap();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+
+    // Host paths with a tmpfs mounted below each, as kubelet volumes are.
+    let ro = wasmlet.scratch("ro");
+    let rro = wasmlet.scratch("rro");
+    mount_tmpfs(&ro.join("sub"));
+    mount_tmpfs(&rro.join("sub"));
+    let long_running = |attempt| {
+        let mut config = ContainerConfigBuilder::new("box", &reference)
+            .attempt(attempt)
+            .command(["sleep", "3600"])
+            .mount(&ro, "/ro", true)
+            .build();
+        config.mounts.push(wasmlet_conformance::cri::Mount {
+            container_path: "/rro".into(),
+            host_path: rro.to_string_lossy().into_owned(),
+            readonly: true,
+            recursive_read_only: true,
+            ..Default::default()
+        });
+        config.linux = Some(wasmlet_conformance::cri::LinuxContainerConfig {
+            security_context: Some(wasmlet_conformance::cri::LinuxContainerSecurityContext {
+                readonly_paths: vec!["/tmp".into(), "/proc/sys".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        config
+    };
+    let id = cri.start(&pod, long_running(0)).await.unwrap();
+    let touch = |path: &'static str| {
+        let id = id.clone();
+        let mut cri = cri.clone();
+        async move {
+            let out = exec(&mut cri, &id, &["touch", path], 10).await.unwrap();
+            (
+                out.exit_code,
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let refused = |path: &str| (1, format!("touch: {path}: Read-only file system\n"));
+    // A read-only mount, recursive or not, and a read-only path: the
+    // kernel refuses, as in containerd's containers.
+    assert_eq!(touch("/ro/file").await, refused("/ro/file"));
+    assert_eq!(touch("/rro/file").await, refused("/rro/file"));
+    assert_eq!(touch("/rro/sub/file").await, refused("/rro/sub/file"));
+    assert_eq!(touch("/tmp/file").await, refused("/tmp/file"));
+    // Below a non-recursive read-only mount, the host's own mount stays
+    // writable; the container's root (its copy of the image's) too.
+    assert_eq!(touch("/ro/sub/file").await, (0, String::new()));
+    assert!(ro.join("sub/file").exists());
+    assert_eq!(touch("/file").await, (0, String::new()));
+    assert!(!container_mounts(&wasmlet).is_empty());
+
+    // A read-only root, a relative path in it: as critest's spec runs it.
+    let mut config = ContainerConfigBuilder::new("rootfs", &reference)
+        .command(["touch", "test.go"])
+        .build();
+    config.linux = Some(wasmlet_conformance::cri::LinuxContainerConfig {
+        security_context: Some(wasmlet_conformance::cri::LinuxContainerSecurityContext {
+            readonly_rootfs: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let log = pod.container_log(&config);
+    let status = cri.run_to_exit(&pod, config, GUEST_TIMEOUT).await.unwrap();
+    let records = read_cri_log(&log).unwrap();
+    assert_eq!(status.exit_code, 1, "{status:?}\n{records:#?}");
+    assert_eq!(
+        stream_lines(&records, Stream::Stderr),
+        ["touch: test.go: Read-only file system"]
+    );
+    // Its binds went when its guest ended.
+    let exited = wasmlet.root().join("containers").join(&status.id);
+    assert!(
+        container_mounts(&wasmlet)
+            .iter()
+            .all(|m| !m.starts_with(&exited)),
+        "{:?}",
+        container_mounts(&wasmlet)
+    );
+
+    // Killed, the agent leaves the binds of the running container; the
+    // next one detaches them before anything else.
+    wasmlet.kill_9().await;
+    assert!(!container_mounts(&wasmlet).is_empty());
+    let mut cri = wasmlet.restart().await;
+    assert_eq!(container_mounts(&wasmlet), Vec::<std::path::PathBuf>::new());
+    // The host's own mounts are untouched.
+    assert!(ro.join("sub/file").exists());
+
+    // Removed while it runs, a container leaves no mount and no files.
+    let id = cri.start(&pod, long_running(1)).await.unwrap();
+    assert_eq!(
+        exec(&mut cri, &id, &["touch", "/ro/file"], 10)
+            .await
+            .unwrap()
+            .exit_code,
+        1
+    );
+    assert!(!container_mounts(&wasmlet).is_empty());
+    cri.remove_container(&id).await.unwrap();
+    assert_eq!(container_mounts(&wasmlet), Vec::<std::path::PathBuf>::new());
+    assert!(!wasmlet.root().join("containers").join(&id).exists());
+    assert!(ro.join("sub/file").exists() && rro.join("sub").is_dir());
+}

@@ -244,21 +244,10 @@ pub const NOT_FOR_WASM: &[(&str, &str)] = &[
 ];
 
 /// Specs wasmlet does not pass yet, and why. Each is work left in issue
-/// #17; none may stay here for a reason in [`NOT_FOR_WASM`]'s sense.
-pub const NOT_YET: &[(&str, &str)] = &[
-    (
-        "[k8s.io] Security Context bucket runtime should support that ReadOnlyRootfs is true",
-        "a write under a read-only preopen fails with EPERM (wasmtime-wasi's permission check), not EROFS \"Read-only file system\": needs read-only bind mounts, so that the kernel answers",
-    ),
-    (
-        "[k8s.io] Security Context bucket runtime should support ReadonlyPaths",
-        "a write under a read-only preopen fails with EPERM (wasmtime-wasi's permission check), not EROFS \"Read-only file system\": needs read-only bind mounts, so that the kernel answers",
-    ),
-    (
-        "[k8s.io] Container Mount Readonly runtime should support readonly mounts should support recursive readonly mounts",
-        "a write under a read-only preopen fails with EPERM (wasmtime-wasi's permission check), not EROFS \"Read-only file system\": needs read-only bind mounts, so that the kernel answers",
-    ),
-];
+/// #17; none may stay here for a reason in [`NOT_FOR_WASM`]'s sense. None
+/// is left: the read-only specs pass since read-only directories are
+/// read-only bind mounts (the kernel answers `EROFS`).
+pub const NOT_YET: &[(&str, &str)] = &[];
 
 #[test]
 fn critest_passes_with_the_documented_skips() {

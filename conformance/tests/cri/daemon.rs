@@ -530,6 +530,20 @@ impl Drop for Wasmlet {
                 eprintln!("unmounting the tmpfs on {}: {e}", root.display());
             }
         }
+        // A daemon killed leaves its mounts (read-only binds, pinned
+        // network namespaces) and a test its own (tmpfs under scratch
+        // directories): detached before the temp dir is removed, which
+        // would otherwise walk into them.
+        for _ in 0..8 {
+            let mut mounts = mounts_under(self.dir.path());
+            if mounts.is_empty() {
+                break;
+            }
+            mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+            for mount in mounts {
+                let _ = nix::mount::umount2(&mount, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
         if std::thread::panicking() && self.daemon_log_path().exists() {
             eprintln!(
                 "---- wasmlet daemon log ({}) ----\n{}---- end of daemon log ----",
@@ -538,6 +552,28 @@ impl Drop for Wasmlet {
             );
         }
     }
+}
+
+/// The mount points at or below `dir` in the test's mount namespace (the
+/// daemon's), from `/proc/self/mountinfo`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|point| {
+            // mountinfo writes space, tab, newline and backslash as octal.
+            PathBuf::from(
+                point
+                    .replace("\\040", " ")
+                    .replace("\\011", "\t")
+                    .replace("\\012", "\n")
+                    .replace("\\134", "\\"),
+            )
+        })
+        .filter(|point| point.starts_with(&dir))
+        .collect()
 }
 
 /// `sha256:` followed by 64 lowercase hex digits.

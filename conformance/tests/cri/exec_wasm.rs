@@ -176,24 +176,31 @@ async fn paths_outside_the_mounts_are_not_reachable() {
 }
 
 #[tokio::test]
-async fn a_readonly_mount_rejects_writes() {
+async fn a_readonly_mount_rejects_writes_as_a_read_only_file_system() {
     let wasmlet = Wasmlet::start().await;
     let data = wasmlet.scratch("data");
-    let config = ContainerConfigBuilder::new("echo", ECHO_P1)
-        .mount(&data, "/data", true)
-        .env("WRITE_FILE", "/data/out.txt");
-    let (status, log) = run(&wasmlet, config).await;
-    assert_eq!(status.exit_code, 3, "{status:?}\n{log:#?}");
-    assert!(
-        stderr(&log)
-            .iter()
-            .any(|line| line.starts_with("error writing /data/out.txt")),
-        "{log:#?}"
-    );
-    assert!(
-        !data.join("out.txt").exists(),
-        "the guest wrote through a readonly mount"
-    );
+    // A module and a component: the kernel's EROFS reaches both as theirs
+    // (preview1 `rofs`, WASI 0.2 `error-code.read-only`).
+    for image in [ECHO_P1, ECHO_P2] {
+        let config =
+            ContainerConfigBuilder::new(format!("echo-{}", &image[image.len() - 2..]), image)
+                .mount(&data, "/data", true)
+                .env("WRITE_FILE", "/data/out.txt");
+        let (status, log) = run(&wasmlet, config).await;
+        // WASI 0.2's exit says only success or failure (1).
+        let code = if image == ECHO_P1 { 3 } else { 1 };
+        assert_eq!(status.exit_code, code, "{status:?}\n{log:#?}");
+        assert!(
+            stderr(&log)
+                .iter()
+                .any(|line| line.starts_with("error writing /data/out.txt: Read-only file system")),
+            "{image}: {log:#?}"
+        );
+        assert!(
+            !data.join("out.txt").exists(),
+            "the guest wrote through a readonly mount"
+        );
+    }
 }
 
 #[tokio::test]

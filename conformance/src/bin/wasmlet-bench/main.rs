@@ -173,6 +173,14 @@ struct Runtime {
 impl Drop for Runtime {
     fn drop(&mut self) {
         if let Some(mut d) = self.daemon.take() {
+            // SIGTERM first, as systemd stops it: the agent then undoes
+            // its mounts (read-only binds) so that its root can go.
+            let pid = nix::unistd::Pid::from_raw(d.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(d.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = d.kill();
             let _ = d.wait();
         }
