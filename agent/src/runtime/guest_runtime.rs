@@ -19,6 +19,15 @@ impl GuestRuntime {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("wasmlet-guest")
+            // A busy guest's poll lasts up to an epoch tick (10 ms). With
+            // tokio's defaults a worker full of them looks at its timers and
+            // I/O only every 61 polls and at wake-ups from other threads
+            // every 31: a guest throttled to its CPU quota woke up to 0.6 s
+            // late and got a third of its quota while neighbours spun, and a
+            // function's connection waited as long. Every other poll bounds
+            // that at about two ticks.
+            .event_interval(2)
+            .global_queue_interval(2)
             // A blocking-pool thread spawned while a guest was polled inside
             // its pod's network namespace would start there: put it back.
             .on_thread_start(|| {
