@@ -714,6 +714,7 @@ impl Settings {
                         .http
                         .request_timeout_seconds
                         .map_or(d.request_timeout, std::time::Duration::from_secs),
+                    ..d
                 }
             },
             http_pool_instances: file

@@ -193,7 +193,7 @@ mod tests {
             ),
             (
                 start_failed(GuestError::Bind {
-                    port: 8080,
+                    addr: "0.0.0.0:8080".parse().unwrap(),
                     source: io_error(),
                 }),
                 Code::FailedPrecondition,

@@ -427,28 +427,24 @@ pub(super) fn artifact_program_names(image: &ImageRecord, spec: &ContainerSpec) 
 
 /// The variable in which runwasi's wasmtime shim takes the address a
 /// wasi:http component listens on (`ADDR:PORT`), so images built for it
-/// set it; wasmlet takes its port.
+/// set it; wasmlet listens there too.
 pub(super) const HTTP_PROXY_ADDR_ENV: &str = "WASMTIME_HTTP_PROXY_SOCKET_ADDR";
 
-/// The port a container's HTTP function listens on, first found of:
+/// Where a container's HTTP function listens, first found of:
 /// [`HTTP_PROXY_ADDR_ENV`] in the container's environment, then in the
-/// image's (the program says where it listens); the first TCP port the
-/// kubelet lists for the container ([`CONTAINER_PORTS_ANNOTATION`]); the
-/// first TCP container port of the pod's port mappings (what a client
-/// other than the kubelet, such as critest, gives); else `None` (the
-/// node's default).
-pub(super) fn http_port(
+/// image's (the program says where it listens, address and port); the
+/// first TCP port the kubelet lists for the container
+/// ([`CONTAINER_PORTS_ANNOTATION`]); the first TCP container port of the
+/// pod's port mappings (what a client other than the kubelet, such as
+/// critest, gives), on every address; else `None` (the node's default).
+pub(super) fn http_listen(
     container_env: &[(String, String)],
     image_env: &[String],
     annotations: &BTreeMap<String, String>,
     port_mappings: &[crate::model::network::PortMapping],
-) -> Option<u16> {
-    let from_addr = |addr: &str| {
-        addr.trim()
-            .parse::<std::net::SocketAddr>()
-            .ok()
-            .map(|a| a.port())
-    };
+) -> Option<std::net::SocketAddr> {
+    let any = |port: u16| std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    let from_addr = |addr: &str| addr.trim().parse::<std::net::SocketAddr>().ok();
     let from_env = container_env
         .iter()
         .rev()
@@ -473,21 +469,21 @@ pub(super) fn http_port(
                 .and_then(serde_json::Value::as_str)
                 .is_none_or(is_tcp);
             let port = p.get("containerPort").and_then(serde_json::Value::as_u64)?;
-            tcp.then(|| u16::try_from(port).ok()).flatten()
+            tcp.then(|| u16::try_from(port).ok().map(any)).flatten()
         })
     };
     let from_mappings = || {
         port_mappings
             .iter()
             .find(|m| is_tcp(&m.protocol) && m.container_port != 0)
-            .map(|m| m.container_port)
+            .map(|m| any(m.container_port))
     };
     from_env.or_else(from_annotation).or_else(from_mappings)
 }
 
 impl Agent {
     /// How a container's HTTP function is served: on the port
-    /// [`http_port`] finds, the node's defaults for the rest, overridden by
+    /// [`http_listen`] finds, the node's defaults for the rest, overridden by
     /// the pod annotations `wasmlet.dev/http-max-concurrency` and
     /// `wasmlet.dev/http-request-timeout-seconds`.
     pub(super) fn http_options(
@@ -501,13 +497,14 @@ impl Agent {
             .as_ref()
             .and_then(|i| i.compat.as_ref())
             .map_or(&[][..], |c| &c.env[..]);
-        if let Some(port) = http_port(
+        if let Some(addr) = http_listen(
             &spec.envs,
             image_env,
             &spec.annotations,
             &sandbox.spec.port_mappings,
         ) {
-            options.port = port;
+            options.port = addr.port();
+            options.address = addr.ip();
         }
         let annotation = |key: &str| {
             sandbox
@@ -965,7 +962,7 @@ mod tests {
     }
 
     #[test]
-    fn the_http_port_is_the_programs_then_the_kubelets_then_the_pods_mappings() {
+    fn the_http_address_is_the_programs_then_the_kubelets_then_the_pods_mappings() {
         use crate::model::network::PortMapping;
         let mapping = |port: u16, protocol: &str| PortMapping {
             host_port: 0,
@@ -980,27 +977,41 @@ mod tests {
         )]
         .into();
         let none = BTreeMap::new();
+        let listen_port =
+            |c: &[(String, String)],
+             i: &[String],
+             a: &BTreeMap<String, String>,
+             m: &[PortMapping]| { http_listen(c, i, a, m).map(|addr| addr.port()) };
         let mappings = [mapping(53, "udp"), mapping(80, "tcp")];
         // Nothing: the node's default.
-        assert_eq!(http_port(&[], &[], &none, &[]), None);
+        assert_eq!(listen_port(&[], &[], &none, &[]), None);
         // critest: port mappings only.
-        assert_eq!(http_port(&[], &[], &none, &mappings), Some(80));
+        assert_eq!(listen_port(&[], &[], &none, &mappings), Some(80));
         // The kubelet's annotation wins over the mappings.
-        assert_eq!(http_port(&[], &[], &annotated, &mappings), Some(8081));
+        assert_eq!(listen_port(&[], &[], &annotated, &mappings), Some(8081));
         // runwasi's variable, from the image, then from the container.
         let image = [
             "PATH=/bin".to_owned(),
             format!("{HTTP_PROXY_ADDR_ENV}=0.0.0.0:12003"),
         ];
-        assert_eq!(http_port(&[], &image, &annotated, &mappings), Some(12003));
+        assert_eq!(listen_port(&[], &image, &annotated, &mappings), Some(12003));
         let container = [(HTTP_PROXY_ADDR_ENV.to_owned(), "127.0.0.1:9000".to_owned())];
         assert_eq!(
-            http_port(&container, &image, &annotated, &mappings),
+            listen_port(&container, &image, &annotated, &mappings),
             Some(9000)
+        );
+        // The program's address is kept; the others listen everywhere.
+        assert_eq!(
+            http_listen(&container, &image, &annotated, &mappings),
+            Some("127.0.0.1:9000".parse().unwrap())
+        );
+        assert_eq!(
+            http_listen(&[], &[], &annotated, &mappings),
+            Some("0.0.0.0:8081".parse().unwrap())
         );
         // One that is no address is ignored.
         let bad = [(HTTP_PROXY_ADDR_ENV.to_owned(), "nine thousand".to_owned())];
-        assert_eq!(http_port(&bad, &[], &none, &mappings), Some(80));
+        assert_eq!(listen_port(&bad, &[], &none, &mappings), Some(80));
     }
 
     #[test]

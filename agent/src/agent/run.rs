@@ -245,7 +245,9 @@ impl Agent {
         let body = match guest {
             Guest::Http(function) => {
                 let options = self.http_options(sandbox, &record.spec);
-                let listener = function.bind(options.port).map_err(failed)?;
+                let listener = function
+                    .bind(std::net::SocketAddr::new(options.address, options.port))
+                    .map_err(failed)?;
                 let metering = Metering {
                     usage,
                     // Its own quota follows UpdateContainerResources.
@@ -309,10 +311,15 @@ impl Agent {
                 options,
                 metering,
             } => {
-                tracing::info!(container_id = %id, port = options.port, "HTTP function serving");
+                tracing::info!(container_id = %id, address = %options.address, port = options.port, "HTTP function serving");
+                let on = if options.address.is_unspecified() {
+                    format!("port {}", options.port)
+                } else {
+                    std::net::SocketAddr::new(options.address, options.port).to_string()
+                };
                 log.write_line(
                     Stream::Stderr,
-                    &format!("wasmlet: serving wasi:http on port {}", options.port),
+                    &format!("wasmlet: serving wasi:http on {on}"),
                 );
                 let log = log.clone();
                 let node_memory = run.node_memory.clone();

@@ -167,9 +167,9 @@ pub enum GuestError {
     NoPodNetwork,
 
     /// An HTTP function's port cannot be listened on (in use).
-    #[error("listening on port {port}: {source}")]
+    #[error("listening on {addr}: {source}")]
     Bind {
-        port: u16,
+        addr: std::net::SocketAddr,
         #[source]
         source: Arc<std::io::Error>,
     },

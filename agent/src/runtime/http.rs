@@ -38,6 +38,9 @@ use crate::runtime::usage::GuestUsage;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpOptions {
     pub port: u16,
+    /// The address listened on in the pod: all of them unless the program
+    /// names one (runwasi's `WASMTIME_HTTP_PROXY_SOCKET_ADDR`).
+    pub address: std::net::IpAddr,
     /// Requests handled at once; more wait for a slot.
     pub max_concurrency: usize,
     /// From the request's arrival to its response headers, and for the
@@ -49,6 +52,7 @@ impl Default for HttpOptions {
     fn default() -> Self {
         Self {
             port: 8080,
+            address: std::net::Ipv4Addr::UNSPECIFIED.into(),
             max_concurrency: 64,
             request_timeout: Duration::from_secs(60),
         }
@@ -96,12 +100,11 @@ impl HttpFunction {
         Self { pre, config }
     }
 
-    /// Opens the listening socket on `port` (all addresses) in the guest's
-    /// network namespace, so that a busy port is a start error.
-    pub fn bind(&self, port: u16) -> Result<std::net::TcpListener, GuestError> {
-        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+    /// Opens the listening socket on `addr` in the guest's network
+    /// namespace, so that a busy port is a start error.
+    pub fn bind(&self, addr: SocketAddr) -> Result<std::net::TcpListener, GuestError> {
         let failed = |e| GuestError::Bind {
-            port,
+            addr,
             source: std::sync::Arc::new(e),
         };
         let listener = match &self.config.network {

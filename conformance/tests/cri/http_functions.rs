@@ -140,6 +140,52 @@ async fn stop_drains_requests_in_flight() {
     );
 }
 
+/// runwasi's `WASMTIME_HTTP_PROXY_SOCKET_ADDR` says where a function
+/// listens, address included: on loopback it is reachable only inside its
+/// pod, as under runwasi.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_listens_on_the_address_its_image_names() {
+    let net = test_network();
+    let wasmlet = networked(&net).await;
+    let mut cri = wasmlet.cri();
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let ip = pod_ip(&wasmlet, &pod.id).await;
+    let everywhere = function_builder("everywhere", 8080)
+        .env("WASMTIME_HTTP_PROXY_SOCKET_ADDR", "0.0.0.0:9001")
+        .build();
+    let inside = function_builder("inside", 8080)
+        .env("WASMTIME_HTTP_PROXY_SOCKET_ADDR", "127.0.0.1:9000")
+        .build();
+    let log = pod.container_log(&inside);
+    cri.start(&pod, everywhere).await.unwrap();
+    cri.start(&pod, inside).await.unwrap();
+    assert_eq!(
+        get(&net, &ip, 9001, "/hello").await,
+        (200, "hello from everywhere path=/hello\n".to_owned())
+    );
+    wait_for_log(&log, GUEST_TIMEOUT, "the serving line", |records| {
+        stream_lines(records, Stream::Stderr)
+            .iter()
+            .any(|l| l == "wasmlet: serving wasi:http on 127.0.0.1:9000")
+    })
+    .await
+    .unwrap();
+    assert!(
+        net.http_get(&ip, 9000, "/hello", IO_TIMEOUT).is_err(),
+        "a function listening on the pod's loopback answered from outside"
+    );
+    // Inside the pod's network namespace it listens on loopback only.
+    let netns = net.netns_dir().join(format!("wasmlet-{}", pod.id));
+    let listening = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["ss", "-Hltn"])
+        .output()
+        .expect("running nsenter ss");
+    let listening = String::from_utf8_lossy(&listening.stdout);
+    assert!(listening.contains("127.0.0.1:9000"), "{listening}");
+    assert!(listening.contains("0.0.0.0:9001"), "{listening}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_without_a_pod_network_does_not_start() {
     let wasmlet = Wasmlet::start().await;
