@@ -90,6 +90,8 @@ pub async fn check(settings: &Settings, args: &DoctorArgs) -> Vec<Finding> {
     if let Some(delegate) = &settings.delegate {
         findings.push(downstream(&delegate.socket).await);
     }
+    findings.push(read_only_mounts());
+    findings.push(metrics(settings.metrics_address).await);
     findings.push(kubelet_stats_gate(&args.kubelet_config));
     findings.push(clock());
     findings.push(disk_latency(&settings.root));
@@ -370,6 +372,108 @@ fn kubelet_stats_gate(config: &Path) -> Finding {
         CHECK,
         "PodAndContainerStatsFromCRI is off: `kubectl top` reads wasmlet's CRI stats",
     )
+}
+
+/// Whether the agent can give guests read-only bind mounts (`EROFS` on a
+/// write, as in containerd's containers): it needs root and
+/// `mount_setattr` (Linux 5.12).
+fn read_only_mounts() -> Finding {
+    const CHECK: &str = "read-only mounts";
+    const CONSEQUENCE: &str =
+        "a guest's write under a read-only directory fails with EPERM, not EROFS as in a container";
+    if !nix::unistd::geteuid().is_root() {
+        return finding(Verdict::Warn, CHECK, format!("not root: {CONSEQUENCE}"));
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_default();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if version < (5, 12) {
+        return finding(
+            Verdict::Warn,
+            CHECK,
+            format!("kernel {release} has no mount_setattr (5.12): {CONSEQUENCE}"),
+        );
+    }
+    finding(
+        Verdict::Ok,
+        CHECK,
+        format!("read-only bind mounts (kernel {release}, root): writes there fail with EROFS"),
+    )
+}
+
+/// Whether `[metrics] address` can be served: free, or already served by
+/// the agent; and whether it is kept off the network.
+async fn metrics(address: Option<std::net::SocketAddr>) -> Finding {
+    const CHECK: &str = "metrics";
+    let Some(address) = address else {
+        return finding(Verdict::Ok, CHECK, "off ([metrics] address = \"\")");
+    };
+    let exposed = if address.ip().is_loopback() {
+        String::new()
+    } else {
+        "; it is beyond loopback: whoever reaches it reads every pod's name and usage (put an authenticating proxy in front)".to_owned()
+    };
+    let verdict = if exposed.is_empty() {
+        Verdict::Ok
+    } else {
+        Verdict::Warn
+    };
+    match std::net::TcpListener::bind(address) {
+        Ok(_) => finding(
+            verdict,
+            CHECK,
+            format!("{address} is free for the agent's /metrics{exposed}"),
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+            if serves_wasmlet_metrics(address).await {
+                finding(
+                    verdict,
+                    CHECK,
+                    format!("the running agent serves /metrics on {address}{exposed}"),
+                )
+            } else {
+                finding(
+                    Verdict::Warn,
+                    CHECK,
+                    format!(
+                        "{address} is taken by another program: the agent cannot serve metrics there and retries every 5 s; set [metrics] address"
+                    ),
+                )
+            }
+        }
+        Err(error) => finding(
+            Verdict::Warn,
+            CHECK,
+            format!("cannot listen on {address}: {error}"),
+        ),
+    }
+}
+
+/// Whether `address` answers `GET /metrics` with wasmlet's families.
+async fn serves_wasmlet_metrics(address: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        stream
+            .write_all(
+                format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.ok()?;
+        Some(String::from_utf8_lossy(&answer).contains("# TYPE wasmlet_"))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(3), exchange)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 #[allow(unsafe_code)]

@@ -35,9 +35,16 @@ async fn doctor_passes_a_good_node_and_names_what_a_broken_one_lacks() {
         "kind: KubeletConfiguration\nfeatureGates:\n  PodAndContainerStatsFromCRI: true\n",
     )
     .unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let out = doctor(
         &wasmlet,
-        &net.wasmlet_config(),
+        &format!(
+            "{}\n[metrics]\naddress = \"{free}\"\n",
+            net.wasmlet_config()
+        ),
         &[
             "--pods",
             "110",
@@ -56,6 +63,8 @@ async fn doctor_passes_a_good_node_and_names_what_a_broken_one_lacks() {
         "ok    vm.max_map_count",
         "ok    CNI configuration",
         "ok    CNI plugins",
+        "ok    read-only mounts",
+        "ok    metrics",
         "warn  kubelet stats",
     ] {
         assert!(
@@ -66,6 +75,7 @@ async fn doctor_passes_a_good_node_and_names_what_a_broken_one_lacks() {
     assert!(!report.contains("FAIL"), "{report}");
     // The running agent answers on the socket.
     assert!(report.contains("already serves it"), "{report}");
+    assert!(report.contains(&format!("{free} is free")), "{report}");
 
     // No CNI configuration, a downstream runtime that is not there, and
     // more pods than the map count allows.
@@ -93,6 +103,25 @@ async fn doctor_passes_a_good_node_and_names_what_a_broken_one_lacks() {
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("3 check(s) failed"), "{stderr}");
+
+    // A metrics address another program holds.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = doctor(
+        &wasmlet,
+        &format!(
+            "{}\n[metrics]\naddress = \"{}\"\n",
+            net.wasmlet_config(),
+            taken.local_addr().unwrap()
+        ),
+        &[],
+    );
+    let report = lines(&out);
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("warn  metrics") && l.contains("taken by another program")),
+        "{report}"
+    );
 
     // A configured network whose plugin is missing.
     let cni = wasmlet.scratch("cni-missing-plugin");
