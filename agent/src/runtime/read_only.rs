@@ -54,10 +54,12 @@ macro_rules! relink {
                             let GuestMemory::Unshared(bytes) = guest else {
                                 return Ok(errno);
                             };
-                            let refused = [$(($fd, $ptr, $len)),*].into_iter().any(|(fd, ptr, len)| {
+                            // Only a refusal is looked at: the hot path
+                            // (every open that works) costs nothing more.
+                            let refused = || [$(($fd, $ptr, $len)),*].into_iter().any(|(fd, ptr, len)| {
                                 on_read_only_mount(&state.preopen_dirs, bytes, fd, ptr, len)
                             });
-                            Ok(if errno == Errno::Io as i32 && refused {
+                            Ok(if errno == Errno::Io as i32 && refused() {
                                 Errno::Rofs as i32
                             } else {
                                 errno
