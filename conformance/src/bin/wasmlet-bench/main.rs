@@ -12,7 +12,9 @@
 //! accuracy on idle and busy cores) and a soak of many pod cycles with the
 //! agent's resources sampled (`isolation`). `--only a,b` runs some
 //! scenarios: pod-start, density, churn, functions, neighbours, quota,
-//! soak, baseline.
+//! soak, baseline. `kube-ready` runs only when `--only` names it: what a
+//! user of a real cluster sees — `kubectl create` to Ready through a
+//! kubelet, on wasmlet and on containerd + runc (`kube_ready`).
 //!
 //! By default it starts the `wasmlet` binary next to itself on a private
 //! root (importing the sample guests); `--endpoint` measures a runtime that
@@ -21,6 +23,7 @@
 //! scale, for CI to check that the benchmark itself works.
 
 mod isolation;
+mod kube_ready;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,7 +51,12 @@ const SCENARIOS: &[&str] = &[
     "neighbours",
     "quota",
     "baseline",
+    "kube-ready",
 ];
+
+/// Scenarios that run only when `--only` names them (they need a whole
+/// cluster and take minutes).
+const NAMED_ONLY: &[&str] = &["kube-ready"];
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -66,13 +74,18 @@ struct Options {
     wasmtime: Option<PathBuf>,
     soak_cycles: usize,
     soak_cni_cycles: usize,
+    /// Pods per `kube-ready` run: a bare pod for 1, else a Deployment.
+    kube_sizes: Vec<usize>,
+    /// The same with the kubelet's `EventedPLEG` gate on.
+    kube_evented_sizes: Vec<usize>,
     only: Vec<String>,
     command: String,
 }
 
 impl Options {
     fn runs(&self, scenario: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+        (self.only.is_empty() && !NAMED_ONLY.contains(&scenario))
+            || self.only.iter().any(|s| s == scenario)
     }
 }
 
@@ -82,8 +95,10 @@ fn usage() -> ! {
          \x20                    [--start-pods N] [--density-pods N] [--churn-seconds S] [--churn-workers N]\n\
          \x20                    [--http-seconds S] [--http-concurrency C] [--wasmtime BIN]\n\
          \x20                    [--soak-cycles N] [--soak-cni-cycles N] [--only SCENARIO,...]\n\
-         scenarios: {}",
-        SCENARIOS.join(", ")
+         \x20                    [--kube-sizes N,...] [--kube-evented-sizes N,...]\n\
+         scenarios: {} ({} only when named)",
+        SCENARIOS.join(", "),
+        NAMED_ONLY.join(", ")
     );
     std::process::exit(2)
 }
@@ -105,6 +120,8 @@ fn parse_options() -> Options {
         wasmtime: None,
         soak_cycles: 100_000,
         soak_cni_cycles: 2_000,
+        kube_sizes: vec![1, 50, 200],
+        kube_evented_sizes: vec![1, 50, 200],
         only: Vec::new(),
         command: args.join(" "),
     };
@@ -128,6 +145,8 @@ fn parse_options() -> Options {
             "--wasmtime" => o.wasmtime = Some(PathBuf::from(value())),
             "--soak-cycles" => o.soak_cycles = value().parse().unwrap_or_else(|_| usage()),
             "--soak-cni-cycles" => o.soak_cni_cycles = value().parse().unwrap_or_else(|_| usage()),
+            "--kube-sizes" => o.kube_sizes = sizes(&value()),
+            "--kube-evented-sizes" => o.kube_evented_sizes = sizes(&value()),
             "--only" => {
                 o.only = value().split(',').map(str::to_owned).collect();
                 if o.only.iter().any(|s| !SCENARIOS.contains(&s.as_str())) {
@@ -146,8 +165,20 @@ fn parse_options() -> Options {
         o.http_concurrency = o.http_concurrency.min(2);
         o.soak_cycles = o.soak_cycles.min(20);
         o.soak_cni_cycles = o.soak_cni_cycles.min(4);
+        for sizes in [&mut o.kube_sizes, &mut o.kube_evented_sizes] {
+            sizes.iter_mut().for_each(|n| *n = (*n).min(2));
+            sizes.dedup();
+        }
     }
     o
+}
+
+/// `1,50,200`, or empty for `""` (no runs).
+fn sizes(list: &str) -> Vec<usize> {
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap_or_else(|_| usage()))
+        .collect()
 }
 
 /// The runtime under test: a socket, the pid whose memory is measured, and
@@ -196,7 +227,14 @@ fn wasmlet_binary(o: &Options) -> PathBuf {
     })
 }
 
-async fn start_runtime(o: &Options, network: Option<&TestNetwork>) -> Result<Runtime, String> {
+/// `top_level` (keys) goes before the sections of the configuration,
+/// `sections` after them.
+async fn start_runtime(
+    o: &Options,
+    network: Option<&TestNetwork>,
+    top_level: &str,
+    sections: &str,
+) -> Result<Runtime, String> {
     let dir = tempfile::Builder::new()
         .prefix("wasmlet-bench-")
         .tempdir()
@@ -250,7 +288,9 @@ async fn start_runtime(o: &Options, network: Option<&TestNetwork>) -> Result<Run
     };
     std::fs::write(
         &config,
-        format!("{network_config}\n[http]\npool_instances = 1000\nmax_concurrency = 256\n"),
+        format!(
+            "{top_level}{network_config}\n[http]\npool_instances = 1000\nmax_concurrency = 256\n{sections}"
+        ),
     )
     .map_err(|e| e.to_string())?;
     let socket = dir.path().join("wasmlet.sock");
@@ -1238,6 +1278,7 @@ fn markdown(report: &Value) -> String {
         md.push_str(&parts.join(", "));
         md.push('\n');
     }
+    md.push_str(&kube_ready::markdown(&report["kube_ready"]));
     for key in ["soak", "soak_with_cni"] {
         if let Some(samples) = report[key]["samples"].as_array() {
             md.push_str(&format!(
@@ -1270,7 +1311,7 @@ async fn run(o: Options) -> Result<PathBuf, String> {
     // runtime); pod start with CNI and the functions run on a second
     // runtime with a network of the bench's own.
     let net = TestNetwork::create().ok();
-    let rt = start_runtime(&o, None).await?;
+    let rt = start_runtime(&o, None, "", "").await?;
     let mut cri = connect(&rt.socket).await?;
     let mut report = BTreeMap::new();
     report.insert("command", json!(o.command));
@@ -1320,7 +1361,7 @@ async fn run(o: Options) -> Result<PathBuf, String> {
         .any(|s| o.runs(s));
     match &net {
         Some(net) if o.endpoint.is_none() && networked => {
-            let rt = start_runtime(&o, Some(net)).await?;
+            let rt = start_runtime(&o, Some(net), "", "").await?;
             let mut cri = connect(&rt.socket).await?;
             if o.runs("functions") {
                 let pods = o.start_pods.min(100);
@@ -1383,6 +1424,9 @@ async fn run(o: Options) -> Result<PathBuf, String> {
             _ => json!("not measured: needs root, the CNI plugins, containerd and runc"),
         };
         report.insert("baseline_runtime", baseline);
+    }
+    if o.runs("kube-ready") {
+        report.insert("kube_ready", kube_ready::kube_ready(&o).await?);
     }
     let report = serde_json::to_value(&report).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&o.out).map_err(|e| format!("creating {}: {e}", o.out.display()))?;
