@@ -23,11 +23,12 @@ impl GuestRuntime {
             // tokio's defaults a worker full of them looks at its timers and
             // I/O only every 61 polls and at wake-ups from other threads
             // every 31: a guest throttled to its CPU quota woke up to 0.6 s
-            // late and got a third of its quota while neighbours spun, and a
-            // function's connection waited as long. Every other poll bounds
-            // that at about two ticks.
-            .event_interval(2)
-            .global_queue_interval(2)
+            // late and got a quarter of its quota while neighbours spun.
+            // Every 4th poll bounds that at about four ticks; every 2nd
+            // (measured too) cost a quiet wasi:http function half again its
+            // p99 latency (bench/results/issue-15-quota-ab/README.md).
+            .event_interval(4)
+            .global_queue_interval(4)
             // A blocking-pool thread spawned while a guest was polled inside
             // its pod's network namespace would start there: put it back.
             .on_thread_start(|| {
