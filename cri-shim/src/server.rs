@@ -157,14 +157,38 @@ where
     let images = ImageServiceServer::new(services)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
-    tonic::transport::Server::builder()
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .layer(crate::deadline::DeadlineLayer)
         .add_service(runtime)
         .add_service(images)
         .add_service(admin)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    // Calls in flight and connections get SHUTDOWN_GRACE to end once the
+    // agent is told to stop: a client that never reads its GOAWAY (one
+    // stalled, or blocked) must not keep the agent from stopping.
+    let grace = async move {
+        match stopped.await {
+            Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = server => served,
+        () = grace => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "clients still connected after the grace period: stopping without them");
+            Ok(())
+        }
+    }
 }
+
+/// How long a stopping agent waits for calls in flight and its clients'
+/// connections to end.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// An agent served on a private socket inside this process, for `play`.
 pub struct InProcess {

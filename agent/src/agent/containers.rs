@@ -324,32 +324,31 @@ impl Agent {
         }
         let inner = self.inner.clone();
         let image = image.clone();
-        let compiling = Arc::new(Mutex::new(Duration::ZERO));
-        let took = compiling.clone();
-        let prepared = tokio::task::spawn_blocking(move || {
-            let (digest, kind, bytes) = read_program(&inner.images, &image, &program)?;
+        tokio::task::spawn_blocking(move || {
+            let (digest, kind, bytes) = match read_program(&inner.images, &image, &program) {
+                Ok(read) => read,
+                Err(error) => return (Err(error), Duration::ZERO),
+            };
             let started = std::time::Instant::now();
             let prepared = inner.engine.prepare(&digest, kind, &bytes);
             let elapsed = started.elapsed();
-            *lock(&took) = elapsed;
             crate::metrics::global().phase(crate::metrics::Phase::Compile, elapsed);
-            let prepared = prepared?;
-            if program.file.is_some()
+            if prepared.is_ok()
+                && program.file.is_some()
                 && let Some(p) =
                     lock(&inner.programs).get_mut(&(image.id.clone(), program.argv[0].clone()))
             {
                 p.digest = Some(digest);
             }
-            Ok(prepared)
+            (prepared, elapsed)
         })
         .await
         .unwrap_or_else(|e| {
-            Err(GuestError::Compile {
+            let failed = GuestError::Compile {
                 detail: e.to_string(),
-            })
-        });
-        let took = *lock(&compiling);
-        (prepared, took)
+            };
+            (Err(failed), Duration::ZERO)
+        })
     }
 
     pub(super) fn container_dir(&self, id: &ContainerId) -> PathBuf {

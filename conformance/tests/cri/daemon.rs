@@ -26,7 +26,7 @@ use wasmlet_conformance::{CriClient, PodSandboxConfigBuilder};
 /// How long the daemon may take to answer `Version` after being spawned.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the daemon may take to exit after a signal.
-const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long one `wasmlet image import` may take.
 const IMPORT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one `wasmlet image push|pull|ls|rm` may take (a pull retries a

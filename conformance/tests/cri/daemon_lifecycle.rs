@@ -93,3 +93,34 @@ async fn image_import_rejects_a_file_that_is_not_wasm() {
     let mut cri = wasmlet.serve().await;
     assert_eq!(cri.image_status(reference).await.unwrap(), None);
 }
+
+/// A client that opened an HTTP/2 connection and then never reads (a
+/// stalled or blocked kubelet) does not keep a SIGTERM'd daemon from
+/// exiting: it gets a grace period, then the daemon stops without it, and
+/// undoes its mounts.
+#[tokio::test]
+async fn a_stalled_client_does_not_keep_sigterm_from_stopping_the_daemon() {
+    use std::io::Write;
+    let mut wasmlet = Wasmlet::start().await;
+    let mut stalled = std::os::unix::net::UnixStream::connect(wasmlet.socket()).unwrap();
+    // The client preface and an empty SETTINGS frame; nothing is read after.
+    stalled
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let status = wasmlet.stop_with(Signal::SIGTERM).await;
+    assert_eq!(status.code(), Some(0), "wasmlet exited with {status}");
+    eprintln!("stopped {:?} after SIGTERM", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(12),
+        "stopping took {:?}",
+        started.elapsed()
+    );
+    let containers = wasmlet.root().join("containers");
+    assert!(
+        crate::daemon::mounts_under(&containers).is_empty(),
+        "mounts left under {containers:?}"
+    );
+    drop(stalled);
+}
