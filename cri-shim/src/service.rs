@@ -136,7 +136,13 @@ fn event_response(agent: &Agent, event: LifecycleEvent) -> cri::ContainerEventRe
         pod_sandbox_status: agent
             .pod_sandbox_status(&event.sandbox_id)
             .ok()
-            .map(|s| convert::pod_sandbox_status(&s)),
+            .map(|s| convert::pod_sandbox_status(&s))
+            .or_else(|| {
+                event
+                    .removed_sandbox
+                    .as_deref()
+                    .map(convert::pod_sandbox_status)
+            }),
         containers_statuses: containers
             .iter()
             .map(|c| convert::container_status(c, agent.image_status(c.image_id.as_str()).as_ref()))

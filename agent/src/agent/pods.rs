@@ -312,6 +312,7 @@ impl Agent {
         }
         let joined = lock(&sandbox.record).spec.joined.is_some();
         self.stop_pod_sandbox_locked(id, sandbox).await?;
+        let last = Arc::new(sandbox.snapshot());
         let entries = self.containers_of(id);
         let records: Vec<_> = entries.iter().map(|e| e.snapshot()).collect();
         let ids: Vec<ContainerId> = records.iter().map(|r| r.id.clone()).collect();
@@ -343,14 +344,10 @@ impl Agent {
         lock(&self.inner.pod_samples).remove(id);
         tracing::info!(sandbox_id = %id, containers = ids.len(), "pod sandbox removed");
         for c in &ids {
-            self.inner
-                .events
-                .emit(c.as_str(), id, LifecycleKind::Deleted);
+            self.inner.events.emit_removal(c.as_str(), &last);
         }
         if !joined {
-            self.inner
-                .events
-                .emit(id.as_str(), id, LifecycleKind::Deleted);
+            self.inner.events.emit_removal(id.as_str(), &last);
         }
         self.note_pod_removed();
         Ok(())

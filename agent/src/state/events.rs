@@ -5,10 +5,13 @@
 //! and a subscriber that falls more than [`EVENT_BUFFER`] events behind is
 //! told it lagged (it must relist) instead of slowing anyone down.
 
+use std::sync::Arc;
+
 use tokio::sync::broadcast;
 
 use crate::model::events::{LifecycleEvent, LifecycleKind};
 use crate::model::ids::SandboxId;
+use crate::model::sandbox::SandboxRecord;
 use crate::model::time::Timestamp;
 
 /// Events a subscriber may fall behind by before it is told it lagged.
@@ -35,6 +38,20 @@ impl Events {
             sandbox_id: sandbox_id.clone(),
             kind,
             at: Timestamp::now(),
+            removed_sandbox: None,
+        });
+    }
+
+    /// Publishes the deletion of `id` (a container of `sandbox`, or the
+    /// sandbox itself) as RemovePodSandbox removes it, with the sandbox's
+    /// last record.
+    pub fn emit_removal(&self, id: impl Into<String>, sandbox: &Arc<SandboxRecord>) {
+        let _ = self.tx.send(LifecycleEvent {
+            id: id.into(),
+            sandbox_id: sandbox.id.clone(),
+            kind: LifecycleKind::Deleted,
+            at: Timestamp::now(),
+            removed_sandbox: Some(Arc::clone(sandbox)),
         });
     }
 

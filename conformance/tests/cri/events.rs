@@ -88,7 +88,52 @@ async fn every_subscriber_sees_every_transition_of_a_pod() {
             .unwrap();
         assert_eq!(status.state, cri::ContainerState::ContainerExited as i32);
         assert_eq!(status.exit_code, 0);
-        // Once the pod is gone, its deletion carries no status.
-        assert!(seen[7].pod_sandbox_status.is_none());
+        // The pod's deletion is read after the pod is gone, and still
+        // carries its last status: the kubelet drops an event without one,
+        // and only this one tells it to forget the pod.
+        let gone = seen[7].pod_sandbox_status.as_ref().unwrap();
+        assert_eq!(gone.id, pod.id);
+        assert_eq!(gone.state, cri::PodSandboxState::SandboxNotready as i32);
+        assert_eq!(
+            gone.metadata.as_ref().map(|m| m.uid.as_str()),
+            pod.config.metadata.as_ref().map(|m| m.uid.as_str())
+        );
+        assert!(seen[7].containers_statuses.is_empty());
+    }
+}
+
+/// RemovePodSandbox of a pod whose container is still there (as the
+/// kubelet's garbage collection does): both deletions carry the pod's last
+/// status, though neither the pod nor the container is left to ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletions_of_a_removed_pod_carry_its_last_status() {
+    use cri::ContainerEventType::*;
+    let wasmlet = Wasmlet::start().await;
+    let mut cri = wasmlet.cri();
+    let mut events = subscribe(&mut cri).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+    let echo = ContainerConfigBuilder::new("echo", ECHO_P1).build();
+    let id = cri.start(&pod, echo).await.unwrap();
+    cri.wait_exited(&id, GUEST_TIMEOUT).await.unwrap();
+    cri.remove_pod_sandbox(&pod.id).await.unwrap();
+
+    let seen = until(&mut events, (pod.id.as_str(), ContainerDeletedEvent)).await;
+    let deletions: Vec<&cri::ContainerEventResponse> = seen
+        .iter()
+        .filter(|e| e.container_event_type == ContainerDeletedEvent as i32)
+        .collect();
+    let ids: Vec<&str> = deletions.iter().map(|e| e.container_id.as_str()).collect();
+    assert_eq!(ids, [id.as_str(), pod.id.as_str()]);
+    let uid = pod.config.metadata.as_ref().map(|m| m.uid.clone());
+    for event in deletions {
+        let status = event
+            .pod_sandbox_status
+            .as_ref()
+            .unwrap_or_else(|| panic!("{} deleted without its pod's status", event.container_id));
+        assert_eq!(status.id, pod.id);
+        assert_eq!(status.metadata.as_ref().map(|m| m.uid.clone()), uid);
+        assert_eq!(status.state, cri::PodSandboxState::SandboxNotready as i32);
     }
 }
