@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use wasmlet_conformance::fixtures::cluster::{
     Cluster, ClusterOptions, KubeBinaries, NodeOptions, RUNTIME_CLASS, kube_or_skip,
 };
+use wasmlet_conformance::fixtures::registry::{Registry, RegistryOptions};
 use wasmlet_conformance::pod_network::TestNetwork;
 use wasmlet_conformance::{POD_UID_LABEL, cri};
 
@@ -60,12 +61,13 @@ impl Runtime {
     /// `builder` makes of the fixture's.
     async fn start(
         rust_log: &str,
+        extra_config: &str,
         builder: impl FnOnce(WasmletBuilder) -> WasmletBuilder,
     ) -> Runtime {
         let net = test_network();
         let mut wasmlet = builder(Wasmlet::builder())
             .config(format!(
-                "cgroup_driver = \"cgroupfs\"\n{}",
+                "cgroup_driver = \"cgroupfs\"\n{extra_config}\n{}",
                 net.wasmlet_config()
             ))
             .rust_log(rust_log)
@@ -86,7 +88,14 @@ struct Node {
     net: TestNetwork,
     /// The kubelet's `staticPodPath`.
     static_pods: tempfile::TempDir,
+    /// A registry that serves only with credentials ([`PULL_USER`]),
+    /// holding the echo sample as [`Node::private_image`].
+    registry: Registry,
 }
+
+/// The user and password [`Node::registry`] asks for.
+const PULL_USER: &str = "kube-puller";
+const PULL_PASSWORD: &str = "pull-s3cret";
 
 /// The kubelet rotates a container's log past this size (its default is
 /// 10Mi), checking every [`LOG_MONITOR_INTERVAL`].
@@ -105,7 +114,19 @@ impl Node {
         options: impl FnOnce(ClusterOptions) -> ClusterOptions,
         rust_log: &str,
     ) -> Node {
-        let Runtime { wasmlet, net } = Runtime::start(rust_log, |b| b).await;
+        let registry = Registry::start(RegistryOptions {
+            basic_auth: Some((PULL_USER.into(), PULL_PASSWORD.into())),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("starting the registry: {e}"));
+        let image = private_image(&registry);
+        Wasmlet::push(
+            std::path::Path::new(wasm_samples::ECHO_P1),
+            &image,
+            registry.basic_auth(),
+        );
+        let insecure = format!("[registry]\ninsecure = [\"{}\"]", registry.host());
+        let Runtime { wasmlet, net } = Runtime::start(rust_log, &insecure, |b| b).await;
         let static_pods = tempfile::Builder::new()
             .prefix("wasmlet-static-pods-")
             .tempdir()
@@ -131,8 +152,14 @@ impl Node {
             wasmlet,
             net,
             static_pods,
+            registry,
         }
     }
+}
+
+/// The echo sample in `registry`, which serves it only with credentials.
+fn private_image(registry: &Registry) -> String {
+    format!("{}/private/echo:v1", registry.host())
 }
 
 /// What a scenario found wrong, if anything.
@@ -165,13 +192,14 @@ async fn kube_node_runs_wasm_pods() {
         completes, exit_code, crash_loop, deleted, resized, metrics, services, scale,
     ]);
     // Then the rest, once the 200 replicas are gone from the two cores.
-    let (last_words, oom_and_trap, volumes, streaming, static_pod, rotation) = tokio::join!(
+    let (last_words, oom_and_trap, volumes, streaming, static_pod, rotation, secret) = tokio::join!(
         timed("termination message", termination_message(&node)),
         timed("OOMKilled and trap", oom_and_trap(&node)),
         timed("volumes", volumes(&node)),
         timed("streaming", streaming(&node)),
         timed("static pod", static_pod(&node)),
         timed("log rotation", log_rotation(&node)),
+        timed("image pull secret", pull_secret(&node)),
     );
     outcomes.extend([
         last_words,
@@ -180,7 +208,10 @@ async fn kube_node_runs_wasm_pods() {
         streaming,
         static_pod,
         rotation,
+        secret,
     ]);
+    // Last, as it takes the node's kubelet away for a moment.
+    outcomes.push(timed("kubelet restart", kubelet_restart(&mut node)).await);
     let failures: Vec<String> = outcomes.into_iter().filter_map(Result::err).collect();
     // Panicking while the node is up prints every component's log.
     assert!(
@@ -1346,6 +1377,128 @@ async fn log_rotation(node: &Node) -> Outcome {
         .await
         .map_err(|e| e.to_string())?;
     outcome
+}
+
+/// A pod whose image needs credentials: without an `imagePullSecrets` its
+/// pull fails and the pod's events say the image needs credentials (none
+/// were sent); with a docker-registry Secret the kubelet passes them in
+/// PullImage and the pod runs.
+async fn pull_secret(node: &Node) -> Outcome {
+    let cluster = &node.cluster;
+    let ns = "pull-secret";
+    let image = private_image(&node.registry);
+    let pod = |name: &str, secret: Option<&str>| {
+        let mut pod: Value = serde_json::from_str(&wasm_pod(
+            ns,
+            name,
+            &image,
+            "Never",
+            json!({"imagePullPolicy": "Always"}),
+        ))
+        .expect("wasm_pod is JSON");
+        if let Some(secret) = secret {
+            pod["spec"]["imagePullSecrets"] = json!([{"name": secret}]);
+        }
+        pod.to_string()
+    };
+    create(cluster, ns, &pod("anonymous", None)).await?;
+    let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+    loop {
+        let events = cluster
+            .get_json(&[
+                "get",
+                "events",
+                "-n",
+                ns,
+                "--field-selector",
+                "involvedObject.name=anonymous",
+            ])
+            .await
+            .map_err(|e| e.to_string())?;
+        let said = events["items"].as_array().is_some_and(|items| {
+            items.iter().any(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("needs credentials"))
+            })
+        });
+        if said {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "no event says the image needs credentials: {}",
+                events["items"]
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let server = format!("--docker-server={}", node.registry.host());
+    let user = format!("--docker-username={PULL_USER}");
+    let password = format!("--docker-password={PULL_PASSWORD}");
+    cluster
+        .kubectl(
+            &[
+                "create",
+                "secret",
+                "docker-registry",
+                "creds",
+                "-n",
+                ns,
+                &server,
+                &user,
+                &password,
+            ],
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    cluster
+        .apply(&pod("with-secret", Some("creds")))
+        .await
+        .map_err(|e| e.to_string())?;
+    let pod = cluster
+        .wait_pod(ns, "with-secret", "Succeeded", POD_TIMEOUT, ended)
+        .await
+        .map_err(|e| e.to_string())?;
+    if phase(&pod) != "Succeeded" {
+        return Err(format!("with the secret: {}", pod["status"]));
+    }
+    Ok(())
+}
+
+/// The kubelet stopped and started again (as a service manager restarting
+/// it would) finds its pod running in wasmlet and keeps it: the same
+/// container, not restarted, still Ready; and it starts new pods.
+async fn kubelet_restart(node: &mut Node) -> Outcome {
+    let ns = "kubelet-restart";
+    let manifest = wasm_pod(ns, "before", SLEEPER_P1, "Always", json!({}));
+    create(&node.cluster, ns, &manifest).await?;
+    let running = |p: &Value| phase(p) == "Running" && ready(p);
+    let before = node
+        .cluster
+        .wait_pod(ns, "before", "Running and Ready", POD_TIMEOUT, running)
+        .await
+        .map_err(|e| e.to_string())?;
+    node.cluster.restart_kubelet(0).map_err(|e| e.to_string())?;
+    let cluster = &node.cluster;
+    let after = wasm_pod(ns, "after", SLEEPER_P1, "Always", json!({}));
+    cluster.apply(&after).await.map_err(|e| e.to_string())?;
+    cluster
+        .wait_pod(ns, "after", "Running and Ready", POD_TIMEOUT, running)
+        .await
+        .map_err(|e| e.to_string())?;
+    let now = cluster
+        .wait_pod(ns, "before", "Running and Ready", POD_TIMEOUT, running)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (was, is) = (container_status(&before), container_status(&now));
+    if was["containerID"] != is["containerID"] || is["restartCount"] != 0 {
+        return Err(format!(
+            "across the kubelet's restart the container went from {was} to {is}"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `ip` routes through the interface `iface` (the node's own,

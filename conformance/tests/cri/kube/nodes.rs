@@ -72,8 +72,8 @@ async fn kube_two_nodes_spread_image_gc_restart_and_drain() {
         return;
     };
     let started = Instant::now();
-    let a = Runtime::start("info", |b| b.root_on_tmpfs(&format!("{IMAGE_FS_MIB}m"))).await;
-    let b = Runtime::start("info", |b| b).await;
+    let a = Runtime::start("info", "", |b| b.root_on_tmpfs(&format!("{IMAGE_FS_MIB}m"))).await;
+    let b = Runtime::start("info", "", |b| b).await;
     let options = ClusterOptions::with_nodes(vec![
         NodeOptions::new(a.wasmlet.socket())
             // Only this signal: the machine's own disk and memory must not
