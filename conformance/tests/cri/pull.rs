@@ -902,6 +902,44 @@ async fn a_manifest_over_max_manifest_bytes_is_resource_exhausted() {
     .await;
 }
 
+/// A registry answering with a manifest that never ends, with or without
+/// a `Content-Length` saying so: the pull fails as too large once
+/// `max_manifest_bytes` have been read (or at once, from the length), and
+/// the agent hangs up instead of buffering what it is sent — one pod's
+/// registry cannot fill the memory every pod shares.
+#[tokio::test]
+async fn an_endless_manifest_is_refused_without_being_read() {
+    bounded(TEST_TIMEOUT, async {
+        let faulty = Faulty::start("endless", "max_manifest_bytes = 65536\n").await;
+        for announce in [true, false] {
+            faulty
+                .proxy
+                .set_fault(Fault::Endless { announce }, PathMatch::Manifests, None);
+            let status = assert_code(
+                faulty.wasmlet.cri().pull_image(&faulty.reference).await,
+                Code::ResourceExhausted,
+            );
+            assert!(
+                status.message().contains("over the 65536 byte limit"),
+                "{status:?}"
+            );
+        }
+        // Loopback sockets buffer a few MiB; the 4 GiB were never read.
+        let sent = faulty.proxy.endless_bytes_sent();
+        assert!(
+            sent < 64 << 20,
+            "{sent} bytes were sent before the agent hung up"
+        );
+        assert_eq!(
+            faulty.proxy.requests(PathMatch::Blobs),
+            0,
+            "{}",
+            faulty.log()
+        );
+    })
+    .await;
+}
+
 // ---- sharing and caching ----
 
 #[tokio::test]

@@ -1,8 +1,6 @@
 //! Credentials as CRI carries them, and the token flow that trades an
 //! identity token for an access token at a registry's token service.
 
-use std::time::Duration;
-
 use oci_client::Reference;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
@@ -85,22 +83,8 @@ impl Registry {
                 format!("talking to {registry}: {}", error_chain(&e)),
             )
         };
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60));
-        for pem in &self.extra_roots {
-            let cert = reqwest::Certificate::from_pem(pem)
-                .map_err(|e| Error::InvalidArgument(format!("[registry] ca_file: {e}")))?;
-            builder = builder.add_root_certificate(cert);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
-        let scheme = if self.config.insecure.contains(&registry) {
-            "http"
-        } else {
-            "https"
-        };
+        let http = self.http()?;
+        let scheme = self.scheme(&registry);
         let probe = http
             .get(format!("{scheme}://{registry}/v2/"))
             .send()

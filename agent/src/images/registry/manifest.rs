@@ -2,7 +2,7 @@
 //! image from any other by its manifest alone.
 
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::{Client, Reference, RegistryOperation};
 use serde::Deserialize;
 
 use super::{Credentials, Registry, anonymous_refusal, classify, failure};
@@ -27,6 +27,17 @@ const ACCEPTED: &[&str] = &[
     DOCKER_MANIFEST,
     DOCKER_LIST,
 ];
+
+/// How much of an error answer to a manifest request is read (to show).
+const ERROR_BODY_BYTES: u64 = 64 * 1024;
+
+/// Why a manifest was not read.
+enum ManifestGet {
+    /// What the registry or the connection said, as oci-client says it.
+    Refused(oci_client::errors::OciDistributionError),
+    /// Its size, or how much arrived before the read stopped.
+    TooLarge(String),
+}
 
 #[derive(Deserialize)]
 pub(super) struct Descriptor {
@@ -355,25 +366,25 @@ impl Registry {
         shown: &str,
     ) -> Result<(Vec<u8>, Digest)> {
         let registry = reference.resolve_registry().to_owned();
+        let http = self.http()?;
         self.retry("fetching the manifest", || async {
-            let (bytes, _) = client
-                .pull_manifest_raw(reference, auth, ACCEPTED)
+            let bytes = self
+                .get_manifest(&http, client, reference, auth)
                 .await
-                .map_err(|e| {
-                    let anonymous = matches!(auth, RegistryAuth::Anonymous);
-                    anonymous_refusal(classify(shown, &registry, e), anonymous, &registry)
-                })?;
-            if bytes.len() as u64 > self.config.max_manifest_bytes {
-                return Err(failure(
-                    shown,
-                    RegistryFailure::TooLarge,
-                    format!(
-                        "manifest is {} bytes, over the {} byte limit",
-                        bytes.len(),
-                        self.config.max_manifest_bytes
+                .map_err(|e| match e {
+                    ManifestGet::Refused(e) => {
+                        let anonymous = matches!(auth, RegistryAuth::Anonymous);
+                        anonymous_refusal(classify(shown, &registry, e), anonymous, &registry)
+                    }
+                    ManifestGet::TooLarge(size) => failure(
+                        shown,
+                        RegistryFailure::TooLarge,
+                        format!(
+                            "manifest is {size} bytes, over the {} byte limit",
+                            self.config.max_manifest_bytes
+                        ),
                     ),
-                ));
-            }
+                })?;
             let digest = Digest::of(&bytes);
             if let Some(expected) = reference.digest()
                 && expected != digest.as_str()
@@ -387,6 +398,90 @@ impl Registry {
             Ok((bytes.to_vec(), digest))
         })
         .await
+    }
+
+    /// GETs `reference`'s manifest, reading no more of it than
+    /// `max_manifest_bytes` (oci-client's own manifest calls read the whole
+    /// body first, so a registry could make the agent, and every pod in it,
+    /// buffer gigabytes). `client` does the authentication and keeps the
+    /// token it gets for the blobs that follow.
+    async fn get_manifest(
+        &self,
+        http: &reqwest::Client,
+        client: &Client,
+        reference: &Reference,
+        auth: &RegistryAuth,
+    ) -> std::result::Result<Vec<u8>, ManifestGet> {
+        use oci_client::errors::{OciDistributionError as E, OciEnvelope};
+        let max = self.config.max_manifest_bytes;
+        let token = client
+            .auth(reference, auth, RegistryOperation::Pull)
+            .await
+            .map_err(ManifestGet::Refused)?;
+        let registry = reference.resolve_registry();
+        let target = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let url = format!(
+            "{}://{registry}/v2/{}/manifests/{target}",
+            self.scheme(registry),
+            reference.repository()
+        );
+        let request = http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, ACCEPTED.join(", "));
+        let request = match (token.as_ref(), auth) {
+            (Some(token), _) | (None, RegistryAuth::Bearer(token)) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            (None, RegistryAuth::Anonymous) => request,
+        };
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| ManifestGet::Refused(E::RequestError(e)))?;
+        let status = response.status();
+        let ok = status == reqwest::StatusCode::OK;
+        if let Some(size) = response.content_length().filter(|&n| ok && n > max) {
+            return Err(ManifestGet::TooLarge(size.to_string()));
+        }
+        // An error's body is only shown: its first few KiB do.
+        let limit = if ok { max } else { ERROR_BODY_BYTES };
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| ManifestGet::Refused(E::RequestError(e)))?
+        {
+            if (body.len() + chunk.len()) as u64 > limit {
+                if ok {
+                    return Err(ManifestGet::TooLarge(format!(
+                        "over {}",
+                        body.len() + chunk.len()
+                    )));
+                }
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if ok {
+            return Ok(body);
+        }
+        // What oci-client makes of the same answers, for `classify`.
+        let message = String::from_utf8_lossy(&body).into_owned();
+        Err(ManifestGet::Refused(match status {
+            reqwest::StatusCode::UNAUTHORIZED => E::UnauthorizedError { url },
+            s if s.is_client_error() => match serde_json::from_slice::<OciEnvelope>(&body) {
+                Ok(envelope) => E::RegistryError { envelope, url },
+                Err(_) => E::ServerError {
+                    code: s.as_u16(),
+                    url,
+                    message,
+                },
+            },
+            s => E::ServerError {
+                code: s.as_u16(),
+                url,
+                message,
+            },
+        }))
     }
 
     /// Tells whether `reference` is a Wasm image by reading its manifest

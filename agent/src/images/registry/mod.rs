@@ -218,6 +218,33 @@ impl Registry {
         })
     }
 
+    /// A plain HTTP client for the calls oci-client does not make the way
+    /// wasmlet needs (a bounded manifest read, the identity-token flow),
+    /// trusting what oci-client's does.
+    fn http(&self) -> Result<reqwest::Client> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .user_agent(concat!("wasmlet/", env!("CARGO_PKG_VERSION")));
+        for pem in &self.extra_roots {
+            let cert = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| Error::InvalidArgument(format!("[registry] ca_file: {e}")))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        builder
+            .build()
+            .map_err(|e| Error::Internal(format!("HTTP client: {e}")))
+    }
+
+    /// `http` for the registries listed as insecure, else `https`.
+    fn scheme(&self, registry: &str) -> &'static str {
+        if self.config.insecure.iter().any(|r| r == registry) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
     fn reference(name: &ImageName, original: &str) -> Result<Reference> {
         let text = match (&name.digest, &name.tag) {
             (Some(d), _) => format!("{}@{d}", name.repository),
