@@ -275,7 +275,7 @@ pub const KEYS: &[Key] = &[
     Key {
         section: "registry",
         name: "max_manifest_bytes",
-        doc: "The largest manifest or index accepted, in bytes.",
+        doc: "The largest manifest or index accepted, in bytes. No more than this is read: a longer answer (or a Content-Length over it) ends the request.",
         default: KeyDefault::Value(|s| int(s.registry.max_manifest_bytes)),
     },
     Key {
