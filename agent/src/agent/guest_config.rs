@@ -558,7 +558,13 @@ impl Agent {
             });
         }
         let mut mounts = spec.mounts.clone();
-        mounts.extend(self.pod_files(id, &dns, hostname.as_deref(), &spec.mounts)?);
+        mounts.extend(self.pod_files(
+            id,
+            &dns,
+            hostname.as_deref(),
+            &spec.mounts,
+            spec.readonly_rootfs,
+        )?);
         let (mounted, write_back) = self.preopens(id, &mounts, program.rootfs.as_deref())?;
         preopens.extend(mounted);
         self.apply_readonly_paths(id, &spec.readonly_paths, &mut preopens);
@@ -697,17 +703,19 @@ impl Agent {
     }
 
     /// `/etc/resolv.conf` (from the pod's DNS config, else the node's) and
-    /// `/etc/hostname` (the pod's hostname), as read-only mounts of files
-    /// in the container's directory, as containerd gives every container of
-    /// a pod; what the container mounts there itself is left alone. The
-    /// files are written once, at the container's first guest (an exec'd
-    /// instance reads the same).
+    /// `/etc/hostname` (the pod's hostname), as mounts of files in the
+    /// container's directory, as containerd gives every container of a
+    /// pod: writable unless the container's root is `read_only`, as
+    /// containerd mounts them; what the container mounts there itself is
+    /// left alone. The files are written once, at the container's first
+    /// guest (an exec'd instance reads the same).
     fn pod_files(
         &self,
         id: &ContainerId,
         dns: &crate::model::network::DnsSettings,
         hostname: Option<&str>,
         mounts: &[Mount],
+        read_only: bool,
     ) -> std::result::Result<Vec<Mount>, GuestError> {
         let dir = self.container_dir(id).join("pod-etc");
         let resolv = resolv_conf(dns).or_else(|| std::fs::read_to_string("/etc/resolv.conf").ok());
@@ -737,8 +745,8 @@ impl Agent {
             added.push(Mount {
                 container_path: container_path.to_owned(),
                 host_path: path.to_string_lossy().into_owned(),
-                readonly: true,
-                recursive_read_only: true,
+                readonly: read_only,
+                recursive_read_only: read_only,
             });
         }
         Ok(added)

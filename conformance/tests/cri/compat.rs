@@ -494,6 +494,17 @@ fn container_mounts(wasmlet: &Wasmlet) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// A security context with a read-only root.
+fn config_linux_read_only_root() -> Option<wasmlet_conformance::cri::LinuxContainerConfig> {
+    Some(wasmlet_conformance::cri::LinuxContainerConfig {
+        security_context: Some(wasmlet_conformance::cri::LinuxContainerSecurityContext {
+            readonly_rootfs: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_only_directories_refuse_writes_with_erofs_and_their_binds_go_with_the_container() {
     let registry = Registry::start(RegistryOptions::default()).await.unwrap();
@@ -554,19 +565,17 @@ async fn read_only_directories_refuse_writes_with_erofs_and_their_binds_go_with_
     assert_eq!(touch("/ro/sub/file").await, (0, String::new()));
     assert!(ro.join("sub/file").exists());
     assert_eq!(touch("/file").await, (0, String::new()));
+    // The pod's resolv.conf and hostname, as containerd mounts them:
+    // writable unless the root is read-only.
+    assert_eq!(touch("/etc/resolv.conf").await, (0, String::new()));
+    assert_eq!(touch("/etc/hostname").await, (0, String::new()));
     assert!(!container_mounts(&wasmlet).is_empty());
 
     // A read-only root, a relative path in it: as critest's spec runs it.
     let mut config = ContainerConfigBuilder::new("rootfs", &reference)
         .command(["touch", "test.go"])
         .build();
-    config.linux = Some(wasmlet_conformance::cri::LinuxContainerConfig {
-        security_context: Some(wasmlet_conformance::cri::LinuxContainerSecurityContext {
-            readonly_rootfs: true,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    config.linux = config_linux_read_only_root();
     let log = pod.container_log(&config);
     let status = cri.run_to_exit(&pod, config, GUEST_TIMEOUT).await.unwrap();
     let records = read_cri_log(&log).unwrap();
@@ -574,6 +583,19 @@ async fn read_only_directories_refuse_writes_with_erofs_and_their_binds_go_with_
     assert_eq!(
         stream_lines(&records, Stream::Stderr),
         ["touch: test.go: Read-only file system"]
+    );
+    // With a read-only root, the pod's files are read-only too.
+    let mut etc = ContainerConfigBuilder::new("etc", &reference)
+        .command(["touch", "/etc/resolv.conf"])
+        .build();
+    etc.linux = config_linux_read_only_root();
+    let log = pod.container_log(&etc);
+    let etc_status = cri.run_to_exit(&pod, etc, GUEST_TIMEOUT).await.unwrap();
+    let records = read_cri_log(&log).unwrap();
+    assert_eq!(etc_status.exit_code, 1, "{etc_status:?}\n{records:#?}");
+    assert_eq!(
+        stream_lines(&records, Stream::Stderr),
+        ["touch: /etc/resolv.conf: Read-only file system"]
     );
     // Its binds went when its guest ended.
     let exited = wasmlet.root().join("containers").join(&status.id);
