@@ -545,3 +545,56 @@ async fn every_documented_family_has_data_in_prometheus() {
         .unwrap();
     assert!(!errors.is_empty());
 }
+
+/// `GET /metrics` on `address` over plain HTTP/1.0: the status line and
+/// the body, or why not.
+async fn get_metrics(address: SocketAddr) -> std::io::Result<(String, String)> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = TcpStream::connect(address).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: wasmlet\r\n\r\n")
+        .await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    Ok((status, body.to_owned()))
+}
+
+/// A metrics address another program holds does not stop the agent: it
+/// serves pods, says why it has no metrics, and serves them once the
+/// address is free (it tries again every 5 seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_address_is_tried_again_until_it_is_free() {
+    bounded(async {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port");
+        let address = squatter.local_addr().unwrap();
+        let wasmlet = Wasmlet::builder()
+            .config(format!("[metrics]\naddress = \"{address}\"\n"))
+            .rust_log("info")
+            .start()
+            .await;
+        // The agent is up and runs pods meanwhile.
+        let mut cri = wasmlet.cri();
+        let pod = cri.run_pod(wasmlet.pod().build()).await.unwrap();
+        assert!(wasmlet.daemon_log().contains("cannot serve metrics"));
+        drop(squatter);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok((status, body)) = get_metrics(address).await
+                && status.contains(" 200 ")
+            {
+                assert!(body.contains("wasmlet_cri_requests_total"), "{body}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no metrics at {address} 15 s after it was freed:\n{}",
+                wasmlet.daemon_log()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        cri.stop_pod_sandbox(&pod.id).await.unwrap();
+    })
+    .await;
+}
