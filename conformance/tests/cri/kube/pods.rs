@@ -258,7 +258,8 @@ fn ready(pod: &Value) -> bool {
 
 /// What goes through the kubelet's streaming server and its probes:
 /// `kubectl exec` runs a fresh instance with stdin beside a container whose
-/// readiness is an exec probe, `kubectl debug` adds an ephemeral container
+/// readiness is an exec probe, and with a terminal (`-it`),
+/// `kubectl debug` adds an ephemeral container
 /// to it, `kubectl attach` feeds the container's stdin, `kubectl logs -f`
 /// follows a ticking guest to its end, and `kubectl port-forward` reaches a
 /// pod whose readiness is a TCP probe.
@@ -370,6 +371,7 @@ pub(super) async fn streaming(node: &Node) -> Outcome {
             "kubectl debug's container ended {debugger}, logging:\n{debug_logs}"
         ));
     }
+    exec_with_a_terminal(cluster, ns).await?;
     let attached = cluster
         .kubectl(
             &["attach", "-i", "-n", ns, "waiting", "-c", "waiting"],
@@ -388,6 +390,78 @@ pub(super) async fn streaming(node: &Node) -> Outcome {
 
     wait(cluster, ns, "pong", "Ready (TCP probe)", ready).await?;
     port_forward(cluster, ns, "pong", 7000, "pong forwarded\n").await
+}
+
+/// `kubectl exec -it` in a terminal (`script` gives kubectl one): the
+/// runtime plays the guest's terminal, echoing what is typed, handing it
+/// over a line at a time, and ending its input at Ctrl-D.
+async fn exec_with_a_terminal(cluster: &Cluster, ns: &str) -> Outcome {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let argv = cluster.kubectl_argv(&[
+        "exec",
+        "-it",
+        "-n",
+        ns,
+        "waiting",
+        "--",
+        "/proc/self/exe",
+        "in-a-tty",
+    ]);
+    let line: Vec<String> = argv
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut script = tokio::process::Command::new("script");
+    script
+        .args(["-qec", &line.join(" "), "/dev/null"])
+        .env("HOME", std::env::temp_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let mut child = script.spawn().map_err(|e| format!("running script: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("script's stdin")?;
+    let mut stdout = child.stdout.take().ok_or("script's stdout")?;
+    let typing = async {
+        // Give kubectl time to connect before typing.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        stdin.write_all(b"typed\r").await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stdin.write_all(b"\x04").await?;
+        // Held open until the session ends: script stops at its end of input.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        Ok::<_, std::io::Error>(())
+    };
+    let mut out = Vec::new();
+    let reading = stdout.read_to_end(&mut out);
+    let finished = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::select! {
+            read = reading => read.map(|_| ()),
+            typed = typing => typed,
+        }
+    })
+    .await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    match finished {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("kubectl exec -it: {e}; it printed:\n{out}")),
+        Err(_) => {
+            return Err(format!(
+                "kubectl exec -it did not end at Ctrl-D; it printed:\n{out}"
+            ));
+        }
+    }
+    // Output in a terminal: lines end \r\n.
+    for wanted in [
+        "arg[1]=in-a-tty\r\n",
+        "stdin: typed\r\n",
+        "stdin closed\r\n",
+    ] {
+        if !out.contains(wanted) {
+            return Err(format!("kubectl exec -it printed no {wanted:?}:\n{out:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// `kubectl port-forward` to `pod`'s `port`: two connections each read
