@@ -28,6 +28,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::{Error, RegistryFailure};
+use crate::runtime::engine::Tier;
 
 /// The phases of a pod's start, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -86,6 +87,11 @@ struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -115,7 +121,7 @@ pub struct Metrics {
     pull_seconds: Histogram,
     pull_bytes: Counter,
     pull_errors: Family<KindLabels, Counter>,
-    compile_seconds: Histogram,
+    compile_seconds: Family<TierLabels, Histogram>,
     compile_cache: Family<ResultLabels, Counter>,
     compiled_bytes: Counter,
     start_phases: Family<PhaseLabels, Histogram>,
@@ -128,7 +134,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     pull_seconds: slow_buckets(),
     pull_bytes: Counter::default(),
     pull_errors: Family::default(),
-    compile_seconds: slow_buckets(),
+    compile_seconds: Family::new_with_constructor(slow_buckets),
     compile_cache: Family::default(),
     compiled_bytes: Counter::default(),
     start_phases: Family::new_with_constructor(latency_buckets),
@@ -162,9 +168,12 @@ impl Metrics {
         self.pull_bytes.inc_by(bytes);
     }
 
-    /// A compile that took `elapsed` and made `bytes` of machine code.
-    pub fn compiled(&self, elapsed: Duration, bytes: usize) {
-        self.compile_seconds.observe(elapsed.as_secs_f64());
+    /// A compile by `tier` that took `elapsed` and made `bytes` of machine
+    /// code (an artifact's size; 0 for code that is not written).
+    pub fn compiled(&self, tier: Tier, elapsed: Duration, bytes: usize) {
+        self.compile_seconds
+            .get_or_create(&TierLabels { tier: tier.label() })
+            .observe(elapsed.as_secs_f64());
         self.compiled_bytes.inc_by(bytes as u64);
     }
 
@@ -487,7 +496,7 @@ pub fn register(registry: &mut Registry, snapshot: impl Fn() -> Snapshot + Send 
     );
     registry.register(
         "compile_duration_seconds",
-        "Time to compile one program to machine code (Cranelift)",
+        "Time to compile one program to machine code, by compiler (tier): cranelift, or winch (the fast first tier)",
         m.compile_seconds.clone(),
     );
     registry.register(

@@ -63,6 +63,7 @@ pub fn open_agent(settings: &Settings) -> anyhow::Result<Agent> {
         root: settings.root.clone(),
         registry: settings.registry.clone(),
         compile_parallelism: settings.compile_parallelism,
+        fast_tier_min_bytes: settings.fast_tier_min_bytes,
         network: settings.network.clone(),
         http: settings.http.clone(),
         http_pool_instances: settings.http_pool_instances,

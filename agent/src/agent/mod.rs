@@ -60,6 +60,10 @@ pub struct AgentConfig {
     pub registry: RegistryConfig,
     /// How many pulled images may compile at once in the background.
     pub compile_parallelism: usize,
+    /// Modules and command components of at least this many bytes of Wasm
+    /// are compiled with Winch first, Cranelift following in the
+    /// background; 0 turns this fast first tier off.
+    pub fast_tier_min_bytes: u64,
     /// CNI and network namespaces.
     pub network: NetworkConfig,
     /// How HTTP functions are served unless a pod says otherwise (`port`
@@ -169,8 +173,11 @@ impl Agent {
         let state = Arc::new(StateStore::open(&root.join("state.redb"))?);
         let snapshot = state.load()?;
         let images = ImageStore::open(&root.join("images"), state.clone(), snapshot.images)?;
-        let engine =
-            WasmEngine::with_pool(Some(root.join("compiled")), config.http_pool_instances)?;
+        let engine = WasmEngine::with_pool(
+            Some(root.join("compiled")),
+            config.http_pool_instances,
+            config.fast_tier_min_bytes,
+        )?;
         let egress_tls = crate::runtime::egress::tls_config(config.http_ca_file.as_deref())?;
 
         let now = Timestamp::now();

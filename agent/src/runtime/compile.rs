@@ -1,5 +1,6 @@
 //! Making images ready to instantiate: the in-memory cache of prepared
-//! images, the disk cache of compiled artifacts, and Cranelift compiles.
+//! images, the disk cache of compiled artifacts, and Cranelift compiles
+//! (Winch first for big programs: `fast_tier`).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -11,15 +12,17 @@ use crate::metrics::CacheResult;
 use crate::model::ids::Digest;
 use crate::model::image::WasmKind;
 use crate::runtime::artifacts::{ArtifactStore, Compiled};
-use crate::runtime::engine::{Prepared, WasmEngine};
+use crate::runtime::engine::{Prepared, Tier, WasmEngine};
 use crate::runtime::error::GuestError;
 
 impl WasmEngine {
     /// Makes `bytes` (the Wasm whose digest is `digest`) ready to
     /// instantiate and links it against WASI: from the in-memory cache, else
     /// by memory-mapping its artifact from the disk cache, else by compiling
-    /// it (and writing the artifact). Errors are written for the user: they
-    /// end up in the container's status message and log.
+    /// it (and writing the artifact); a big program is compiled with Winch
+    /// first, Cranelift's code following in the background (`fast_tier`).
+    /// Errors are written for the user: they end up in the container's
+    /// status message and log.
     pub fn prepare(
         &self,
         digest: &Digest,
@@ -48,22 +51,32 @@ impl WasmEngine {
             }
             None => {
                 crate::metrics::global().compile_lookup(CacheResult::Miss);
+                if let Some(prepared) = self.first_tier(http, digest, kind, bytes)? {
+                    return Ok(prepared);
+                }
                 self.compile(http, digest, kind, bytes)?
             }
         };
-        let prepared = self.link(compiled, http)?;
-        if let Ok(mut m) = self.prepared.lock() {
-            m.insert(digest.clone(), prepared.clone());
-        }
+        let prepared = self.link(compiled, http, Tier::Cranelift)?;
+        self.keep(digest, &prepared);
         Ok(prepared)
     }
 
+    /// Keeps `prepared` in memory for the next instances of `digest`.
+    pub(super) fn keep(&self, digest: &Digest, prepared: &Prepared) {
+        if let Ok(mut m) = self.prepared.lock() {
+            m.insert(digest.clone(), prepared.clone());
+        }
+    }
+
     /// Makes sure the disk cache holds a sound artifact of `bytes`,
-    /// compiling it if not, and keeps nothing in memory. The image puller
-    /// calls this in the background after a pull so that the first
-    /// container start does not compile. Without a cache directory this does
-    /// nothing. Errors (the bytes do not compile, the artifact cannot be
-    /// written) are written for the user.
+    /// compiling it if not, and keeps nothing in memory — except a big
+    /// program's Winch code (`fast_tier`), which is kept in memory only, its
+    /// Cranelift artifact written by the background compile. The image
+    /// puller calls this before a pull answers so that the first container
+    /// start does not compile. Without a cache directory this does nothing.
+    /// Errors (the bytes do not compile, the artifact cannot be written)
+    /// are written for the user.
     pub fn precompile(&self, digest: &Digest, kind: WasmKind, bytes: &[u8]) -> crate::Result<()> {
         let http = kind == WasmKind::Component && exports_http_handler(bytes);
         let (engine, artifacts) = self.engine_for(http);
@@ -72,7 +85,12 @@ impl WasmEngine {
         };
         let slot = self.building_slot(digest);
         let _building = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        if store.verified(digest, kind).is_some() {
+        if store.verified(digest, kind).is_some()
+            || self.prepared.lock().is_ok_and(|m| m.contains_key(digest))
+        {
+            return Ok(());
+        }
+        if self.first_tier(http, digest, kind, bytes)?.is_some() {
             return Ok(());
         }
         let started = std::time::Instant::now();
@@ -81,9 +99,10 @@ impl WasmEngine {
             WasmKind::Component => engine.precompile_component(bytes),
         }
         .map_err(|e| invalid(kind, &e))?;
+        let elapsed = started.elapsed();
         self.counters.compiled.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::global().compiled(started.elapsed(), artifact.len());
-        tracing::info!(%digest, "compiled Wasm");
+        crate::metrics::global().compiled(Tier::Cranelift, elapsed, artifact.len());
+        tracing::info!(%digest, tier = Tier::Cranelift.label(), elapsed_ms = elapsed.as_millis() as u64, "compiled Wasm");
         store.store(digest, kind, &artifact).map(drop)
     }
 
@@ -137,6 +156,8 @@ impl WasmEngine {
             compiled: self.counters.compiled.load(Ordering::Relaxed),
             loaded_from_disk: self.counters.loaded_from_disk.load(Ordering::Relaxed),
             memory_hits: self.counters.memory_hits.load(Ordering::Relaxed),
+            fast_compiled: self.counters.fast_compiled.load(Ordering::Relaxed),
+            upgraded: self.counters.upgraded.load(Ordering::Relaxed),
         }
     }
 
@@ -166,7 +187,7 @@ impl WasmEngine {
         hit
     }
 
-    fn building_slot(&self, digest: &Digest) -> Arc<Mutex<()>> {
+    pub(super) fn building_slot(&self, digest: &Digest) -> Arc<Mutex<()>> {
         self.building
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -193,21 +214,21 @@ impl WasmEngine {
         .map_err(|e| invalid(kind, &e))?;
         let elapsed = started.elapsed();
         self.counters.compiled.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(%digest, http, "compiled Wasm");
+        tracing::info!(%digest, http, tier = Tier::Cranelift.label(), elapsed_ms = elapsed.as_millis() as u64, "compiled Wasm");
         let Some(store) = artifacts else {
             // No disk cache: the code's size is not measured.
-            crate::metrics::global().compiled(elapsed, 0);
+            crate::metrics::global().compiled(Tier::Cranelift, elapsed, 0);
             return Ok(compiled);
         };
         match compiled.serialize() {
             Ok(artifact) => {
-                crate::metrics::global().compiled(elapsed, artifact.len());
+                crate::metrics::global().compiled(Tier::Cranelift, elapsed, artifact.len());
                 if let Err(error) = store.store(digest, kind, &artifact) {
                     tracing::warn!(%digest, %error, "cannot keep the precompiled artifact");
                 }
             }
             Err(error) => {
-                crate::metrics::global().compiled(elapsed, 0);
+                crate::metrics::global().compiled(Tier::Cranelift, elapsed, 0);
                 tracing::warn!(%digest, error = format!("{error:#}"), "cannot serialize the compiled artifact");
             }
         }
@@ -245,6 +266,11 @@ pub struct EngineStats {
     pub loaded_from_disk: u64,
     /// [`WasmEngine::prepare`] calls answered from the in-memory cache.
     pub memory_hits: u64,
+    /// Winch compiles of the fast first tier.
+    pub fast_compiled: u64,
+    /// Background Cranelift compiles swapped in for Winch code (also
+    /// counted in `compiled`).
+    pub upgraded: u64,
 }
 
 /// Whether a component exports `wasi:http/incoming-handler` (is an HTTP
@@ -314,7 +340,8 @@ mod tests {
             EngineStats {
                 compiled: 1,
                 loaded_from_disk: 0,
-                memory_hits: 0
+                memory_hits: 0,
+                ..EngineStats::default()
             }
         );
         drop(first);
@@ -325,7 +352,8 @@ mod tests {
             EngineStats {
                 compiled: 0,
                 loaded_from_disk: 1,
-                memory_hits: 0
+                memory_hits: 0,
+                ..EngineStats::default()
             }
         );
         let bytes = wat::parse_str(EXIT_7).unwrap();
@@ -418,7 +446,8 @@ mod tests {
             EngineStats {
                 compiled: 1,
                 loaded_from_disk: 1,
-                memory_hits: 0
+                memory_hits: 0,
+                ..EngineStats::default()
             }
         );
 
@@ -480,7 +509,8 @@ mod tests {
             EngineStats {
                 compiled: 0,
                 loaded_from_disk: 1,
-                memory_hits: 0
+                memory_hits: 0,
+                ..EngineStats::default()
             }
         );
         let (_d, log, path) = log();

@@ -9,7 +9,8 @@
 //! ends it at its next yield.
 //!
 //! Building the engines, linking and instantiating are here; making an image
-//! ready (the caches, compiling) is in `compile`.
+//! ready (the caches, compiling) is in `compile`; the Winch engine of the
+//! fast first tier and its background Cranelift compiles in `fast_tier`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,6 +29,7 @@ use crate::model::ids::Digest;
 use crate::model::image::WasmKind;
 use crate::runtime::artifacts::{ArtifactStore, Compiled};
 use crate::runtime::error::{EngineError, GuestError, LinkTarget};
+use crate::runtime::fast_tier::FastTier;
 use crate::runtime::guest::Guest;
 use crate::runtime::host::{
     GuestConfig, P1State, P2State, make_p2_linker, wasi_builder, yield_by_shares,
@@ -47,20 +49,90 @@ pub enum Prepared {
     Http(ProxyPre<P2State>),
 }
 
+impl Prepared {
+    /// The engine its code was compiled by: a guest's store must be made
+    /// from it.
+    pub(super) fn engine(&self) -> &Engine {
+        match self {
+            Prepared::Module(pre) => pre.module().engine(),
+            Prepared::Component(pre) => pre.engine(),
+            Prepared::Http(pre) => pre.engine(),
+        }
+    }
+}
+
+/// Which compiler made a program's code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tier {
+    /// Cranelift, the optimising compiler: all code on disk is its.
+    Cranelift,
+    /// Winch, the baseline compiler of the fast first tier: several times
+    /// faster to compile, slower code, never written to disk.
+    Winch,
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl Tier {
+    /// Its name in logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Tier::Cranelift => "cranelift",
+            Tier::Winch => "winch",
+        }
+    }
+}
+
+/// The WASI linkers of one engine: preview1 modules and preview2 command
+/// components.
+pub(super) struct Linkers {
+    p1: Linker<P1State>,
+    p2: ComponentLinker<P2State>,
+}
+
+impl Linkers {
+    pub(super) fn new(engine: &Engine) -> Result<Self, EngineError> {
+        let mut p1 = Linker::new(engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut p1, |s: &mut P1State| &mut s.wasi).map_err(
+            |e| EngineError::Link {
+                what: "WASI preview1",
+                detail: format!("{e:#}"),
+            },
+        )?;
+        super::read_only::link_p1(&mut p1).map_err(|e| EngineError::Link {
+            what: "WASI preview1 read-only errors",
+            detail: format!("{e:#}"),
+        })?;
+        Ok(Self {
+            p1,
+            p2: make_p2_linker(engine)?,
+        })
+    }
+}
+
 /// How images were made ready (what `WasmEngine::stats` reads, in tests).
 #[derive(Default)]
 pub(super) struct Counters {
     pub(super) compiled: AtomicU64,
     pub(super) loaded_from_disk: AtomicU64,
     pub(super) memory_hits: AtomicU64,
+    /// Winch compiles of the fast first tier.
+    pub(super) fast_compiled: AtomicU64,
+    /// Cranelift code swapped in for Winch code.
+    pub(super) upgraded: AtomicU64,
 }
 
 /// The engine, its linkers, the cache of prepared images and the on-disk
 /// store of precompiled artifacts.
 pub struct WasmEngine {
     pub(super) engine: Engine,
-    p1_linker: Linker<P1State>,
-    p2_linker: ComponentLinker<P2State>,
+    linkers: Linkers,
+    /// Winch for big modules and command components, when configured.
+    pub(super) fast: Option<FastTier>,
     /// HTTP functions get an instance per request: this engine allocates
     /// them from a pool, which makes instantiation cheap.
     pub(super) http_engine: Engine,
@@ -85,14 +157,19 @@ impl WasmEngine {
     /// there are deleted. Without one, every engine compiles afresh.
     #[cfg(test)]
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Arc<Self>, EngineError> {
-        Self::with_pool(cache_dir, HTTP_POOL_INSTANCES)
+        Self::with_pool(cache_dir, HTTP_POOL_INSTANCES, 0)
     }
 
-    /// As `new`, with room for `pool_instances` concurrent
-    /// HTTP function instances.
+    /// As `new`, with room for `pool_instances` concurrent HTTP function
+    /// instances, and the fast first tier for programs of at least
+    /// `fast_tier_min_bytes` bytes of Wasm (0: none): they are compiled
+    /// with Winch first, then with Cranelift in the background (see
+    /// `fast_tier`). If this machine has no Winch engine the tier is off,
+    /// and the agent says so.
     pub fn with_pool(
         cache_dir: Option<PathBuf>,
         pool_instances: u32,
+        fast_tier_min_bytes: u64,
     ) -> Result<Arc<Self>, EngineError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
@@ -118,17 +195,15 @@ impl WasmEngine {
             detail: format!("{e:#}"),
         })?;
 
-        let mut p1_linker = Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut p1_linker, |s: &mut P1State| &mut s.wasi)
-            .map_err(|e| EngineError::Link {
-                what: "WASI preview1",
-                detail: format!("{e:#}"),
-            })?;
-        super::read_only::link_p1(&mut p1_linker).map_err(|e| EngineError::Link {
-            what: "WASI preview1 read-only errors",
-            detail: format!("{e:#}"),
-        })?;
-        let p2_linker = make_p2_linker(&engine)?;
+        let linkers = Linkers::new(&engine)?;
+        let (fast, upgrades) = match FastTier::new(fast_tier_min_bytes) {
+            Some(Ok((fast, upgrades))) => (Some(fast), Some(upgrades)),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "the fast first tier (Winch) is off: its engine cannot be built here");
+                (None, None)
+            }
+            None => (None, None),
+        };
         let http_linker = make_p2_linker(&http_engine)?;
         let open = |dir: &std::path::Path, engine: &Engine| {
             ArtifactStore::open(dir, engine).map_err(|e| EngineError::ArtifactCache(Box::new(e)))
@@ -141,8 +216,8 @@ impl WasmEngine {
 
         let this = Arc::new(Self {
             engine,
-            p1_linker,
-            p2_linker,
+            linkers,
+            fast,
             http_engine,
             http_linker,
             prepared: Mutex::new(HashMap::new()),
@@ -151,6 +226,9 @@ impl WasmEngine {
             building: Mutex::new(HashMap::new()),
             counters: Counters::default(),
         });
+        if let Some(upgrades) = upgrades {
+            FastTier::start_upgrades(Arc::downgrade(&this), upgrades)?;
+        }
         let weak = Arc::downgrade(&this);
         std::thread::Builder::new()
             .name("wasmlet-epoch".into())
@@ -158,6 +236,9 @@ impl WasmEngine {
                 while let Some(engine) = weak.upgrade() {
                     engine.engine.increment_epoch();
                     engine.http_engine.increment_epoch();
+                    if let Some(fast) = &engine.fast {
+                        fast.engine.increment_epoch();
+                    }
                     drop(engine);
                     std::thread::sleep(EPOCH_TICK);
                 }
@@ -166,8 +247,18 @@ impl WasmEngine {
         Ok(this)
     }
 
-    /// Links a compiled image against WASI.
-    pub(super) fn link(&self, compiled: Compiled, http: bool) -> Result<Prepared, GuestError> {
+    /// Links a compiled image against WASI, with the linkers of the engine
+    /// of `tier` (which compiled it). HTTP functions are Cranelift's only.
+    pub(super) fn link(
+        &self,
+        compiled: Compiled,
+        http: bool,
+        tier: Tier,
+    ) -> Result<Prepared, GuestError> {
+        let linkers = match (tier, &self.fast) {
+            (Tier::Winch, Some(fast)) => &fast.linkers,
+            _ => &self.linkers,
+        };
         let link = |target| {
             move |e: wasmtime::Error| GuestError::Link {
                 target,
@@ -179,8 +270,8 @@ impl WasmEngine {
                 if module.get_export("_start").is_none() {
                     return Err(GuestError::NotACommand);
                 }
-                let pre = self
-                    .p1_linker
+                let pre = linkers
+                    .p1
                     .instantiate_pre(&module)
                     .map_err(link(LinkTarget::Preview1))?;
                 Ok(Prepared::Module(pre))
@@ -196,8 +287,8 @@ impl WasmEngine {
                 Ok(Prepared::Http(pre))
             }
             Compiled::Component(component) => {
-                let pre = self
-                    .p2_linker
+                let pre = linkers
+                    .p2
                     .instantiate_pre(&component)
                     .map_err(link(LinkTarget::Wasi))?;
                 let pre = CommandPre::new(pre).map_err(|e| GuestError::UnsupportedWorld {
@@ -205,6 +296,14 @@ impl WasmEngine {
                 })?;
                 Ok(Prepared::Component(pre))
             }
+        }
+    }
+
+    /// Which compiler made `prepared`'s code.
+    pub(super) fn tier_of(&self, prepared: &Prepared) -> Tier {
+        match &self.fast {
+            Some(fast) if Engine::same(prepared.engine(), &fast.engine) => Tier::Winch,
+            _ => Tier::Cranelift,
         }
     }
 
@@ -216,6 +315,7 @@ impl WasmEngine {
         config: GuestConfig,
     ) -> Result<Guest, GuestError> {
         let live = config.limiter.live_limits();
+        tracing::debug!(tier = %self.tier_of(prepared), "instantiating the guest");
         match prepared {
             Prepared::Http(pre) => {
                 // Checked now so that a bad mount is a start error; each
@@ -225,8 +325,9 @@ impl WasmEngine {
             }
             Prepared::Module(pre) => {
                 let mut builder = wasi_builder(&config)?;
+                // The engine that compiled the code: Winch's or Cranelift's.
                 let mut store = Store::new(
-                    &self.engine,
+                    prepared.engine(),
                     P1State {
                         wasi: builder.build_p1(),
                         limiter: config.limiter,
@@ -255,7 +356,7 @@ impl WasmEngine {
             Prepared::Component(pre) => {
                 let mut builder = wasi_builder(&config)?;
                 let mut store = Store::new(
-                    &self.engine,
+                    prepared.engine(),
                     P2State::new(
                         builder.build(),
                         config.limiter,

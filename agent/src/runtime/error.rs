@@ -197,4 +197,8 @@ pub enum EngineError {
     /// The thread that advances epochs did not start.
     #[error("starting the epoch thread: {0}")]
     EpochThread(#[source] std::io::Error),
+
+    /// The thread of the fast tier's background compiles did not start.
+    #[error("starting the background compile thread: {0}")]
+    UpgradeThread(#[source] std::io::Error),
 }

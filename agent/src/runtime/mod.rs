@@ -1,5 +1,6 @@
 //! Running guests: the wasmtime engine and the caches that make images
-//! ready (`engine`, `compile`, `artifacts`), what a guest's store holds and
+//! ready (`engine`, `compile`, `artifacts`, and Winch's fast first tier in
+//! `fast_tier`), what a guest's store holds and
 //! is linked against (`host`), one instantiated guest and its run
 //! (`guest`), `wasi:http` functions and their outgoing requests (`http`,
 //! `egress`), the threads guests run on (`guest_runtime`), their output
@@ -14,6 +15,7 @@ pub(crate) mod compile;
 pub(crate) mod egress;
 pub(crate) mod engine;
 pub(crate) mod error;
+mod fast_tier;
 pub(crate) mod guest;
 pub(crate) mod guest_runtime;
 pub(crate) mod host;

@@ -20,6 +20,7 @@ mod delegate;
 mod doctor;
 mod events;
 mod exec_wasm;
+mod fast_tier;
 mod faults;
 mod hostile;
 mod http_functions;

@@ -14,7 +14,9 @@
 //! scenarios: pod-start, density, churn, functions, neighbours, quota,
 //! soak, baseline. `kube-ready` runs only when `--only` names it: what a
 //! user of a real cluster sees — `kubectl create` to Ready through a
-//! kubelet, on wasmlet and on containerd + runc (`kube_ready`).
+//! kubelet, on wasmlet and on containerd + runc (`kube_ready`); so does
+//! `big-module`: a big program's pull and runs with the fast first tier
+//! (Winch, then Cranelift in the background) off and on (`big_module`).
 //!
 //! By default it starts the `wasmlet` binary next to itself on a private
 //! root (importing the sample guests); `--endpoint` measures a runtime that
@@ -22,6 +24,7 @@
 //! are reported, never asserted: `--smoke` runs every scenario at a tiny
 //! scale, for CI to check that the benchmark itself works.
 
+mod big_module;
 mod isolation;
 mod kube_ready;
 
@@ -52,11 +55,12 @@ const SCENARIOS: &[&str] = &[
     "quota",
     "baseline",
     "kube-ready",
+    "big-module",
 ];
 
 /// Scenarios that run only when `--only` names them (they need a whole
-/// cluster and take minutes).
-const NAMED_ONLY: &[&str] = &["kube-ready"];
+/// cluster and take minutes, or a program the bench does not carry).
+const NAMED_ONLY: &[&str] = &["kube-ready", "big-module"];
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -78,6 +82,10 @@ struct Options {
     kube_sizes: Vec<usize>,
     /// The same with the kubelet's `EventedPLEG` gate on.
     kube_evented_sizes: Vec<usize>,
+    /// `big-module`: the program, its arguments and its mounts.
+    big_module: Option<PathBuf>,
+    big_module_args: Vec<String>,
+    big_module_mounts: Vec<big_module::Mount>,
     only: Vec<String>,
     command: String,
 }
@@ -122,6 +130,9 @@ fn parse_options() -> Options {
         soak_cni_cycles: 2_000,
         kube_sizes: vec![1, 50, 200],
         kube_evented_sizes: vec![1, 50, 200],
+        big_module: None,
+        big_module_args: Vec::new(),
+        big_module_mounts: Vec::new(),
         only: Vec::new(),
         command: args.join(" "),
     };
@@ -147,6 +158,11 @@ fn parse_options() -> Options {
             "--soak-cni-cycles" => o.soak_cni_cycles = value().parse().unwrap_or_else(|_| usage()),
             "--kube-sizes" => o.kube_sizes = sizes(&value()),
             "--kube-evented-sizes" => o.kube_evented_sizes = sizes(&value()),
+            "--big-module" => o.big_module = Some(PathBuf::from(value())),
+            "--big-module-arg" => o.big_module_args.push(value()),
+            "--big-module-mount" => o
+                .big_module_mounts
+                .push(big_module::Mount::parse(&value()).unwrap_or_else(|| usage())),
             "--only" => {
                 o.only = value().split(',').map(str::to_owned).collect();
                 if o.only.iter().any(|s| !SCENARIOS.contains(&s.as_str())) {
@@ -201,6 +217,13 @@ struct Runtime {
     root: Option<PathBuf>,
 }
 
+impl Runtime {
+    /// What a daemon the bench started has logged so far.
+    fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("daemon.log")).unwrap_or_default()
+    }
+}
+
 impl Drop for Runtime {
     fn drop(&mut self) {
         if let Some(mut d) = self.daemon.take() {
@@ -234,6 +257,18 @@ async fn start_runtime(
     network: Option<&TestNetwork>,
     top_level: &str,
     sections: &str,
+) -> Result<Runtime, String> {
+    start_runtime_logging(o, network, top_level, sections, "warn").await
+}
+
+/// [`start_runtime`] with the daemon's `RUST_LOG` (its log is
+/// [`Runtime::daemon_log`]).
+async fn start_runtime_logging(
+    o: &Options,
+    network: Option<&TestNetwork>,
+    top_level: &str,
+    sections: &str,
+    rust_log: &str,
 ) -> Result<Runtime, String> {
     let dir = tempfile::Builder::new()
         .prefix("wasmlet-bench-")
@@ -302,7 +337,7 @@ async fn start_runtime(
         .arg(&root)
         .arg("--socket")
         .arg(&socket)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", rust_log)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(|e| e.to_string())?)
         .stderr(log)
@@ -1279,6 +1314,7 @@ fn markdown(report: &Value) -> String {
         md.push('\n');
     }
     md.push_str(&kube_ready::markdown(&report["kube_ready"]));
+    md.push_str(&big_module::markdown(&report["big_module"]));
     for key in ["soak", "soak_with_cni"] {
         if let Some(samples) = report[key]["samples"].as_array() {
             md.push_str(&format!(
@@ -1427,6 +1463,9 @@ async fn run(o: Options) -> Result<PathBuf, String> {
     }
     if o.runs("kube-ready") {
         report.insert("kube_ready", kube_ready::kube_ready(&o).await?);
+    }
+    if o.runs("big-module") {
+        report.insert("big_module", big_module::big_module(&o).await?);
     }
     let report = serde_json::to_value(&report).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&o.out).map_err(|e| format!("creating {}: {e}", o.out.display()))?;
