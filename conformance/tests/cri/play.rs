@@ -490,6 +490,52 @@ spec:
     played.assert_stderr("SIGINT: stopping pod default/sleeper");
 }
 
+/// play's in-process agent serves no metrics, even with a `[metrics]`
+/// address in its configuration: that port is the node agent's.
+#[test]
+fn play_serves_no_metrics_even_when_configured() {
+    let scene = Scene::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port");
+    let config = scene.path("wasmlet.toml");
+    std::fs::write(
+        &config,
+        format!("[metrics]\naddress = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let yaml = format!(
+        "
+kind: Pod
+metadata: {{name: sleeper}}
+spec:
+  containers:
+    - name: sleeper
+      image: {SLEEPER_P1}
+"
+    );
+    let mut args = vec![
+        "--socket".to_owned(),
+        scene.no_socket().display().to_string(),
+        "--config".to_owned(),
+        config.display().to_string(),
+    ];
+    args.extend(images(&[(SLEEPER_P1, wasm_samples::SLEEPER_P1)]));
+    let mut play = Play::spawn(&args, &scene.manifest(&yaml));
+    play.wait_for_stdout("[sleeper] sleeping", PLAY_TIMEOUT);
+    // Time for a metrics server to bind, were one started.
+    std::thread::sleep(Duration::from_millis(500));
+    let served = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    play.signal(Signal::SIGINT);
+    let played = play.finish(PLAY_TIMEOUT);
+    played.assert_code(130);
+    assert!(
+        !served,
+        "something answered at play's configured metrics address 127.0.0.1:{port}\n{played}"
+    );
+}
+
 #[tokio::test]
 async fn a_running_agent_is_used_and_left_clean() {
     let wasmlet = Wasmlet::start().await;
