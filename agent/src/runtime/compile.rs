@@ -85,9 +85,9 @@ impl WasmEngine {
         };
         let slot = self.building_slot(digest);
         let _building = slot.lock().unwrap_or_else(PoisonError::into_inner);
-        if store.verified(digest, kind).is_some()
-            || self.prepared.lock().is_ok_and(|m| m.contains_key(digest))
-        {
+        // Winch code in memory: its artifact comes from the background
+        // compile already queued.
+        if store.verified(digest, kind).is_some() || self.runs_winch_code(digest) {
             return Ok(());
         }
         if self.first_tier(http, digest, kind, bytes)?.is_some() {

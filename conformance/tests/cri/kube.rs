@@ -663,6 +663,20 @@ async fn in_place_resize(node: &Node) -> Outcome {
     Ok(())
 }
 
+/// Creates namespace `ns` with a sleeping Wasm pod `name` in it, and waits
+/// until it runs.
+async fn running_sleeper(cluster: &Cluster, ns: &str, name: &str) -> Outcome {
+    let manifest = wasm_pod(ns, name, SLEEPER_P1, "Always", json!({}));
+    create(cluster, ns, &manifest).await?;
+    cluster
+        .wait_pod(ns, name, "Running", POD_TIMEOUT, |pod| {
+            phase(pod) == "Running"
+        })
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// What metrics-server scrapes for `kubectl top` and the HPA — the
 /// kubelet's `/metrics/resource` — carries a running Wasm container's CPU
 /// and memory, with the kubelet configured as the README says (the
@@ -671,14 +685,7 @@ async fn in_place_resize(node: &Node) -> Outcome {
 async fn resource_metrics(node: &Node) -> Outcome {
     let cluster = &node.cluster;
     let (ns, name) = ("resource-metrics", "sleeper");
-    let manifest = wasm_pod(ns, name, SLEEPER_P1, "Always", json!({}));
-    create(cluster, ns, &manifest).await?;
-    cluster
-        .wait_pod(ns, name, "Running", POD_TIMEOUT, |pod| {
-            phase(pod) == "Running"
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    running_sleeper(cluster, ns, name).await?;
     let path = format!(
         "/api/v1/nodes/{}/proxy/metrics/resource",
         cluster.node_name()
@@ -728,14 +735,7 @@ async fn resource_metrics(node: &Node) -> Outcome {
 async fn resource_metrics_from_cri(node: &Node) -> Outcome {
     let cluster = &node.cluster;
     let (ns, name) = ("stats-from-cri", "sleeper");
-    let manifest = wasm_pod(ns, name, SLEEPER_P1, "Always", json!({}));
-    create(cluster, ns, &manifest).await?;
-    cluster
-        .wait_pod(ns, name, "Running", POD_TIMEOUT, |pod| {
-            phase(pod) == "Running"
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+    running_sleeper(cluster, ns, name).await?;
     let proxy = format!("/api/v1/nodes/{}/proxy", cluster.node_name());
     let get = |path: String| async move {
         cluster

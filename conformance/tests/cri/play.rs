@@ -464,9 +464,9 @@ fn other_kinds_are_refused() {
     );
 }
 
-#[test]
-fn sigint_stops_the_pod_and_exits_130() {
-    let scene = Scene::new();
+/// Plays a pod of one sleeping container with `flags`, nothing listening
+/// on the socket; returns once the guest has said it sleeps.
+fn play_sleeper(scene: &Scene, flags: &[String]) -> Play {
     let yaml = format!(
         "
 kind: Pod
@@ -481,9 +481,17 @@ spec:
         "--socket".to_owned(),
         scene.no_socket().display().to_string(),
     ];
+    args.extend_from_slice(flags);
     args.extend(images(&[(SLEEPER_P1, wasm_samples::SLEEPER_P1)]));
     let mut play = Play::spawn(&args, &scene.manifest(&yaml));
     play.wait_for_stdout("[sleeper] sleeping", PLAY_TIMEOUT);
+    play
+}
+
+#[test]
+fn sigint_stops_the_pod_and_exits_130() {
+    let scene = Scene::new();
+    let play = play_sleeper(&scene, &[]);
     play.signal(Signal::SIGINT);
     let played = play.finish(PLAY_TIMEOUT);
     played.assert_code(130);
@@ -505,25 +513,10 @@ fn play_serves_no_metrics_even_when_configured() {
         format!("[metrics]\naddress = \"127.0.0.1:{port}\"\n"),
     )
     .unwrap();
-    let yaml = format!(
-        "
-kind: Pod
-metadata: {{name: sleeper}}
-spec:
-  containers:
-    - name: sleeper
-      image: {SLEEPER_P1}
-"
+    let play = play_sleeper(
+        &scene,
+        &["--config".to_owned(), config.display().to_string()],
     );
-    let mut args = vec![
-        "--socket".to_owned(),
-        scene.no_socket().display().to_string(),
-        "--config".to_owned(),
-        config.display().to_string(),
-    ];
-    args.extend(images(&[(SLEEPER_P1, wasm_samples::SLEEPER_P1)]));
-    let mut play = Play::spawn(&args, &scene.manifest(&yaml));
-    play.wait_for_stdout("[sleeper] sleeping", PLAY_TIMEOUT);
     // Time for a metrics server to bind, were one started.
     std::thread::sleep(Duration::from_millis(500));
     let served = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();

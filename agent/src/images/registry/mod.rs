@@ -63,6 +63,8 @@ impl Default for RegistryConfig {
 pub struct Registry {
     config: RegistryConfig,
     extra_roots: Vec<Vec<u8>>,
+    /// [`Registry::http`]'s client, made at its first use.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 fn failure(reference: &str, kind: RegistryFailure, reason: impl Into<String>) -> Error {
@@ -193,6 +195,7 @@ impl Registry {
         Ok(Self {
             config,
             extra_roots,
+            http: std::sync::OnceLock::new(),
         })
     }
 
@@ -220,8 +223,12 @@ impl Registry {
 
     /// A plain HTTP client for the calls oci-client does not make the way
     /// wasmlet needs (a bounded manifest read, the identity-token flow),
-    /// trusting what oci-client's does.
+    /// trusting what oci-client's does; made once (it holds a connection
+    /// pool and the parsed roots), then shared.
     fn http(&self) -> Result<reqwest::Client> {
+        if let Some(http) = self.http.get() {
+            return Ok(http.clone());
+        }
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
@@ -231,9 +238,10 @@ impl Registry {
                 .map_err(|e| Error::InvalidArgument(format!("[registry] ca_file: {e}")))?;
             builder = builder.add_root_certificate(cert);
         }
-        builder
+        let http = builder
             .build()
-            .map_err(|e| Error::Internal(format!("HTTP client: {e}")))
+            .map_err(|e| Error::Internal(format!("HTTP client: {e}")))?;
+        Ok(self.http.get_or_init(|| http).clone())
     }
 
     /// `http` for the registries listed as insecure, else `https`.
